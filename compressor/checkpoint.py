@@ -1,0 +1,131 @@
+"""Checkpoints: a folder with config.json + model.safetensors (or a torch state dict loaded weights_only).
+
+Loading never unpickles code: safetensors, or torch.load(weights_only=True). Every way a checkpoint can be
+wrong becomes a UserError naming the file and the problem.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compressor.atomic import atomic_path, atomic_write_text
+from compressor.errors import UserError
+from samples.registry import build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TORCH_WEIGHT_NAMES = ("model.pt", "model.pth", "pytorch_model.bin")
+FORMAT = "compressor-checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    family: str
+    config: dict
+    model: nn.Module
+    weights_path: Path
+    weights_sha256: str
+    metadata: dict  # the whole config.json (training record etc.)
+
+
+def save_checkpoint(folder: Path, name: str, family: str, model: nn.Module, extra: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Write config.json and model.safetensors into `folder` (created), each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    record = {"format": FORMAT, "format_version": 1, "name": name, "family": family,
+              "config": model.config.to_dict(), "stored_dtype": str(dtype).removeprefix("torch."),
+              **(extra or {})}
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _find_files(path: Path) -> tuple[Path, Path]:
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        candidates = [path / WEIGHTS_NAME] + [path / n for n in TORCH_WEIGHT_NAMES]
+        weights = next((c for c in candidates if c.is_file()), None)
+        if weights is None:
+            raise UserError(f"{path}: no {WEIGHTS_NAME} (or {', '.join(TORCH_WEIGHT_NAMES)}) in the folder")
+        return path / CONFIG_NAME, weights
+    return path.parent / CONFIG_NAME, path
+
+
+def _read_config(config_path: Path) -> dict:
+    if not config_path.is_file():
+        raise UserError(f"{config_path} is missing: a checkpoint needs its config.json beside the weights")
+    try:
+        record = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise UserError(f"{config_path} is not a compressor checkpoint config (expected \"format\": \"{FORMAT}\")")
+    for key in ("family", "config"):
+        if key not in record:
+            raise UserError(f"{config_path} lacks the key {key!r}")
+    return record
+
+
+def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    if weights.suffix == ".safetensors":
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{weights} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses code; any failure here means the file is unusable
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{weights} could not be loaded as a plain tensor state dict (weights_only): "
+                        f"{reason[:160]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{weights} does not hold a flat name -> tensor state dict")
+    return state
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    config_path, weights = _find_files(path)
+    record = _read_config(config_path)
+    try:
+        model = build_model(record["family"], record["config"])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{config_path}: invalid model config ({exc})") from None
+    state = _read_state_dict(weights)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{weights} does not match {config_path.name}: "
+                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                        f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise UserError(f"{weights}: tensor {key} has shape {tuple(tensor.shape)} but the config implies "
+                            f"{tuple(expected[key].shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{weights}: tensor {key} contains NaN or Inf values")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    model.eval()
+    return Checkpoint(
+        name=str(record.get("name") or path.stem), family=record["family"], config=record["config"],
+        model=model, weights_path=weights, weights_sha256=_sha256(weights), metadata=record,
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

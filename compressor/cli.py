@@ -1,0 +1,99 @@
+"""The `compress` command: parses, calls the library, prints. User-fixable errors: one line, exit 2."""
+import sys
+from pathlib import Path
+
+import click
+
+from compressor import __version__
+from compressor.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns a UserError anywhere below into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (no partial artifact was left)", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="compress")
+def main():
+    """Compress trained Transformers into QDQ ONNX validated under ONNX Runtime."""
+
+
+@main.command("run")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--recipe", default="fp32", show_default=True, help="Recipe preset name.")
+@click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
+              type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider(s) to validate on.")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None,
+              help="Score only the first N held-out examples (default: all).")
+@click.option("--bench-runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed runs per batch size.")
+@click.option("--force", is_flag=True, help="Overwrite an existing artifact in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_command(checkpoint, out_dir, recipe, providers, eval_limit, bench_runs, force, quiet):
+    """Export CHECKPOINT to OUT/model.onnx and validate it (report.json, report.md)."""
+    from compressor.pipeline import RunOptions, run
+    from compressor.validate import BenchmarkSettings
+
+    options = RunOptions(recipe=recipe, providers=tuple(dict.fromkeys(providers)), eval_limit=eval_limit,
+                         force=force, bench=BenchmarkSettings(runs=bench_runs), progress=not quiet)
+    report = run(checkpoint, out_dir, options, log=lambda m: click.echo(m, err=True))
+    accuracy = report["accuracy"]
+    click.echo(f"{report['model']['name']}: {accuracy['metric']} torch {accuracy['reference']:.4f}, " + ", ".join(
+        f"onnxruntime-{p} {v:.4f}" for p, v in accuracy["onnxruntime"].items()))
+    latency = report["latency"]["cpu"] if "cpu" in report["latency"] else next(iter(report["latency"].values()))
+    click.echo(f"parity max_rel {report['parity']['max_rel']:.2e}; latency p50 batch1 "
+               f"{latency['batch1']['p50_ms']:.3f} ms, batch16 {latency['batch16']['p50_ms']:.3f} ms; "
+               f"artifact {report['artifact']['bytes']:,} bytes")
+    click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
+@main.group("sample")
+def sample_group():
+    """The sample Transformers that ship with compressor."""
+
+
+@sample_group.command("list")
+def sample_list():
+    """Name the samples, their sizes and whether trained weights ship."""
+    from samples.registry import SAMPLES, SHIPPED_DIR, build_model, count_params
+
+    for spec in SAMPLES.values():
+        params = count_params(build_model(spec.family, spec.config.to_dict()))
+        shipped = SHIPPED_DIR / spec.name
+        where = f"shipped: {shipped}" if shipped.is_dir() else "train with `compress sample train`"
+        click.echo(f"{spec.name:<16} {spec.family:<8} {params:>11,} params  {spec.description}  [{where}]")
+
+
+@sample_group.command("train")
+@click.argument("name")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the sample's step count.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sample_train(name, out_dir, seed, steps, device, quiet):
+    """Train sample NAME (seeded, deterministic) and write its checkpoint to OUT."""
+    from samples.registry import SAMPLES
+    from samples.train import train_sample
+
+    if name not in SAMPLES:
+        raise UserError(f"unknown sample {name!r} (available: {', '.join(SAMPLES)})")
+    record = train_sample(name, out_dir, seed=seed, steps=steps, device=device, progress=not quiet)
+    metric = {k: v for k, v in record.items() if k.startswith("heldout_") and isinstance(v, float)}
+    click.echo(f"trained {name} ({record['params']:,} params, {record['steps']} steps, "
+               f"{record['train_seconds']} s): {metric} -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

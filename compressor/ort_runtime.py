@@ -1,0 +1,43 @@
+"""ONNX Runtime sessions and the one place where inputs become ORT feeds."""
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import UserError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def to_ort_feeds(inputs: dict) -> dict[str, np.ndarray]:
+    """{input name: int array or torch tensor} -> contiguous int64 numpy arrays, the dtype our exports take."""
+    feeds = {}
+    for name, value in inputs.items():
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        feeds[name] = np.ascontiguousarray(array, dtype=np.int64)
+    return feeds
+
+
+def create_session(path: Path, provider: str = "cpu", threads: int | None = None, options: dict | None = None):
+    if provider == "cuda":
+        import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown execution provider {provider!r} (known: {', '.join(PROVIDERS)})")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (install onnxruntime-gpu for cuda)")
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    if threads:
+        session_options.intra_op_num_threads = threads
+    for key, value in (options or {}).items():
+        session_options.add_session_config_entry(key, str(value))
+    return ort.InferenceSession(str(path), session_options, providers=[PROVIDERS[provider]])
+
+
+def logits_fn(session):
+    """A function {input name: array} -> first output, the shape evaluate() in compressor.tasks expects."""
+    def run(inputs: dict) -> np.ndarray:
+        return session.run(None, to_ort_feeds(inputs))[0]
+
+    return run

@@ -1,0 +1,75 @@
+"""report.json (the stable, documented schema: docs/report-schema.md) and its readable twin report.md."""
+import json
+import os
+import platform
+from pathlib import Path
+
+from compressor import __version__
+from compressor.atomic import atomic_write_text
+
+SCHEMA_VERSION = 1
+
+
+def environment() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "machine": platform.machine(),
+            "cpu_count": os.cpu_count()}
+
+
+def write_reports(out_dir: Path, report: dict) -> None:
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    model, artifact, accuracy = report["model"], report["artifact"], report["accuracy"]
+    lines = [
+        f"# compressor report: {model['name']}",
+        "",
+        f"- source: `{model['source']}` ({model['family']}, {model['params']:,} parameters)",
+        f"- recipe: `{report['recipe']['name']}`",
+        f"- artifact: `{artifact['path']}`, {artifact['bytes']:,} bytes, opset {artifact['opset']}, "
+        f"IR {artifact['ir_version']}, sha256 `{artifact['sha256'][:16]}…`",
+        "",
+        f"## Accuracy on held-out data ({accuracy['metric']}, {accuracy['heldout_examples']} examples, "
+        f"{'higher' if accuracy['higher_is_better'] else 'lower'} is better)",
+        "",
+        "| model | " + accuracy["metric"] + " | agrees with torch |",
+        "|---|---|---|",
+        f"| torch (reference) | {_fmt(accuracy['reference'])} | |",
+    ]
+    for provider, value in accuracy["onnxruntime"].items():
+        agreement = accuracy["agreement"][provider]
+        verdict = "yes" if agreement["passed"] else "**NO**"
+        lines.append(f"| ONNX Runtime {provider} | {_fmt(value)} | {verdict} ({agreement['kind']} delta "
+                     f"{_fmt(agreement['delta'], 2)} <= {agreement['tolerance']}) |")
+    parity = report["parity"]
+    lines += ["", "## Logit parity (torch vs ONNX Runtime)", "",
+              f"max abs {_fmt(parity['max_abs'], 3)}, max rel {_fmt(parity['max_rel'], 3)} "
+              f"(tolerance {parity['tolerance_max_rel']}): {'pass' if parity['passed'] else '**FAIL**'}", "",
+              "## Latency and memory (ONNX Runtime, after warm-up)", "",
+              "| provider | batch | p50 ms | p90 ms | peak RSS MiB |", "|---|---|---|---|---|"]
+    for provider, latency in report["latency"].items():
+        rss = report["memory"][provider]["peak_rss_bytes"] / 2**20
+        for key, stats in latency.items():
+            if key.startswith("batch"):
+                lines.append(f"| {provider} | {key[5:]} | {_fmt(stats['p50_ms'])} | {_fmt(stats['p90_ms'])} | "
+                             f"{rss:.0f} |")
+    env = report["environment"]
+    lines += ["", f"_compressor {report['tool']['version']}, torch {env['torch']}, onnxruntime {env['onnxruntime']},"
+              f" {env['cpu_count']} CPUs_", ""]
+    return "\n".join(lines)
+
+
+def tool_record() -> dict:
+    return {"name": "compressor", "version": __version__}

@@ -1,0 +1,47 @@
+"""Next-byte prediction on held-out Wikipedia articles; metric = perplexity (exp of mean NLL per byte)."""
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from samples import wiki_corpus
+
+METRIC = "perplexity"
+HIGHER_IS_BETTER = False
+INPUT_NAMES = ("input_ids",)
+OUTPUT_NAME = "logits"
+EVAL_BATCH = 32
+
+
+def dynamic_axes(config: dict) -> dict:
+    return {"input_ids": {0: ("batch", 1024), 1: ("sequence", config["context"])}}
+
+
+def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
+    return wiki_corpus.heldout_windows(config["context"], limit)
+
+
+def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    peak = logits.max(-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(-1)) + peak[..., 0]
+    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return float((log_norm - picked).sum())
+
+
+def evaluate(logits_fn, windows: np.ndarray, progress: bool = False) -> float:
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), EVAL_BATCH), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + EVAL_BATCH]
+        total += _nll_sum(logits_fn({"input_ids": batch[:, :-1]}), batch[:, 1:])
+        count += batch[:, 1:].size
+    return math.exp(total / count)
+
+
+def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": np.ascontiguousarray(windows[:16, :-1])}
+
+
+def benchmark_inputs(config: dict, batch_size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"input_ids": rng.integers(0, config["vocab_size"], (batch_size, config["context"]), dtype=np.int64)}

@@ -1,0 +1,117 @@
+"""Validate an exported artifact against the torch model it came from, on held-out data:
+task accuracy side by side, logit parity, latency percentiles and peak memory per execution provider."""
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.errors import UserError
+from compressor.ort_runtime import create_session, logits_fn
+
+BENCHMARK_BATCHES = (1, 16)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """fp32 torch vs fp32 ORT differ only by kernel summation order: ~1e-6 relative on logits (measured 7.6e-6
+    absolute on logits of magnitude ~10). 1e-4 leaves headroom for other CPUs yet any real graph error (a wrong
+    mask, a dropped bias) shows up at 1e-2 or more. Accuracy must then agree to 1e-4 relative for perplexity and
+    to 0.5 points for exact match (a near-tie argmax may flip on one or two of 1000 examples)."""
+
+    parity_max_rel: float = 1e-4
+    perplexity_rel: float = 1e-4
+    exact_match_abs: float = 0.005
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    warmup: int = 10
+    runs: int = 50
+    threads: int | None = None  # None: ORT's default (all cores)
+
+
+def torch_logits_fn(model: nn.Module, input_names: tuple[str, ...]):
+    @torch.no_grad()
+    def run(inputs: dict) -> np.ndarray:
+        return model(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in input_names)).float().numpy()
+
+    return run
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray, max_rel_tolerance: float) -> dict:
+    """max_rel is normwise: max |a - b| / max |a|, stable where single logits are near zero."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    max_abs = float(diff.max())
+    max_rel = max_abs / max(float(np.abs(reference).max()), 1e-12)
+    return {"max_abs": max_abs, "max_rel": max_rel, "tolerance_max_rel": max_rel_tolerance,
+            "passed": max_rel <= max_rel_tolerance}
+
+
+def accuracy_agreement(task: ModuleType, reference: float, candidate: float, tolerances: Tolerances) -> dict:
+    if task.METRIC == "perplexity":
+        delta, limit = abs(candidate - reference) / reference, tolerances.perplexity_rel
+        kind = "relative"
+    else:
+        delta, limit = abs(candidate - reference), tolerances.exact_match_abs
+        kind = "absolute"
+    return {"delta": delta, "kind": kind, "tolerance": limit, "passed": delta <= limit}
+
+
+def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
+                  settings: BenchmarkSettings) -> dict:
+    """Latency p50/p90 at each batch size and peak RSS, measured in a fresh child process."""
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs_path = Path(scratch) / "inputs.npz"
+        arrays = {f"b{b}/{name}": value for b in BENCHMARK_BATCHES
+                  for name, value in task.benchmark_inputs(config, b).items()}
+        np.savez(inputs_path, **arrays)
+        command = [sys.executable, "-m", "compressor.ort_benchmark", str(artifact), str(inputs_path),
+                   "--provider", provider, "--warmup", str(settings.warmup), "--runs", str(settings.runs)]
+        if settings.threads:
+            command += ["--threads", str(settings.threads)]
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"benchmark of {artifact.name} on {provider} failed: {last[:200]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def validate(model: nn.Module, task: ModuleType, config: dict, artifact: Path, heldout, providers: list[str],
+             tolerances: Tolerances = Tolerances(), bench: BenchmarkSettings = BenchmarkSettings(),
+             reference_accuracy: float | None = None, progress: bool = False) -> dict:
+    """Everything the report says about one artifact. `model` is the torch model the artifact must match."""
+    reference_fn = torch_logits_fn(model, task.INPUT_NAMES)
+    if reference_accuracy is None:
+        reference_accuracy = task.evaluate(reference_fn, heldout, progress)
+    parity_batch = task.parity_inputs(heldout)
+    reference_logits = reference_fn(parity_batch)
+    report = {"accuracy": {"metric": task.METRIC, "higher_is_better": task.HIGHER_IS_BETTER,
+                           "heldout_examples": int(len(heldout)), "reference": reference_accuracy,
+                           "onnxruntime": {}, "agreement": {}},
+              "parity": {}, "latency": {}, "memory": {}}
+    for provider in providers:
+        session = create_session(artifact, provider)
+        ort_fn = logits_fn(session)
+        accuracy = task.evaluate(ort_fn, heldout, progress)
+        report["accuracy"]["onnxruntime"][provider] = accuracy
+        report["accuracy"]["agreement"][provider] = accuracy_agreement(task, reference_accuracy, accuracy,
+                                                                       tolerances)
+        report["parity"][provider] = parity(reference_logits, ort_fn(parity_batch), tolerances.parity_max_rel)
+        del session
+        measured = run_benchmark(artifact, task, config, provider, bench)
+        report["memory"][provider] = measured.pop("memory")
+        report["latency"][provider] = measured
+    # Top-level parity is the worst over the providers run; each provider's own figures stay under its name.
+    by_provider = report["parity"]
+    report["parity"] = {"max_abs": max(p["max_abs"] for p in by_provider.values()),
+                        "max_rel": max(p["max_rel"] for p in by_provider.values()),
+                        "tolerance_max_rel": tolerances.parity_max_rel,
+                        "passed": all(p["passed"] for p in by_provider.values()), "by_provider": by_provider}
+    return report

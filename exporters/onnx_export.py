@@ -1,0 +1,87 @@
+"""Lower a torch model to a checked, simplified ONNX file that stock ONNX Runtime (CPU and CUDA 1.31) loads.
+
+Choices (see ../shared/notes/ort-facts.md): the dynamo exporter at opset 21 (QuantizeLinear/DequantizeLinear
+with block_size need 21; 26 exports silently broken files), IR version 10 (onnxruntime-gpu 1.31 rejects newer),
+weights embedded in the file (no .onnx.data beside it), onnx.checker then onnxsim.
+"""
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from compressor.atomic import atomic_path
+from compressor.errors import UserError
+
+OPSET = 21
+IR_VERSION = 10
+
+
+def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic_axes: dict, output_name: str,
+                path: Path, metadata: dict[str, str], simplify: bool = True) -> onnx.ModelProto:
+    """Export `model` called as model(*example_inputs.values()); dynamic_axes = {input: {axis: (name, max)}}."""
+    model = model.eval()
+    args = tuple(torch.from_numpy(v) for v in example_inputs.values())
+    dims: dict[str, torch.export.Dim] = {}
+    dynamic_shapes = {}
+    for input_name, axes in dynamic_axes.items():
+        dynamic_shapes[input_name] = {}
+        for axis, (dim_name, upper) in axes.items():
+            dims.setdefault(dim_name, torch.export.Dim(dim_name, min=1, max=upper))
+            dynamic_shapes[input_name][axis] = dims[dim_name]
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model, args, dynamo=True, opset_version=OPSET, input_names=list(example_inputs),
+                output_names=[output_name], dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+                optimize=True,
+            )
+    except Exception as exc:  # the exporter's own errors are long; keep the first line
+        raise UserError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
+    proto = program.model_proto
+    if simplify:
+        proto = _simplify(proto)
+    proto.ir_version = IR_VERSION
+    del proto.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        proto.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(proto, full_check=True)
+    save_onnx(proto, path)
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    """Serialize in one file, atomically (a killed run leaves no half-written model)."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+
+
+def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    with _quiet():
+        simplified, ok = onnxsim.simplify(proto)
+    if not ok:
+        raise UserError("onnxsim could not validate the simplified model against the original")
+    return simplified
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter and onnxsim talk a lot on stdout/logging; the CLI shows its own progress instead."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,1 @@
+"""Compression passes (prune, low-rank, quantize on torch modules; fuse on ONNX graphs), registered by name."""

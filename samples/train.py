@@ -1,0 +1,97 @@
+"""Seeded, deterministic training of the sample Transformers (`compress sample train`)."""
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from compressor.checkpoint import save_checkpoint
+from samples import reverse_task, wiki_corpus
+from samples.registry import SAMPLES, SampleSpec, build_model, count_params
+from samples.seq2seq import PAD_ID
+
+EVAL_WINDOWS = 256  # held-out windows scored at the end of training (the full split is scored by `compress run`)
+
+
+def _learning_rate(step: int, total: int, peak: float) -> float:
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _gpt_batches(spec: SampleSpec, rng: np.random.Generator, device: torch.device):
+    tokens = torch.from_numpy(wiki_corpus.split_tokens("train").astype(np.int64))
+    span = spec.config.context + 1
+    offsets = torch.arange(span)
+    while True:
+        starts = torch.from_numpy(rng.integers(0, len(tokens) - span, size=spec.batch_size))
+        window = tokens[starts[:, None] + offsets].to(device)
+        yield (window[:, :-1],), window[:, 1:]
+
+
+def _seq2seq_batches(spec: SampleSpec, rng: np.random.Generator, device: torch.device):
+    while True:
+        src, tgt_in, labels = reverse_task.training_batch(rng, spec.batch_size)
+        yield (src.to(device), tgt_in.to(device)), labels.to(device)
+
+
+@torch.no_grad()
+def _heldout_metric(spec: SampleSpec, model: torch.nn.Module, seed: int, device: torch.device) -> dict:
+    model.eval()
+    if spec.family == "gpt":
+        windows = torch.from_numpy(wiki_corpus.heldout_windows(spec.config.context, EVAL_WINDOWS)).to(device)
+        losses = [F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()) for w in windows.split(32)]
+        return {"heldout_perplexity_subset": math.exp(float(torch.stack(losses).mean())),
+                "heldout_windows": int(len(windows))}
+    src = reverse_task.heldout_sources(seed, 1000)
+
+    def logits_fn(s, t):
+        return model(torch.from_numpy(s).to(device), torch.from_numpy(t).to(device)).float().cpu().numpy()
+
+    hits = reverse_task.exact_match(reverse_task.greedy_decode(logits_fn, src), src)
+    return {"heldout_exact_match": float(hits.mean()), "heldout_examples": int(len(src))}
+
+
+def train_sample(name: str, out: Path, seed: int = 0, steps: int | None = None, device: str = "cpu",
+                 stored_dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+    """Train sample `name` and write its checkpoint to `out`; returns the training record."""
+    spec = SAMPLES[name]
+    steps = steps or spec.steps
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    dev = torch.device(device)
+    model = build_model(spec.family, spec.config.to_dict()).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
+    batches = _gpt_batches(spec, rng, dev) if spec.family == "gpt" else _seq2seq_batches(spec, rng, dev)
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(range(steps), desc=f"train {name}", disable=not progress, mininterval=0.5)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, spec.learning_rate)
+        inputs, labels = next(batches)
+        logits = model(*inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_ID
+                               if spec.family == "seq2seq" else -100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    record = {
+        "seed": seed, "steps": steps, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
+        "final_train_loss": round(float(loss.item()), 4), "params": count_params(model),
+        "train_seconds": round(time.perf_counter() - started, 1), "device": dev.type,
+        **_heldout_metric(spec, model, seed, dev),
+    }
+    if spec.family == "gpt":
+        record["corpus"] = {"name": "gensim enwiki test dump", "sha": wiki_corpus.corpus_fingerprint(),
+                            "tokenizer": "bytes", "heldout": f"every {wiki_corpus.HELDOUT_EVERY}th article"}
+    save_checkpoint(out, name, spec.family, model.cpu(), extra={"training": record}, dtype=stored_dtype)
+    return record
