@@ -41,7 +41,10 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite an existing artifact in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_command(checkpoint, out_dir, recipe, providers, eval_limit, bench_runs, force, quiet):
-    """Export CHECKPOINT to OUT/model.onnx and validate it (report.json, report.md)."""
+    """Export CHECKPOINT to OUT/model.onnx and validate it (report.json, report.md).
+
+    CHECKPOINT is a checkpoint folder (config.json + model.safetensors), a weights file with config.json beside
+    it, or the name of a shipped sample (see `compress sample list`)."""
     from compressor.pipeline import RunOptions, run
     from compressor.validate import BenchmarkSettings
 

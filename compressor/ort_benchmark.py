@@ -14,7 +14,16 @@ import numpy as np
 
 
 def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak RSS of this process image. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent
+    across fork+exec, which would charge the whole torch process to the ORT child."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 def _cpu_timer(session, feeds):
@@ -67,7 +76,7 @@ def benchmark(model_path: str, inputs_path: str, provider: str, warmup: int, run
             "mean_ms": round(statistics.fmean(times), 4),
             "runs": runs,
         }
-    result["memory"] = {"peak_rss_bytes": _rss_bytes(), "rss_before_session_bytes": baseline}
+    result["memory"] = {"peak_rss_bytes": _rss_bytes(), "rss_baseline_bytes": baseline}
     return result
 
 

@@ -11,7 +11,7 @@ from compressor.report import SCHEMA_VERSION, environment, tool_record, write_re
 from compressor.tasks import TASKS
 from compressor.validate import BenchmarkSettings, Tolerances, validate
 from exporters.onnx_export import export_onnx
-from samples.registry import count_params
+from samples.registry import SAMPLES, SHIPPED_DIR, count_params
 
 ARTIFACT_NAME = "model.onnx"
 
@@ -40,6 +40,13 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
 
 
+def resolve_checkpoint(source: Path) -> Path:
+    """A path as given, or the name of a shipped sample (e.g. `gpt-s`) when no such path exists."""
+    if not source.exists() and str(source) in SAMPLES and (SHIPPED_DIR / str(source)).is_dir():
+        return SHIPPED_DIR / str(source)
+    return source
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -47,6 +54,7 @@ def sha256_file(path: Path) -> str:
 def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
     if options.recipe != "fp32":
         raise UserError(f"unknown recipe {options.recipe!r} (available: fp32)")
+    checkpoint_path = resolve_checkpoint(Path(checkpoint_path))
     checkpoint = load_checkpoint(checkpoint_path)
     prepare_out_dir(out_dir, options.force)
     task = TASKS[checkpoint.family]

@@ -1,0 +1,102 @@
+"""The compress CLI end to end on the smallest sample, and its one-line errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compressor.cli import main
+
+REPORT_KEYS = [
+    "model.name", "model.params", "artifact.path", "artifact.bytes", "artifact.sha256", "accuracy.metric",
+    "accuracy.reference", "accuracy.onnxruntime.cpu", "parity.max_abs", "parity.max_rel",
+    "latency.cpu.batch1.p50_ms", "latency.cpu.batch1.p90_ms", "latency.cpu.batch16.p50_ms",
+    "latency.cpu.batch16.p90_ms", "memory.cpu.peak_rss_bytes",
+]
+
+
+def _get(report: dict, dotted: str):
+    value = report
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def _compress(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it (real exit code, real stderr)."""
+    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def test_help_lists_the_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "sample"):
+        assert command in result.output
+    listing = CliRunner().invoke(main, ["sample", "list"])
+    assert "seq2seq-reverse" in listing.output and "gpt-xs" in listing.output and "gpt-xl" in listing.output
+
+
+def test_train_then_run_end_to_end(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    trained = CliRunner().invoke(main, ["sample", "train", "gpt-xs", "--out", str(ckpt), "--steps", "3", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(main, ["run", str(ckpt), "--out", str(out), "--eval-limit", "8", "--bench-runs",
+                                       "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    for key in REPORT_KEYS:
+        _get(report, key)
+    assert report["artifact"]["bytes"] == (out / "model.onnx").stat().st_size
+    assert report["accuracy"]["agreement"]["cpu"]["passed"] and report["parity"]["passed"]
+    assert report["latency"]["cpu"]["batch16"]["p50_ms"] > 0
+    assert "| ONNX Runtime cpu |" in (out / "report.md").read_text()
+
+    again = CliRunner().invoke(main, ["run", str(ckpt), "--out", str(out), "--quiet"])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_shipped_seq2seq_by_name(tmp_path):
+    result = CliRunner().invoke(main, ["run", "seq2seq-reverse", "--out", str(tmp_path / "o"), "--eval-limit",
+                                       "200", "--bench-runs", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    accuracy = json.loads((tmp_path / "o" / "report.json").read_text())["accuracy"]
+    assert accuracy["metric"] == "exact_match"
+    assert accuracy["reference"] >= 0.95
+    assert accuracy["onnxruntime"]["cpu"] == pytest.approx(accuracy["reference"], abs=0.005)
+
+
+def _assert_clean_failure(result: subprocess.CompletedProcess, out: Path, needle: str):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "model.onnx").exists()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("case", ["corrupt", "pickle", "missing"])
+def test_bad_checkpoints_fail_with_one_line(tmp_path, shipped, case):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((shipped / "gpt-xs" / "config.json").read_text())
+    if case == "corrupt":
+        (ckpt / "model.safetensors").write_bytes((shipped / "gpt-xs" / "model.safetensors").read_bytes()[:5000])
+        needle = "safetensors"
+    elif case == "pickle":
+        torch.save({"token_emb.weight": _Exploit()}, ckpt / "model.pt")
+        needle = "weights_only"
+    else:
+        ckpt = tmp_path / "does-not-exist"
+        needle = "not found"
+    result = _compress("run", str(ckpt), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    _assert_clean_failure(result, tmp_path / "out", needle)
+    assert not (tmp_path / "pwned").exists()
