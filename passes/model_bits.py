@@ -1,0 +1,55 @@
+"""Total model bits, counted exactly (the x-axis of the k-bit scaling laws; see kbit-reference.md):
+per quantized tensor n*k + every scale, zero point and codebook entry at the width the artifact stores it,
+plus every other parameter at its stored width (fp32 in our artifacts)."""
+from dataclasses import dataclass
+
+import torch
+
+from passes.quant_primitives import Quantized
+
+UNQUANTIZED_BITS = 32
+CODEBOOK_ENTRY_BITS = 32  # codebooks are fp32 initializers in the artifact
+
+
+def container_bits(bits: int) -> int:
+    """Width of the integer type that carries k-bit codes in ONNX: int2 (opset 25), int4, or int8."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+@dataclass(frozen=True)
+class TensorBits:
+    codes: int
+    scales: int
+    zero_points: int
+    codebook: int
+
+    @property
+    def total(self) -> int:
+        return self.codes + self.scales + self.zero_points + self.codebook
+
+
+def quantized_tensor_bits(q: Quantized) -> TensorBits:
+    scale_bits = torch.finfo(q.scales.dtype).bits
+    return TensorBits(
+        codes=q.codes.numel() * q.bits,
+        scales=q.scales.numel() * scale_bits,
+        zero_points=0 if q.zero_points is None else q.zero_points.numel() * container_bits(q.bits),
+        codebook=0 if q.codebook is None else q.codebook.numel() * CODEBOOK_ENTRY_BITS,
+    )
+
+
+def total_model_bits(model: torch.nn.Module) -> dict:
+    """Walks the model: a parameter whose module carries a `quantized` record counts as quantized."""
+    quantized_bits = quantized_params = 0
+    quantized_ids = set()
+    for module in model.modules():
+        q = getattr(module, "quantized", None)
+        if q is not None:
+            quantized_bits += quantized_tensor_bits(q).total
+            quantized_params += module.weight.numel()
+            quantized_ids.add(id(module.weight))
+    params = sum(p.numel() for p in model.parameters())
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
+    total = quantized_bits + other * UNQUANTIZED_BITS
+    return {"total_model_bits": total, "bits_per_param": total / params, "params": params,
+            "quantized_params": quantized_params, "unquantized_bits_per_param": UNQUANTIZED_BITS}

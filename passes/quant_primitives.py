@@ -1,0 +1,221 @@
+"""k-bit quantization math: pure functions on tensors, no modules, no files.
+
+A weight W is [N, K] (nn.Linear: out x in). Scaling groups run along K, the reduction axis, which is the
+layout ONNX Runtime's MatMulNBits wants: `block_size` B > 0 cuts each row into K / B blocks, B = 0 means one
+group per row (per-channel) and B = -1 one group for the whole tensor (per-tensor).
+
+Every quantizer returns a `Quantized`: integer codes of the same shape as W plus what dequantizes them;
+dequantize(q) gives the exact fp32 values the exported artifact computes with.
+"""
+from dataclasses import dataclass
+
+import torch
+
+PER_CHANNEL, PER_TENSOR = 0, -1
+
+
+@dataclass
+class Quantized:
+    codes: torch.Tensor  # [N, K] int64 codes (int types: signed or unsigned levels; codebook types: indices)
+    scales: torch.Tensor  # [N, groups] (per-tensor: [1, 1]) in the stored scale dtype
+    zero_points: torch.Tensor | None  # [N, groups] int64, asymmetric int only
+    codebook: torch.Tensor | None  # [C] or [N, C] normalized values (codebook types)
+    bits: int
+    block_size: int  # as given: B, 0 per-channel, -1 per-tensor
+
+
+def group_size(shape: tuple[int, int], block_size: int) -> int:
+    rows, cols = shape
+    if block_size == PER_TENSOR:
+        return rows * cols
+    if block_size == PER_CHANNEL:
+        return cols
+    if block_size <= 0 or cols % block_size:
+        raise ValueError(f"block size {block_size} does not divide the input dimension {cols}")
+    return block_size
+
+
+def to_groups(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N, K] -> [groups_total, G] (row-major, so per-tensor is one group of N*K)."""
+    return weight.reshape(-1, group_size(tuple(weight.shape), block_size))
+
+
+def scale_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    rows, cols = shape
+    if block_size == PER_TENSOR:
+        return (1, 1)
+    return (rows, cols // group_size(shape, block_size))
+
+
+def _expand(per_group: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """[N, groups] (or [1, 1]) -> [N, K], each group's value repeated over its members."""
+    if block_size == PER_TENSOR:
+        return per_group.reshape(1, 1).expand(shape)
+    return per_group.repeat_interleave(group_size(shape, block_size), dim=1)
+
+
+def _store(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round scales to their stored dtype first, so codes are chosen against the scale the artifact holds."""
+    return scale.to(scale_dtype).float()
+
+
+# ---- linear / int ----------------------------------------------------------------------------------------
+
+def quantize_int_symmetric(weight: torch.Tensor, bits: int, block_size: int,
+                           scale_dtype: torch.dtype = torch.float32) -> Quantized:
+    """Absmax: levels -(2^(k-1)-1) .. 2^(k-1)-1, code = round(w / S), S = absmax / (2^(k-1)-1)."""
+    qmax = 2 ** (bits - 1) - 1
+    groups = to_groups(weight.float(), block_size)
+    absmax = groups.abs().amax(dim=1)
+    scale = _store(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)), scale_dtype)
+    codes = torch.clamp(torch.round(groups / scale[:, None]), -qmax, qmax)
+    shape = scale_shape(tuple(weight.shape), block_size)
+    return Quantized(codes.reshape(weight.shape).long(), scale.reshape(shape).to(scale_dtype), None, None, bits,
+                     block_size)
+
+
+def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
+                            scale_dtype: torch.dtype = torch.float32) -> Quantized:
+    """Min-max: S = (max - min) / (2^k - 1), Z = round(-min / S), q = clip(round(w / S) + Z, 0, 2^k - 1).
+    The range always includes 0 so that zero (padding, pruned weights) stays exact."""
+    qmax = 2**bits - 1
+    groups = to_groups(weight.float(), block_size)
+    low = groups.amin(dim=1).clamp(max=0)
+    high = groups.amax(dim=1).clamp(min=0)
+    span = high - low
+    scale = _store(torch.where(span > 0, span / qmax, torch.ones_like(span)), scale_dtype)
+    zero = torch.clamp(torch.round(-low / scale), 0, qmax)
+    codes = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, qmax)
+    shape = scale_shape(tuple(weight.shape), block_size)
+    return Quantized(codes.reshape(weight.shape).long(), scale.reshape(shape).to(scale_dtype),
+                     zero.reshape(shape).long(), None, bits, block_size)
+
+
+def int_codes_from_scale(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int):
+    """Codes of `values` against given scales (GPTQ quantizes one column at a time with fixed group scales)."""
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        return torch.clamp(torch.round(values / scale), -qmax, qmax)
+    return torch.clamp(torch.round(values / scale) + zero, 0, 2**bits - 1)
+
+
+# ---- codebook types (log2, float ExMy, NormalFloat, quantile, k-means) ------------------------------------
+
+def log2_codebook(bits: int) -> torch.Tensor:
+    """Sign + power of two: ±2^e for the 2^(k-1) - 1 largest exponents e <= 0, plus an exact zero."""
+    magnitudes = 2.0 ** -torch.arange(2 ** (bits - 1) - 1, dtype=torch.float64)
+    return torch.cat([-magnitudes, torch.zeros(1, dtype=torch.float64), magnitudes]).sort().values.float()
+
+
+def float_codebook(bits: int, exponent_bits: int | None = None) -> torch.Tensor:
+    """Signed ExMy as bitsandbytes' create_fp8_map: bias 2^(E-1), subnormals 2^-bias * m/2^M,
+    normals 2^-(e-bias-1) * (1 + m/2^M); normalized by the largest value. Default E = ceil(k/2)."""
+    exponent_bits = (bits + 1) // 2 if exponent_bits is None else exponent_bits
+    mantissa_bits = bits - 1 - exponent_bits
+    if exponent_bits < 1 or mantissa_bits < 0:
+        raise ValueError(f"float with {bits} bits cannot have {exponent_bits} exponent bits (1 sign bit)")
+    bias = 2 ** (exponent_bits - 1)
+    values = []
+    for exponent in range(2**exponent_bits):
+        for mantissa in range(2**mantissa_bits):
+            fraction = mantissa / 2**mantissa_bits
+            if exponent == 0:
+                values.append(fraction * 2.0**-bias)
+            else:
+                values.append((1 + fraction) * 2.0 ** -(exponent - bias - 1))
+    positive = torch.tensor(values, dtype=torch.float64)
+    table = torch.cat([positive, -positive]).unique()
+    return (table / table.max()).float()
+
+
+NF_OFFSET = 0.9677  # QLoRA's: the outermost quantile used, so that ±1 are real values
+
+
+def normal_float_codebook(bits: int) -> torch.Tensor:
+    """NF-k: quantiles of N(0, 1), 2^(k-1) positive and 2^(k-1) - 1 negative, plus zero, scaled to [-1, 1]."""
+    half = 2 ** (bits - 1)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    positive = normal.icdf(torch.linspace(NF_OFFSET, 0.5, half + 1, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1])
+    table = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (table / table.max()).float()
+
+
+def quantile_codebook(normalized: torch.Tensor, bits: int) -> torch.Tensor:
+    """Empirical quantiles of the (absmax-normalized) values at 2^k evenly spaced probabilities 0 .. 1.
+
+    The reference's midpoint form, (Q(i/(2^k+1)) + Q((i+1)/(2^k+1))) / 2 for i < 2^k, leaves one tail without a
+    value; with absmax blocks every block's largest weight sits at ±1, and on N(0, 1) data at B = 64 that form
+    measured 36e-3 relative MSE against 13.5e-3 for this one (reference figure 14.3e-3)."""
+    probs = torch.linspace(0, 1, 2**bits, dtype=torch.float64)
+    flat = normalized.reshape(-1).double()
+    if flat.numel() > 2**24:  # torch.quantile's input limit; a strided subsample keeps it deterministic
+        flat = flat[:: flat.numel() // 2**24 + 1]
+    return torch.quantile(flat, probs).sort().values.float()
+
+
+def nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook value, via thresholds at the midpoints of the sorted codebook.
+    codebook [C] for all rows, or [N, C] one per row of `values` [N, ...]."""
+    if codebook.dim() == 1:
+        return torch.bucketize(values.contiguous(), (codebook[1:] + codebook[:-1]) / 2)
+    rows = values.shape[0]
+    thresholds = ((codebook[:, 1:] + codebook[:, :-1]) / 2).contiguous()
+    return torch.searchsorted(thresholds, values.reshape(rows, -1).contiguous()).reshape(values.shape)
+
+
+def kmeans_codebook(values: torch.Tensor, bits: int, weights: torch.Tensor | None = None,
+                    iterations: int = 25) -> torch.Tensor:
+    """Lloyd's k-means with 2^k centroids per row of `values` [R, M], linear init over [min, max], optional
+    per-value weights [R, M] (e.g. activation norms). Vectorized over rows. Returns sorted centroids [R, 2^k]."""
+    values = values.float()
+    weights = torch.ones_like(values) if weights is None else weights.float().expand_as(values)
+    count = 2**bits
+    low, high = values.amin(dim=1, keepdim=True), values.amax(dim=1, keepdim=True)
+    centroids = low + (high - low) * torch.linspace(0, 1, count)[None, :]
+    assignment = None
+    for _ in range(iterations):
+        new_assignment = nearest_codes(values, centroids)
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        mass = torch.zeros_like(centroids).scatter_add_(1, assignment, weights)
+        total = torch.zeros_like(centroids).scatter_add_(1, assignment, weights * values)
+        centroids = torch.where(mass > 0, total / mass.clamp(min=1e-30), centroids).sort(dim=1).values
+    return centroids
+
+
+def quantize_codebook(weight: torch.Tensor, codebook: torch.Tensor, bits: int, block_size: int,
+                      scale_dtype: torch.dtype = torch.float32) -> Quantized:
+    """Absmax-scale each group to [-1, 1], then the nearest codebook value. codebook [C] or [N, C]."""
+    groups = to_groups(weight.float(), block_size)
+    absmax = groups.abs().amax(dim=1)
+    scale = _store(torch.where(absmax > 0, absmax, torch.ones_like(absmax)), scale_dtype)
+    normalized = (groups / scale[:, None]).reshape(weight.shape)
+    codes = nearest_codes(normalized, codebook)
+    shape = scale_shape(tuple(weight.shape), block_size)
+    return Quantized(codes.long(), scale.reshape(shape).to(scale_dtype), None, codebook.float(), bits, block_size)
+
+
+def normalized_groups(weight: torch.Tensor, block_size: int, scale_dtype: torch.dtype = torch.float32):
+    """w / absmax of its group, [N, K]: what data-dependent codebooks (quantile, k-means) are fitted to."""
+    groups = to_groups(weight.float(), block_size)
+    absmax = groups.abs().amax(dim=1)
+    scale = _store(torch.where(absmax > 0, absmax, torch.ones_like(absmax)), scale_dtype)
+    return (groups / scale[:, None]).reshape(weight.shape)
+
+
+def dequantize(q: Quantized) -> torch.Tensor:
+    shape = tuple(q.codes.shape)
+    scale = _expand(q.scales.float(), shape, q.block_size)
+    if q.codebook is not None:
+        if q.codebook.dim() == 1:
+            return q.codebook[q.codes] * scale
+        return torch.gather(q.codebook, 1, q.codes) * scale
+    if q.zero_points is not None:
+        return (q.codes - _expand(q.zero_points, shape, q.block_size)).float() * scale
+    return q.codes.float() * scale
+
+
+def relative_mse(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(((weight - approx) ** 2).mean() / (weight**2).mean())

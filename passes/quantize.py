@@ -1,0 +1,158 @@
+"""The k-bit weight quantization pass: nn.Linear weights -> k-bit codes of one data type, fake-quantized in
+place (module.weight = the exact dequantized values) with the codes kept on the module for the exporter."""
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from passes import quant_primitives as qp
+from passes.gptq import gptq_quantize
+from passes.model_bits import total_model_bits
+
+DTYPES = ("int", "log2", "float", "nf", "quantile", "kmeans")
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    dtype: str = "int"
+    bits: int = 4
+    block_size: int = 64  # B along the input dim; 0 = per-channel, -1 = per-tensor
+    symmetric: bool = True  # int only: absmax (True) or min-max with zero point (False)
+    scale_dtype: str = "float32"
+    method: str = "rtn"  # or "gptq" (int only)
+    exponent_bits: int | None = None  # float only; default ceil(k/2)
+    codebook_scope: str = "tensor"  # quantile / kmeans: one codebook per tensor or per output row
+    kmeans_iterations: int = 25
+    activation_weighted: bool = False  # kmeans: weight each weight by its input channel's mean x²
+    calibration_samples: int = 64
+    gptq_damp: float = 0.01
+    targets: tuple[str, ...] = ("re:.*",)  # nn.Linear names; "re:" prefix = regular expression (search)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"quantize.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"quantize.bits must be an integer in 2..8, not {self.bits!r}")
+        if self.block_size not in (qp.PER_CHANNEL, qp.PER_TENSOR) and (
+                self.block_size < 16 or self.block_size > 1024 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"quantize.block_size must be a power of two in 16..1024, 0 (per-channel) or -1 "
+                             f"(per-tensor), not {self.block_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"quantize.scale_dtype must be float32 or float16, not {self.scale_dtype!r}")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"quantize.method must be rtn or gptq, not {self.method!r}")
+        if self.method == "gptq" and self.dtype != "int":
+            raise ValueError("quantize.method=gptq works with dtype=int only")
+        if self.method == "gptq" and self.block_size == qp.PER_TENSOR:
+            raise ValueError("quantize.method=gptq needs per-channel (0) or block-wise scales")
+        if self.dtype == "float":
+            qp.float_codebook(self.bits, self.exponent_bits)  # raises on an impossible split
+        if self.codebook_scope not in ("tensor", "row"):
+            raise ValueError(f"quantize.codebook_scope must be tensor or row, not {self.codebook_scope!r}")
+        if self.calibration_samples < 1:
+            raise ValueError("quantize.calibration_samples must be at least 1")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq" or (self.dtype == "kmeans" and self.activation_weighted)
+
+    def label(self) -> str:
+        granularity = {0: "channel", -1: "tensor"}.get(self.block_size, f"B{self.block_size}")
+        parts = [f"{"log" if self.dtype == "log2" else self.dtype}{self.bits}", granularity]
+        if self.dtype == "int" and not self.symmetric:
+            parts.append("asym")
+        if self.method == "gptq":
+            parts.append("gptq")
+        return "-".join(parts)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.search(p[3:], name) if p.startswith("re:") else name == p for p in patterns)
+
+
+def selected_linears(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
+    chosen, skipped = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not _matches(name, config.targets):
+            continue
+        if _matches(name, config.ignore):
+            skipped.append({"module": name, "reason": "ignored by recipe"})
+        elif config.block_size > 0 and module.in_features % config.block_size:
+            skipped.append({"module": name, "reason": f"in_features {module.in_features} not divisible by "
+                                                      f"block size {config.block_size}"})
+        else:
+            chosen.append((name, module))
+    return chosen, skipped
+
+
+@torch.no_grad()
+def input_second_moments(model: nn.Module, module: nn.Linear, calibration: list[tuple]) -> torch.Tensor:
+    """H = sum over calibration tokens of x xᵀ for the inputs `module` sees, with earlier layers as they are now
+    (already quantized ones included: GPTQ's sequential order)."""
+    hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
+
+    def hook(_, inputs, __):
+        x = inputs[0].reshape(-1, module.in_features).double()
+        hessian.add_(x.T @ x)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for batch in calibration:
+            model(*batch)
+    finally:
+        handle.remove()
+    return hessian
+
+
+def _quantize_weight(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | None) -> qp.Quantized:
+    scale_dtype = SCALE_DTYPES[config.scale_dtype]
+    bits, block = config.bits, config.block_size
+    if config.dtype == "int":
+        if config.method == "gptq":
+            return gptq_quantize(weight, hessian, bits, block, config.symmetric, scale_dtype, config.gptq_damp)
+        quantizer = qp.quantize_int_symmetric if config.symmetric else qp.quantize_int_asymmetric
+        return quantizer(weight, bits, block, scale_dtype)
+    if config.dtype in ("log2", "float", "nf"):
+        codebook = {"log2": lambda: qp.log2_codebook(bits), "nf": lambda: qp.normal_float_codebook(bits),
+                    "float": lambda: qp.float_codebook(bits, config.exponent_bits)}[config.dtype]()
+        return qp.quantize_codebook(weight, codebook, bits, block, scale_dtype)
+    normalized = qp.normalized_groups(weight, block, scale_dtype)
+    if config.dtype == "quantile":
+        if config.codebook_scope == "row":
+            codebook = torch.stack([qp.quantile_codebook(row, bits) for row in normalized])
+        else:
+            codebook = qp.quantile_codebook(normalized, bits)
+        return qp.quantize_codebook(weight, codebook, bits, block, scale_dtype)
+    importance = None
+    if config.activation_weighted:
+        importance = torch.diag(hessian).float()[None, :].expand_as(weight)
+    if config.codebook_scope == "row":
+        codebook = qp.kmeans_codebook(normalized, bits, importance, config.kmeans_iterations)
+    else:
+        flat_importance = None if importance is None else importance.reshape(1, -1)
+        codebook = qp.kmeans_codebook(normalized.reshape(1, -1), bits, flat_importance, config.kmeans_iterations)[0]
+    return qp.quantize_codebook(weight, codebook, bits, block, scale_dtype)
+
+
+def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[tuple] | None = None,
+                   progress: bool = False) -> dict:
+    """Quantize the selected Linear weights of `model` in place; returns the pass record for the report."""
+    if config.needs_calibration and not calibration:
+        raise ValueError(f"{config.label()} needs calibration batches and none were given")
+    chosen, skipped = selected_linears(model, config)
+    layers = []
+    for name, module in tqdm(chosen, desc=f"quantize {config.label()}", disable=not progress, leave=False):
+        hessian = input_second_moments(model, module, calibration) if config.needs_calibration else None
+        weight = module.weight.detach().float()
+        q = _quantize_weight(weight, config, hessian)
+        approx = qp.dequantize(q)
+        module.weight.data = approx.to(module.weight.dtype)
+        module.quantized = q
+        layers.append({"module": name, "shape": list(weight.shape), "bits": q.bits,
+                       "relative_mse": qp.relative_mse(weight, approx)})
+    return {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
+            "skipped": skipped, **total_model_bits(model)}
