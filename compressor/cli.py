@@ -31,7 +31,11 @@ def main():
 @main.command("run")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--recipe", default="fp32", show_default=True, help="Recipe preset name.")
+@click.option("--recipe", default="fp32", show_default=True,
+              help="Recipe preset: fp32, int8, int4, int4-gptq, int3-gptq, nf4, float4, log4, quantile4, kmeans4.")
+@click.option("--set", "overrides", multiple=True, metavar="PASS.KEY=VALUE",
+              help="Override a recipe field, e.g. --set quantize.bits=3 --set quantize.block_size=128.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling.")
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider(s) to validate on.")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None,
@@ -40,7 +44,7 @@ def main():
               help="Timed runs per batch size.")
 @click.option("--force", is_flag=True, help="Overwrite an existing artifact in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_command(checkpoint, out_dir, recipe, providers, eval_limit, bench_runs, force, quiet):
+def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_limit, bench_runs, force, quiet):
     """Export CHECKPOINT to OUT/model.onnx and validate it (report.json, report.md).
 
     CHECKPOINT is a checkpoint folder (config.json + model.safetensors), a weights file with config.json beside
@@ -48,12 +52,15 @@ def run_command(checkpoint, out_dir, recipe, providers, eval_limit, bench_runs, 
     from compressor.pipeline import RunOptions, run
     from compressor.validate import BenchmarkSettings
 
-    options = RunOptions(recipe=recipe, providers=tuple(dict.fromkeys(providers)), eval_limit=eval_limit,
-                         force=force, bench=BenchmarkSettings(runs=bench_runs), progress=not quiet)
+    options = RunOptions(recipe=recipe, overrides=overrides, seed=seed, providers=tuple(dict.fromkeys(providers)),
+                         eval_limit=eval_limit, force=force, bench=BenchmarkSettings(runs=bench_runs),
+                         progress=not quiet)
     report = run(checkpoint, out_dir, options, log=lambda m: click.echo(m, err=True))
     accuracy = report["accuracy"]
-    click.echo(f"{report['model']['name']}: {accuracy['metric']} torch {accuracy['reference']:.4f}, " + ", ".join(
-        f"onnxruntime-{p} {v:.4f}" for p, v in accuracy["onnxruntime"].items()))
+    click.echo(f"{report['model']['name']} [{report['recipe']['name']}]: {accuracy['metric']} fp32 "
+               f"{accuracy['reference']:.4f}, compressed torch {accuracy['torch']:.4f}, " + ", ".join(
+                   f"onnxruntime-{p} {v:.4f}" for p, v in accuracy["onnxruntime"].items())
+               + f"; {report['bits_per_param']:.3f} bits/param")
     latency = report["latency"]["cpu"] if "cpu" in report["latency"] else next(iter(report["latency"].values()))
     click.echo(f"parity max_rel {report['parity']['max_rel']:.2e}; latency p50 batch1 "
                f"{latency['batch1']['p50_ms']:.3f} ms, batch16 {latency['batch16']['p50_ms']:.3f} ms; "

@@ -1,4 +1,5 @@
-"""`compress run`: load a checkpoint, apply the recipe's passes, export to ONNX, validate, write the report."""
+"""`compress run`: resolve the recipe, load a checkpoint, apply the passes, export to ONNX, validate, report."""
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -7,20 +8,27 @@ from pathlib import Path
 from compressor import __version__
 from compressor.checkpoint import load_checkpoint
 from compressor.errors import UserError
+from compressor.recipes import resolve_recipe
 from compressor.report import SCHEMA_VERSION, environment, tool_record, write_reports
 from compressor.tasks import TASKS
-from compressor.validate import BenchmarkSettings, Tolerances, validate
-from exporters.onnx_export import export_onnx
+from compressor.validate import BenchmarkSettings, Tolerances, torch_logits_fn, validate
+from exporters.onnx_export import export_onnx, finalize, save_onnx
+from exporters.qdq import lower_to_qdq
+from passes.model_bits import total_model_bits
+from passes.quantize import quantize_model
 from samples.registry import SAMPLES, SHIPPED_DIR, count_params
 
 ARTIFACT_NAME = "model.onnx"
+PASS_FUNCTIONS = {"quantize": quantize_model}
 
 
 @dataclass(frozen=True)
 class RunOptions:
     recipe: str = "fp32"
+    overrides: tuple[str, ...] = ()
     providers: tuple[str, ...] = ("cpu",)
     eval_limit: int | None = None  # None: the whole held-out split
+    seed: int = 0
     force: bool = False
     bench: BenchmarkSettings = field(default_factory=BenchmarkSettings)
     progress: bool = True
@@ -52,41 +60,68 @@ def sha256_file(path: Path) -> str:
 
 
 def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
-    if options.recipe != "fp32":
-        raise UserError(f"unknown recipe {options.recipe!r} (available: fp32)")
+    recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
     checkpoint_path = resolve_checkpoint(Path(checkpoint_path))
     checkpoint = load_checkpoint(checkpoint_path)
     prepare_out_dir(out_dir, options.force)
     task = TASKS[checkpoint.family]
-    model = checkpoint.model
-    recipe = {"name": options.recipe, "passes": []}
-    log(f"loaded {checkpoint.name} ({checkpoint.family}, {count_params(model):,} params) from {checkpoint_path}")
+    log(f"loaded {checkpoint.name} ({checkpoint.family}, {count_params(checkpoint.model):,} params) "
+        f"from {checkpoint_path}; recipe {recipe.name}")
 
     heldout = task.heldout_data(checkpoint.config, options.eval_limit)
+    reference_accuracy = task.evaluate(torch_logits_fn(checkpoint.model, task.INPUT_NAMES), heldout,
+                                       options.progress)
+    model = copy.deepcopy(checkpoint.model) if recipe.passes else checkpoint.model
+    pass_records, accuracy = [], reference_accuracy
+    for pass_name, config in recipe.passes:
+        calibration = None
+        if getattr(config, "needs_calibration", False):
+            calibration = task.calibration_data(checkpoint.config, config.calibration_samples, options.seed)
+        try:
+            record = PASS_FUNCTIONS[pass_name](model, config, calibration, options.progress)
+        except ValueError as exc:
+            raise UserError(f"{pass_name}: {exc}") from None
+        accuracy = task.evaluate(torch_logits_fn(model, task.INPUT_NAMES), heldout, options.progress)
+        record[task.METRIC] = accuracy
+        pass_records.append(record)
+        log(f"{pass_name}: {record.get('label', '')} -> {task.METRIC} {accuracy:.4f} (torch), "
+            f"{record['bits_per_param']:.3f} bits/param")
+
     artifact = out_dir / ARTIFACT_NAME
     metadata = {
         "compressor.version": __version__,
         "compressor.source": checkpoint.name,
         "compressor.source_sha256": checkpoint.weights_sha256,
-        "compressor.recipe": json.dumps(recipe, sort_keys=True),
+        "compressor.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
         "compressor.family": checkpoint.family,
     }
     log(f"exporting to {artifact}")
-    proto = export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(checkpoint.config),
-                        task.OUTPUT_NAME, artifact, metadata)
+    proto = export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(checkpoint.config), task.OUTPUT_NAME)
+    lowering = None
+    if recipe.passes:
+        proto, lowering = lower_to_qdq(proto, model)
+    save_onnx(finalize(proto, metadata), artifact)
+
+    quantized = bool(lowering and lowering["lowered"])
     log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
     results = validate(model, task, checkpoint.config, artifact, heldout, list(options.providers),
-                       Tolerances(), options.bench, progress=options.progress)
+                       Tolerances.for_artifact(quantized), options.bench, torch_accuracy=accuracy,
+                       progress=options.progress)
+    results["accuracy"]["reference"] = reference_accuracy
+    bits = total_model_bits(model)
     report = {
         "schema_version": SCHEMA_VERSION,
         "tool": tool_record(),
         "model": {"name": checkpoint.name, "family": checkpoint.family, "params": count_params(model),
                   "source": str(checkpoint_path), "source_sha256": checkpoint.weights_sha256,
                   "config": checkpoint.config},
-        "recipe": recipe,
+        "recipe": recipe.to_dict(),
         "artifact": {"path": str(artifact), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact),
                      "opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
-                     "ir_version": proto.ir_version},
+                     "ir_version": proto.ir_version, "lowering": lowering},
+        "total_model_bits": bits["total_model_bits"],
+        "bits_per_param": bits["bits_per_param"],
+        "passes": pass_records,
         **results,
         "environment": environment(),
     }

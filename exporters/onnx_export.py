@@ -3,6 +3,10 @@
 Choices (see ../shared/notes/ort-facts.md): the dynamo exporter at opset 21 (QuantizeLinear/DequantizeLinear
 with block_size need 21; 26 exports silently broken files), IR version 10 (onnxruntime-gpu 1.31 rejects newer),
 weights embedded in the file (no .onnx.data beside it), onnx.checker then onnxsim.
+
+onnxsim runs constant folding and shape inference only (perform_optimization=False): its graph optimizer
+rewrites 3-D MatMul+Add into Reshape -> Gemm -> Reshape, and ONNX Runtime never fuses a Gemm weight into its
+k-bit MatMulNBits kernel (ort-facts), so quantized artifacts would silently fall back to slow paths.
 """
 import contextlib
 import io
@@ -23,8 +27,9 @@ IR_VERSION = 10
 
 
 def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic_axes: dict, output_name: str,
-                path: Path, metadata: dict[str, str], simplify: bool = True) -> onnx.ModelProto:
-    """Export `model` called as model(*example_inputs.values()); dynamic_axes = {input: {axis: (name, max)}}."""
+                simplify: bool = True) -> onnx.ModelProto:
+    """Export `model` called as model(*example_inputs.values()); dynamic_axes = {input: {axis: (name, max)}}.
+    Returns the simplified fp32 graph; finalize() and save_onnx() complete the artifact."""
     model = model.eval()
     args = tuple(torch.from_numpy(v) for v in example_inputs.values())
     dims: dict[str, torch.export.Dim] = {}
@@ -47,11 +52,15 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
     if simplify:
         proto = _simplify(proto)
     proto.ir_version = IR_VERSION
+    return proto
+
+
+def finalize(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    """Describe the artifact (source, tool version, recipe) in metadata_props and run the full checker."""
     del proto.metadata_props[:]
     for key, value in sorted(metadata.items()):
         proto.metadata_props.add(key=key, value=str(value))
     onnx.checker.check_model(proto, full_check=True)
-    save_onnx(proto, path)
     return proto
 
 
@@ -65,7 +74,7 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     import onnxsim
 
     with _quiet():
-        simplified, ok = onnxsim.simplify(proto)
+        simplified, ok = onnxsim.simplify(proto, perform_optimization=False)
     if not ok:
         raise UserError("onnxsim could not validate the simplified model against the original")
     return simplified

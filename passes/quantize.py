@@ -62,7 +62,8 @@ class QuantizeConfig:
 
     def label(self) -> str:
         granularity = {0: "channel", -1: "tensor"}.get(self.block_size, f"B{self.block_size}")
-        parts = [f"{"log" if self.dtype == "log2" else self.dtype}{self.bits}", granularity]
+        name = "log" if self.dtype == "log2" else self.dtype
+        parts = [f"{name}{self.bits}", granularity]
         if self.dtype == "int" and not self.symmetric:
             parts.append("asym")
         if self.method == "gptq":

@@ -13,7 +13,7 @@ from compressor.checkpoint import load_checkpoint
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import TASKS
 from compressor.validate import parity, torch_logits_fn
-from exporters.onnx_export import IR_VERSION, OPSET, export_onnx
+from exporters.onnx_export import IR_VERSION, OPSET, export_onnx, finalize, save_onnx
 
 TOLERANCE = 1e-4
 
@@ -23,7 +23,8 @@ def _export(shipped, name, path):
     task = TASKS[checkpoint.family]
     data = task.heldout_data(checkpoint.config, 64)
     proto = export_onnx(checkpoint.model, task.parity_inputs(data), task.dynamic_axes(checkpoint.config),
-                        task.OUTPUT_NAME, path, {"compressor.source": name})
+                        task.OUTPUT_NAME)
+    save_onnx(finalize(proto, {"compressor.source": name}), path)
     return checkpoint, task, proto
 
 

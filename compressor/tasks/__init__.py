@@ -6,6 +6,7 @@ heldout_data(config, limit) -> held-out data (never the training or calibration 
 evaluate(logits_fn, data, progress) -> the metric; logits_fn maps {input name: int64 array} -> logits array
 parity_inputs(data) -> a fixed input batch whose logits torch and ONNX Runtime must agree on
 benchmark_inputs(config, batch_size) -> a batch of the family's working shape for latency runs
+calibration_data(config, samples, seed) -> model-argument tuples from the training distribution
 """
 from types import ModuleType
 

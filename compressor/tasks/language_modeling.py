@@ -45,3 +45,14 @@ def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
 def benchmark_inputs(config: dict, batch_size: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {"input_ids": rng.integers(0, config["vocab_size"], (batch_size, config["context"]), dtype=np.int64)}
+
+
+def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:
+    """Random windows of the TRAIN split (never the held-out one), in batches of 16, as model args."""
+    import torch
+
+    tokens = wiki_corpus.split_tokens("train")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - config["context"], size=samples)
+    windows = np.stack([tokens[s : s + config["context"]] for s in starts]).astype(np.int64)
+    return [(torch.from_numpy(windows[i : i + 16]),) for i in range(0, samples, 16)]

@@ -51,3 +51,13 @@ def benchmark_inputs(config: dict, batch_size: int) -> dict[str, np.ndarray]:
     src = rng.integers(reverse_task.FIRST_SYMBOL, reverse_task.VOCAB_SIZE, (batch_size, reverse_task.MAX_LENGTH))
     tgt = np.concatenate([np.full((batch_size, 1), reverse_task.BOS_ID), src[:, ::-1]], axis=1)
     return {"src_ids": src.astype(np.int64), "tgt_ids": np.ascontiguousarray(tgt, dtype=np.int64)}
+
+
+def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:
+    """Fresh training-distribution batches (teacher-forced), in batches of 16, as model args."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for start in range(0, samples, 16):
+        src, tgt_in, _ = reverse_task.training_batch(rng, min(16, samples - start))
+        batches.append((src, tgt_in))
+    return batches
