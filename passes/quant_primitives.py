@@ -212,9 +212,9 @@ def dequantize(q: Quantized) -> torch.Tensor:
         if q.codebook.dim() == 1:
             return q.codebook[q.codes] * scale
         return torch.gather(q.codebook, 1, q.codes) * scale
-    if q.zero_points is not None:
-        return (q.codes - _expand(q.zero_points, shape, q.block_size)).float() * scale
-    return q.codes.float() * scale
+    levels = q.codes if q.zero_points is None else q.codes - _expand(q.zero_points, shape, q.block_size)
+    # DequantizeLinear's output has the scale's dtype: with fp16 scales the artifact holds fp16 weights
+    return (levels.float() * scale).to(q.scales.dtype).float()
 
 
 def relative_mse(weight: torch.Tensor, approx: torch.Tensor) -> float:

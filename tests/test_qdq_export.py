@@ -1,0 +1,104 @@
+"""Quantized artifacts: ONNX Runtime fuses the int weights into MatMulNBits (proved on its optimized model),
+and every data type's artifact computes exactly what the fake-quantized torch model computes.
+
+Exact comparisons use session.qdq_matmulnbits_accuracy_level=0 (levels <= 3 are exact; the default 4 quantizes
+activations to int8), so the fp32 tolerance of 1e-4 normwise relative applies."""
+from collections import Counter
+
+import onnx
+import pytest
+
+from compressor.checkpoint import load_checkpoint
+from compressor.ort_runtime import create_session, logits_fn
+from compressor.tasks import TASKS
+from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
+from exporters.onnx_export import export_onnx, finalize, save_onnx
+from exporters.qdq import lower_to_qdq
+from passes.quantize import QuantizeConfig, quantize_model
+
+EXACT_TOLERANCE = 1e-4
+
+
+def _quantized_artifact(shipped, tmp_path, config: QuantizeConfig, name="gpt-xs"):
+    checkpoint = load_checkpoint(shipped / name)
+    task = TASKS[checkpoint.family]
+    calibration = task.calibration_data(checkpoint.config, 32) if config.needs_calibration else None
+    record = quantize_model(checkpoint.model, config, calibration)
+    data = task.heldout_data(checkpoint.config, 32)
+    proto = export_onnx(checkpoint.model, task.parity_inputs(data), task.dynamic_axes(checkpoint.config),
+                        task.OUTPUT_NAME)
+    proto, lowering = lower_to_qdq(proto, checkpoint.model)
+    path = tmp_path / f"{config.label()}.onnx"
+    save_onnx(finalize(proto, {}), path)
+    return checkpoint, task, data, record, lowering, path
+
+
+def _optimized_ops(path, tmp_path) -> tuple[Counter, list]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in optimized.graph.node
+            if n.op_type == "MatMulNBits"]
+    return Counter(n.op_type for n in optimized.graph.node), bits
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int_weights_fuse_into_matmulnbits(shipped, tmp_path, bits):
+    checkpoint, task, data, record, lowering, path = _quantized_artifact(
+        shipped, tmp_path, QuantizeConfig(bits=bits, block_size=32))
+    linears = len(record["layers"])
+    assert len(lowering["lowered"]) == linears and not lowering["left_fp32"]
+    ops, fused_bits = _optimized_ops(path, tmp_path)
+    assert ops["MatMulNBits"] == linears, ops  # every quantized Linear runs in the k-bit kernel
+    assert set(fused_bits) == {bits}
+    assert ops["DequantizeLinear"] == 0
+    inputs = task.parity_inputs(data)
+    exact = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
+    result = parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), exact, EXACT_TOLERANCE)
+    assert result["passed"], result
+
+
+@pytest.mark.parametrize("config", [
+    QuantizeConfig(dtype="nf", bits=4, block_size=32),
+    QuantizeConfig(dtype="log2", bits=3, block_size=0),
+    QuantizeConfig(dtype="float", bits=5, block_size=64, scale_dtype="float16"),
+    QuantizeConfig(dtype="quantile", bits=4, block_size=-1),
+    QuantizeConfig(dtype="kmeans", bits=3, block_size=32, codebook_scope="row"),
+    QuantizeConfig(dtype="kmeans", bits=4, block_size=32, activation_weighted=True),
+    QuantizeConfig(dtype="int", bits=3, block_size=0, symmetric=False),
+    QuantizeConfig(dtype="int", bits=6, block_size=-1),
+    QuantizeConfig(dtype="int", bits=4, block_size=16, scale_dtype="float16"),
+    QuantizeConfig(dtype="int", bits=3, block_size=32, method="gptq"),
+], ids=lambda c: f"{c.label()}-{c.scale_dtype}-{c.codebook_scope}")
+def test_every_data_type_exports_exactly(shipped, tmp_path, config):
+    checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)
+    assert len(lowering["lowered"]) == len(record["layers"]) > 0 and not lowering["left_fp32"]
+    inputs = task.parity_inputs(data)
+    ort_logits = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
+    result = parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), ort_logits, EXACT_TOLERANCE)
+    assert result["passed"], result
+
+
+def test_seq2seq_quantizes_and_exports(shipped, tmp_path):
+    checkpoint, task, data, record, lowering, path = _quantized_artifact(
+        shipped, tmp_path, QuantizeConfig(bits=4, block_size=32), name="seq2seq-reverse")
+    assert len(lowering["lowered"]) == len(record["layers"])
+    ops, _ = _optimized_ops(path, tmp_path)
+    assert ops["MatMulNBits"] == len(record["layers"])
+    inputs = task.parity_inputs(data)
+    exact = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
+    assert parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), exact, EXACT_TOLERANCE)["passed"]
+
+
+def test_ignored_layers_stay_fp32(shipped, tmp_path):
+    config = QuantizeConfig(bits=4, block_size=32, ignore=("lm_head", "re:mlp"))
+    checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)
+    names = {layer["module"] for layer in record["layers"]}
+    assert "lm_head" not in names and not any("mlp" in n for n in names)
+    assert {s["module"] for s in record["skipped"]} >= {"lm_head", "blocks.0.mlp.fc_in"}
+    ops, _ = _optimized_ops(path, tmp_path)
+    assert ops["MatMulNBits"] == len(names) == 8  # q, k, v, out in each of 2 blocks
