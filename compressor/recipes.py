@@ -12,10 +12,10 @@ PASS_CONFIGS = {"quantize": QuantizeConfig}
 
 PRESETS: dict[str, dict[str, dict]] = {
     "fp32": {},
-    "int8": {"quantize": {"dtype": "int", "bits": 8, "block_size": 0}},
-    "int4": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64}},
-    "int4-gptq": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64, "method": "gptq"}},
-    "int3-gptq": {"quantize": {"dtype": "int", "bits": 3, "block_size": 64, "method": "gptq"}},
+    "int8": {"quantize": {"dtype": "int", "bits": 8, "block_size": 0, "full_range": True}},
+    "int4": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64, "full_range": True}},
+    "int4-gptq": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64, "full_range": True, "method": "gptq"}},
+    "int3-gptq": {"quantize": {"dtype": "int", "bits": 3, "block_size": 64, "full_range": True, "method": "gptq"}},
     "nf4": {"quantize": {"dtype": "nf", "bits": 4, "block_size": 64}},
     "float4": {"quantize": {"dtype": "float", "bits": 4, "block_size": 64}},
     "log4": {"quantize": {"dtype": "log2", "bits": 4, "block_size": 64}},

@@ -9,15 +9,17 @@ from passes.quant_primitives import (PER_CHANNEL, PER_TENSOR, Quantized, group_s
 LAZY_BATCH = 128  # columns updated together (the reference implementation's block)
 
 
-def _group_params(weight: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype):
+def _group_params(weight: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, full_range: bool):
     """Scale (and zero point) of one [N, G] slice, one group per row, exactly as the RTN quantizer picks them."""
-    quantizer = quantize_int_symmetric if symmetric else quantize_int_asymmetric
-    q = quantizer(weight, bits, PER_CHANNEL, scale_dtype)
+    if symmetric:
+        q = quantize_int_symmetric(weight, bits, PER_CHANNEL, scale_dtype, full_range)
+    else:
+        q = quantize_int_asymmetric(weight, bits, PER_CHANNEL, scale_dtype)
     return q.scales.float(), q.zero_points
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool,
-                  scale_dtype: torch.dtype = torch.float32, damp: float = 0.01) -> Quantized:
+                  scale_dtype: torch.dtype = torch.float32, damp: float = 0.01, full_range: bool = False) -> Quantized:
     """weight [N, K], hessian [K, K] (sum of x xᵀ over calibration tokens; the scale of H does not matter)."""
     if block_size == PER_TENSOR:
         raise ValueError("GPTQ needs per-channel or block-wise scales, not per-tensor")
@@ -45,13 +47,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_
             column = start + i
             if column % group == 0:  # a new group starts: fix its scale from the error-updated weights
                 current = torch.cat([block[:, i:], weight[:, stop:]], dim=1)[:, :group]
-                scale, zero = _group_params(current.float(), bits, symmetric, scale_dtype)
+                scale, zero = _group_params(current.float(), bits, symmetric, scale_dtype, full_range)
                 scales[:, column // group] = scale[:, 0].double()
                 if zeros is not None:
                     zeros[:, column // group] = zero[:, 0]
             g = column // group
             zero_col = None if zeros is None else zeros[:, g].double()
-            q = int_codes_from_scale(block[:, i], scales[:, g], zero_col, bits)
+            q = int_codes_from_scale(block[:, i], scales[:, g], zero_col, bits, full_range)
             codes[:, column] = q
             dequant = (q - (0 if zero_col is None else zero_col)) * scales[:, g]
             error = (block[:, i] - dequant) / inv_block[i, i]

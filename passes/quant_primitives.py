@@ -62,10 +62,20 @@ def _store(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 # ---- linear / int ----------------------------------------------------------------------------------------
 
 def quantize_int_symmetric(weight: torch.Tensor, bits: int, block_size: int,
-                           scale_dtype: torch.dtype = torch.float32) -> Quantized:
-    """Absmax: levels -(2^(k-1)-1) .. 2^(k-1)-1, code = round(w / S), S = absmax / (2^(k-1)-1)."""
+                           scale_dtype: torch.dtype = torch.float32, full_range: bool = False) -> Quantized:
+    """Absmax: levels -(2^(k-1)-1) .. 2^(k-1)-1, code = round(w / S), S = absmax / (2^(k-1)-1).
+
+    full_range uses the extra level -2^(k-1) too (llama.cpp Q4_0, ONNX Runtime's MatMulNBitsQuantizer): the
+    block's signed extreme m maps to -2^(k-1), S = m / -2^(k-1) (S may be negative), codes clipped to the type."""
     qmax = 2 ** (bits - 1) - 1
     groups = to_groups(weight.float(), block_size)
+    if full_range:
+        extreme = torch.gather(groups, 1, groups.abs().argmax(dim=1, keepdim=True))[:, 0]
+        scale = _store(torch.where(extreme != 0, extreme / -(qmax + 1), torch.ones_like(extreme)), scale_dtype)
+        codes = torch.clamp(torch.round(groups / scale[:, None]), -qmax - 1, qmax)
+        shape = scale_shape(tuple(weight.shape), block_size)
+        return Quantized(codes.reshape(weight.shape).long(), scale.reshape(shape).to(scale_dtype), None, None,
+                         bits, block_size)
     absmax = groups.abs().amax(dim=1)
     scale = _store(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)), scale_dtype)
     codes = torch.clamp(torch.round(groups / scale[:, None]), -qmax, qmax)
@@ -91,11 +101,12 @@ def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
                      zero.reshape(shape).long(), None, bits, block_size)
 
 
-def int_codes_from_scale(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int):
+def int_codes_from_scale(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                         full_range: bool = False):
     """Codes of `values` against given scales (GPTQ quantizes one column at a time with fixed group scales)."""
     if zero is None:
         qmax = 2 ** (bits - 1) - 1
-        return torch.clamp(torch.round(values / scale), -qmax, qmax)
+        return torch.clamp(torch.round(values / scale), -qmax - int(full_range), qmax)
     return torch.clamp(torch.round(values / scale) + zero, 0, 2**bits - 1)
 
 

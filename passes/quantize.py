@@ -21,6 +21,7 @@ class QuantizeConfig:
     bits: int = 4
     block_size: int = 64  # B along the input dim; 0 = per-channel, -1 = per-tensor
     symmetric: bool = True  # int only: absmax (True) or min-max with zero point (False)
+    full_range: bool = False  # int symmetric only: also use level -2^(k-1) (Q4_0 / ORT style)
     scale_dtype: str = "float32"
     method: str = "rtn"  # or "gptq" (int only)
     exponent_bits: int | None = None  # float only; default ceil(k/2)
@@ -66,6 +67,12 @@ class QuantizeConfig:
         parts = [f"{name}{self.bits}", granularity]
         if self.dtype == "int" and not self.symmetric:
             parts.append("asym")
+        if self.dtype == "int" and self.symmetric and self.full_range:
+            parts.append("full")
+        if self.dtype == "kmeans" and self.activation_weighted:
+            parts.append("aw")
+        if self.dtype in ("quantile", "kmeans") and self.codebook_scope == "row":
+            parts.append("row")
         if self.method == "gptq":
             parts.append("gptq")
         return "-".join(parts)
@@ -114,9 +121,11 @@ def _quantize_weight(weight: torch.Tensor, config: QuantizeConfig, hessian: torc
     bits, block = config.bits, config.block_size
     if config.dtype == "int":
         if config.method == "gptq":
-            return gptq_quantize(weight, hessian, bits, block, config.symmetric, scale_dtype, config.gptq_damp)
-        quantizer = qp.quantize_int_symmetric if config.symmetric else qp.quantize_int_asymmetric
-        return quantizer(weight, bits, block, scale_dtype)
+            return gptq_quantize(weight, hessian, bits, block, config.symmetric, scale_dtype, config.gptq_damp,
+                                 config.full_range)
+        if config.symmetric:
+            return qp.quantize_int_symmetric(weight, bits, block, scale_dtype, config.full_range)
+        return qp.quantize_int_asymmetric(weight, bits, block, scale_dtype)
     if config.dtype in ("log2", "float", "nf"):
         codebook = {"log2": lambda: qp.log2_codebook(bits), "nf": lambda: qp.normal_float_codebook(bits),
                     "float": lambda: qp.float_codebook(bits, config.exponent_bits)}[config.dtype]()

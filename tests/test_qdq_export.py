@@ -49,7 +49,7 @@ def _optimized_ops(path, tmp_path) -> tuple[Counter, list]:
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_int_weights_fuse_into_matmulnbits(shipped, tmp_path, bits):
     checkpoint, task, data, record, lowering, path = _quantized_artifact(
-        shipped, tmp_path, QuantizeConfig(bits=bits, block_size=32))
+        shipped, tmp_path, QuantizeConfig(bits=bits, block_size=32, full_range=bits == 4))
     linears = len(record["layers"])
     assert len(lowering["lowered"]) == linears and not lowering["left_fp32"]
     ops, fused_bits = _optimized_ops(path, tmp_path)
@@ -73,6 +73,8 @@ def test_int_weights_fuse_into_matmulnbits(shipped, tmp_path, bits):
     QuantizeConfig(dtype="int", bits=6, block_size=-1),
     QuantizeConfig(dtype="int", bits=4, block_size=16, scale_dtype="float16"),
     QuantizeConfig(dtype="int", bits=3, block_size=32, method="gptq"),
+    QuantizeConfig(dtype="int", bits=3, block_size=64, method="gptq", full_range=True),
+    QuantizeConfig(dtype="int", bits=2, block_size=0, full_range=True),
 ], ids=lambda c: f"{c.label()}-{c.scale_dtype}-{c.codebook_scope}")
 def test_every_data_type_exports_exactly(shipped, tmp_path, config):
     checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)

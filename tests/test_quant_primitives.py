@@ -37,6 +37,19 @@ def test_int_symmetric_matches_plain_reference(bits, block_size):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int_symmetric_full_range_matches_plain_reference(bits):
+    q = qp.quantize_int_symmetric(WEIGHT, bits, 16, full_range=True)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    codes = []
+    for block in _blocks(WEIGHT, 16):
+        extreme = max(block, key=abs)
+        scale = torch.tensor(extreme / low, dtype=torch.float32).item()
+        codes += [max(low, min(high, round(torch.tensor(v / scale, dtype=torch.float32).item()))) for v in block]
+    assert q.codes.reshape(-1).tolist() == codes
+    assert q.codes.min() == low  # the extra level is used
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_int_asymmetric_matches_plain_reference(bits):
     q = qp.quantize_int_asymmetric(WEIGHT, bits, 16)
     qmax = 2**bits - 1
@@ -92,7 +105,7 @@ def test_kmeans_matches_plain_lloyd():
 
 def test_sanity_relative_mse_on_normal_data():
     """kbit-reference.md: N(0,1), B = 64, 4 bits: NF4 8.0, k-means 8.0, Int 11.6, E2M1 13.5, Quantile 14.3,
-    E3M0 (log2) 35.4 (x 1e-3). Measured here: 8.46, 8.02, 11.60, 13.51, 13.48, 35.40."""
+    E3M0 (log2) 35.4 (x 1e-3). Measured here: 8.46, 8.02, 11.60, 13.51, 13.48, 35.40; full-range int 9.02."""
     torch.manual_seed(0)
     weight = torch.randn(1024, 1024)
 
@@ -111,6 +124,7 @@ def test_sanity_relative_mse_on_normal_data():
     reference = {"nf4": 8.0, "kmeans": 8.0, "int": 11.6, "e2m1": 13.5, "quantile": 14.3, "log2": 35.4}
     for name, value in figures.items():
         assert value == pytest.approx(reference[name], rel=0.08), (name, value)
+    assert rel(qp.quantize_int_symmetric(weight, 4, 64, full_range=True)) < 0.8 * figures["int"]
 
 
 def test_gptq_with_identity_hessian_is_round_to_nearest():
@@ -128,9 +142,12 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     inputs = torch.randn(2048, 128) @ mixing
     weight = torch.randn(64, 128)
     hessian = inputs.double().T @ inputs.double()
-    for symmetric in (True, False):
-        rtn = qp.quantize_int_symmetric(weight, 3, 32) if symmetric else qp.quantize_int_asymmetric(weight, 3, 32)
-        gptq = gptq_quantize(weight, hessian, 3, 32, symmetric)
+    for symmetric, full_range in ((True, False), (True, True), (False, False)):
+        if symmetric:
+            rtn = qp.quantize_int_symmetric(weight, 3, 32, full_range=full_range)
+        else:
+            rtn = qp.quantize_int_asymmetric(weight, 3, 32)
+        gptq = gptq_quantize(weight, hessian, 3, 32, symmetric, full_range=full_range)
 
         def output_error(q):
             return float(((inputs @ (weight - qp.dequantize(q).float()).T) ** 2).mean())
