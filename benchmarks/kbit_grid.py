@@ -75,7 +75,8 @@ def grid_configs():
                 yield variant, QuantizeConfig(bits=bits, block_size=block, **fields)
     for bits in (3, 4):
         yield "int-full", QuantizeConfig(dtype="int", bits=bits, block_size=64, method="gptq", full_range=True)
-    yield QuantizeConfig(dtype="kmeans", bits=3, block_size=64, activation_weighted=True)
+    for bits in (3, 4):
+        yield "kmeans", QuantizeConfig(dtype="kmeans", bits=bits, block_size=64, activation_weighted=True)
 
 
 def ort_matmulnbits(fp32_path: Path, out: Path, block_size: int) -> Path:
