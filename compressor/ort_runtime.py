@@ -32,7 +32,10 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
         session_options.intra_op_num_threads = threads
     for key, value in (options or {}).items():
         session_options.add_session_config_entry(key, str(value))
-    return ort.InferenceSession(str(path), session_options, providers=[PROVIDERS[provider]])
+    # TF32 off: the CUDA EP's default TF32 matmuls moved fp32 logits by 4e-4 (gpt-l) to 3e-3 (seq2seq) relative
+    # on an H100, which would hide real export errors; fp32 artifacts are validated as fp32.
+    chosen = (PROVIDERS[provider], {"use_tf32": "0"}) if provider == "cuda" else PROVIDERS[provider]
+    return ort.InferenceSession(str(path), session_options, providers=[chosen])
 
 
 def logits_fn(session):

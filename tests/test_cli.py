@@ -70,6 +70,23 @@ def test_shipped_seq2seq_by_name(tmp_path):
     assert accuracy["onnxruntime"]["cpu"] == pytest.approx(accuracy["reference"], abs=0.005)
 
 
+def test_int4_run_reports_bits_and_passes(tmp_path):
+    result = CliRunner().invoke(main, ["run", "gpt-xs", "--recipe", "int4", "--set", "quantize.block_size=32",
+                                       "--out", str(tmp_path / "q"), "--eval-limit", "16", "--bench-runs", "3",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert 4 < report["bits_per_param"] < 32
+    assert report["total_model_bits"] == pytest.approx(report["bits_per_param"] * report["model"]["params"])
+    assert [p["name"] for p in report["passes"]] == ["quantize"]
+    assert report["passes"][0]["perplexity"] == report["accuracy"]["torch"]
+    assert report["accuracy"]["reference"] < report["accuracy"]["torch"]  # 4-bit costs a little perplexity
+    assert report["parity"]["by_provider"]["cpu_exact"]["passed"] and report["parity"]["passed"]
+    assert report["artifact"]["lowering"]["lowered"] and not report["artifact"]["lowering"]["left_fp32"]
+    fp32_bytes = report["model"]["params"] * 4
+    assert report["artifact"]["bytes"] < 0.5 * fp32_bytes
+
+
 def _assert_clean_failure(result: subprocess.CompletedProcess, out: Path, needle: str):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

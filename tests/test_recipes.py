@@ -1,0 +1,45 @@
+"""Recipes resolve presets and --set overrides, and reject bad values before any model is loaded."""
+import pytest
+from click.testing import CliRunner
+
+from compressor.cli import main
+from compressor.errors import UserError
+from compressor.recipes import PRESETS, resolve_recipe
+
+
+def test_presets_resolve():
+    for name in PRESETS:
+        recipe = resolve_recipe(name)
+        assert recipe.name == name
+    int4 = dict(resolve_recipe("int4").passes)["quantize"]
+    assert (int4.dtype, int4.bits, int4.block_size) == ("int", 4, 64)
+
+
+def test_overrides_apply():
+    config = dict(resolve_recipe("int4", ("quantize.bits=3", "quantize.block_size=128",
+                                          "quantize.ignore=lm_head,re:mlp")).passes)["quantize"]
+    assert (config.bits, config.block_size, config.ignore) == (3, 128, ("lm_head", "re:mlp"))
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("quantize.bits=9", "bits must be"),
+    ("quantize.bits=1", "bits must be"),
+    ("quantize.block_size=48", "power of two"),
+    ("quantize.dtype=int5", "dtype must be"),
+    ("quantize.method=gptq", "gptq works with dtype=int only"),
+    ("quantize.wibble=1", "unknown key 'wibble'"),
+    ("prune.amount=0.5", "unknown pass 'prune'"),
+    ("bits=3", "PASS.KEY=VALUE"),
+])
+def test_bad_overrides_are_one_line_errors(override, needle):
+    base = "nf4" if "gptq" in override else "int4"
+    with pytest.raises(UserError) as exc:
+        resolve_recipe(base, (override,))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_bad_recipe_fails_before_loading_the_model(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "no-such-checkpoint"), "--recipe", "int4", "--set",
+                                       "quantize.bits=0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "bits must be" in result.output  # not "checkpoint not found"
+    assert not (tmp_path / "o").exists()
