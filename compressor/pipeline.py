@@ -14,12 +14,17 @@ from compressor.tasks import TASKS
 from compressor.validate import BenchmarkSettings, Tolerances, torch_logits_fn, validate
 from exporters.onnx_export import export_onnx, finalize, save_onnx
 from exporters.qdq import lower_to_qdq
+from passes.heal import heal_model
+from passes.lowrank import lowrank_model
 from passes.model_bits import total_model_bits
+from passes.prune import prune_model
 from passes.quantize import quantize_model
+from passes.structured_prune import structured_prune_model
 from samples.registry import SAMPLES, SHIPPED_DIR, count_params
 
 ARTIFACT_NAME = "model.onnx"
-PASS_FUNCTIONS = {"quantize": quantize_model}
+PASS_FUNCTIONS = {"prune": prune_model, "structured_prune": structured_prune_model, "lowrank": lowrank_model,
+                  "heal": heal_model, "quantize": quantize_model}
 
 
 @dataclass(frozen=True)
@@ -81,11 +86,12 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
             record = PASS_FUNCTIONS[pass_name](model, config, calibration, options.progress)
         except ValueError as exc:
             raise UserError(f"{pass_name}: {exc}") from None
+        record.update(total_model_bits(model))
         accuracy = task.evaluate(torch_logits_fn(model, task.INPUT_NAMES), heldout, options.progress)
         record[task.METRIC] = accuracy
         pass_records.append(record)
         log(f"{pass_name}: {record.get('label', '')} -> {task.METRIC} {accuracy:.4f} (torch), "
-            f"{record['bits_per_param']:.3f} bits/param")
+            f"{record['params']:,} params, {record['bits_per_param']:.3f} bits/param")
 
     artifact = out_dir / ARTIFACT_NAME
     metadata = {

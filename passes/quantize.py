@@ -1,6 +1,5 @@
 """The k-bit weight quantization pass: nn.Linear weights -> k-bit codes of one data type, fake-quantized in
 place (module.weight = the exact dequantized values) with the codes kept on the module for the exporter."""
-import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -8,6 +7,7 @@ from torch import nn
 from tqdm import tqdm
 
 from passes import quant_primitives as qp
+from passes.calibration import input_second_moments, matches
 from passes.gptq import gptq_quantize
 from passes.model_bits import total_model_bits
 
@@ -78,16 +78,12 @@ class QuantizeConfig:
         return "-".join(parts)
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(re.search(p[3:], name) if p.startswith("re:") else name == p for p in patterns)
-
-
 def selected_linears(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
     chosen, skipped = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not _matches(name, config.targets):
+        if not isinstance(module, nn.Linear) or not matches(name, config.targets):
             continue
-        if _matches(name, config.ignore):
+        if matches(name, config.ignore):
             skipped.append({"module": name, "reason": "ignored by recipe"})
         elif config.block_size > 0 and module.in_features % config.block_size:
             skipped.append({"module": name, "reason": f"in_features {module.in_features} not divisible by "
@@ -95,25 +91,6 @@ def selected_linears(model: nn.Module, config: QuantizeConfig) -> tuple[list[tup
         else:
             chosen.append((name, module))
     return chosen, skipped
-
-
-@torch.no_grad()
-def input_second_moments(model: nn.Module, module: nn.Linear, calibration: list[tuple]) -> torch.Tensor:
-    """H = sum over calibration tokens of x xᵀ for the inputs `module` sees, with earlier layers as they are now
-    (already quantized ones included: GPTQ's sequential order)."""
-    hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
-
-    def hook(_, inputs, __):
-        x = inputs[0].reshape(-1, module.in_features).double()
-        hessian.add_(x.T @ x)
-
-    handle = module.register_forward_hook(hook)
-    try:
-        for batch in calibration:
-            model(*batch)
-    finally:
-        handle.remove()
-    return hessian
 
 
 def _quantize_weight(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | None) -> qp.Quantized:
@@ -156,7 +133,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
     chosen, skipped = selected_linears(model, config)
     layers = []
     for name, module in tqdm(chosen, desc=f"quantize {config.label()}", disable=not progress, leave=False):
-        hessian = input_second_moments(model, module, calibration) if config.needs_calibration else None
+        # sequential, as GPTQ: each layer's statistics see the earlier layers already quantized
+        hessian = input_second_moments(model, [module], calibration)[0] if config.needs_calibration else None
         weight = module.weight.detach().float()
         q = _quantize_weight(weight, config, hessian)
         approx = qp.dequantize(q)

@@ -28,7 +28,13 @@ def test_overrides_apply():
     ("quantize.dtype=int5", "dtype must be"),
     ("quantize.method=gptq", "gptq works with dtype=int only"),
     ("quantize.wibble=1", "unknown key 'wibble'"),
-    ("prune.amount=0.5", "unknown pass 'prune'"),
+    ("quantize.bit=3", "did you mean 'bits'?"),
+    ("quantize.bits=four", "quantize.bits must be int"),
+    ("quantize.symmetric=maybe", "quantize.symmetric must be bool"),
+    ("prune.amount=0.5", "unknown key 'amount'"),
+    ("pruning.sparsity=0.5", "did you mean 'prune'?"),
+    ("prune.pattern=3:2", "need 0 < N < M"),
+    ("lowrank.energy=0.9", "exactly one of"),
     ("bits=3", "PASS.KEY=VALUE"),
 ])
 def test_bad_overrides_are_one_line_errors(override, needle):
@@ -36,6 +42,13 @@ def test_bad_overrides_are_one_line_errors(override, needle):
     with pytest.raises(UserError) as exc:
         resolve_recipe(base, (override,))
     assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_stage_order_is_enforced():
+    recipe = resolve_recipe("int4", ("prune.sparsity=0.5", "lowrank.rank_ratio=0.25"))
+    assert [name for name, _ in recipe.passes] == ["prune", "lowrank", "quantize"]
+    assert dict(resolve_recipe("prune24").passes)["prune"].n_m == (2, 4)
+    assert dict(resolve_recipe("fp32", ("prune.pattern=4:8",)).passes)["prune"].n_m == (4, 8)
 
 
 def test_bad_recipe_fails_before_loading_the_model(tmp_path):

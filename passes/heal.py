@@ -1,0 +1,49 @@
+"""Heal: a short, seeded recovery fine-tune after structured pruning or low-rank, on calibration batches from
+the training distribution (never held-out data). Off unless a recipe lists it.
+
+Loss: next-token prediction on each batch's last input (the GPT's tokens; the seq2seq decoder's target tokens,
+teacher-forced), ignoring padding (id 0)."""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    steps: int = 100
+    learning_rate: float = 1e-4
+    calibration_samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.learning_rate <= 0:
+            raise ValueError("heal.steps must be >= 1 and heal.learning_rate > 0")
+
+    needs_calibration = True
+
+    def label(self) -> str:
+        return f"heal-{self.steps}"
+
+
+def heal_model(model: nn.Module, config: HealConfig, calibration: list[tuple] | None, progress: bool = False) -> dict:
+    if not calibration:
+        raise ValueError("heal needs calibration batches and none were given")
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in tqdm(range(config.steps), desc="heal", disable=not progress, leave=False):
+        batch = calibration[step % len(calibration)]
+        tokens = batch[-1]
+        logits = model(*batch)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return {"name": "heal", "config": asdict(config), "label": config.label(), "first_loss": losses[0],
+            "last_loss": losses[-1], "params": sum(p.numel() for p in model.parameters())}

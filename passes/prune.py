@@ -1,0 +1,108 @@
+"""Unstructured and N:M pruning of nn.Linear weights (masks applied in place: the weights become zeros).
+
+Dense kernels (ONNX Runtime's included) do not skip zeros: this saves nothing in speed or in an fp32 file; it
+is the entry point for sparsity-aware kernels and for compressing zeros later. Structured pruning, which does
+shrink the graph, is passes/structured_prune.py."""
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from passes import sparsity_primitives as sp
+from passes.calibration import input_second_moments, matches
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "magnitude"  # or "wanda": |W| * ||X|| from calibration batches
+    sparsity: float = 0.5  # fraction of weights removed (unstructured); N:M sets its own
+    scope: str = "layer"  # magnitude only: rank within each layer or across all targeted layers ("global")
+    pattern: str = "unstructured"  # or "N:M", e.g. "2:4", "4:8"
+    calibration_samples: int = 64
+    targets: tuple[str, ...] = ("re:.*",)
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        if self.method not in ("magnitude", "wanda"):
+            raise ValueError(f"prune.method must be magnitude or wanda, not {self.method!r}")
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"prune.sparsity must be in [0, 1), not {self.sparsity!r}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"prune.scope must be layer or global, not {self.scope!r}")
+        if self.scope == "global" and self.method == "wanda":
+            raise ValueError("prune.scope=global works with method=magnitude only (Wanda ranks within rows)")
+        if self.pattern != "unstructured":
+            n, m = self.n_m
+            if not 0 < n < m:
+                raise ValueError(f"prune.pattern {self.pattern!r}: need 0 < N < M")
+
+    @property
+    def n_m(self) -> tuple[int, int]:
+        try:
+            n, m = (int(v) for v in self.pattern.split(":"))
+        except ValueError:
+            raise ValueError(f"prune.pattern must be unstructured or N:M like 2:4, not {self.pattern!r}") from None
+        return n, m
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "wanda"
+
+    def label(self) -> str:
+        amount = self.pattern if self.pattern != "unstructured" else f"{self.sparsity:.0%}"
+        return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "")
+
+
+def selected_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]):
+    chosen, skipped = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and matches(name, targets):
+            if matches(name, ignore):
+                skipped.append({"module": name, "reason": "ignored by recipe"})
+            else:
+                chosen.append((name, module))
+    return chosen, skipped
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, config: PruneConfig, calibration: list[tuple] | None = None,
+                progress: bool = False) -> dict:
+    chosen, skipped = selected_linears(model, config.targets, config.ignore)
+    if config.needs_calibration and not calibration:
+        raise ValueError("prune.method=wanda needs calibration batches and none were given")
+    if config.needs_calibration:
+        moments = input_second_moments(model, [m for _, m in chosen], calibration)
+        scores = [sp.wanda_scores(m.weight.float(), h.diagonal().float()) for (_, m), h in zip(chosen, moments)]
+    else:
+        scores = [m.weight.abs().float() for _, m in chosen]
+    if config.pattern != "unstructured":
+        n, m = config.n_m
+        masks = []
+        for (name, module), score in zip(chosen, scores):
+            if module.in_features % m:
+                skipped.append({"module": name, "reason": f"in_features {module.in_features} not a multiple of {m}"})
+                masks.append(None)
+            else:
+                masks.append(sp.n_of_m_mask(score, n, m))
+    elif config.scope == "global":
+        flat = sp.keep_largest(torch.cat([s.reshape(-1) for s in scores]), config.sparsity)
+        masks, start = [], 0
+        for score in scores:
+            masks.append(flat[start : start + score.numel()].reshape(score.shape))
+            start += score.numel()
+    elif config.method == "wanda":
+        masks = [sp.keep_largest_per_row(s, config.sparsity) for s in scores]
+    else:
+        masks = [sp.keep_largest(s, config.sparsity) for s in scores]
+    layers, pruned, total = [], 0, 0
+    for (name, module), mask in zip(chosen, masks):
+        if mask is None:
+            continue
+        module.weight.mul_(mask.to(module.weight.dtype))
+        zeros = int((~mask).sum())
+        pruned, total = pruned + zeros, total + mask.numel()
+        layers.append({"module": name, "sparsity": zeros / mask.numel()})
+    params = sum(p.numel() for p in model.parameters())
+    return {"name": "prune", "config": asdict(config), "label": config.label(), "layers": layers,
+            "skipped": skipped, "sparsity": pruned / max(total, 1), "params": params,
+            "nonzero_params": params - pruned}
