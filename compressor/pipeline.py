@@ -46,6 +46,8 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"{out_dir / ARTIFACT_NAME} already exists (pass --force to overwrite)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.partial"):  # left by a run killed mid-write (SIGKILL skips cleanup)
+            stale.unlink()
         probe = out_dir / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()

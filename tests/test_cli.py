@@ -87,6 +87,27 @@ def test_int4_run_reports_bits_and_passes(tmp_path):
     assert report["artifact"]["bytes"] < 0.5 * fp32_bytes
 
 
+def test_same_inputs_give_byte_identical_quantized_artifacts(tmp_path):
+    digests = []
+    for attempt in ("a", "b"):
+        result = CliRunner().invoke(main, ["run", "gpt-xs", "--recipe", "int4-gptq", "--set",
+                                           "quantize.block_size=32", "--out", str(tmp_path / attempt),
+                                           "--eval-limit", "4", "--bench-runs", "2", "--quiet"])
+        assert result.exit_code == 0, result.output
+        digests.append(json.loads((tmp_path / attempt / "report.json").read_text())["artifact"]["sha256"])
+    assert digests[0] == digests[1]
+
+
+def test_stale_partial_files_are_cleared(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".model.onnx.abc.partial").write_bytes(b"half a model")
+    result = CliRunner().invoke(main, ["run", "seq2seq-reverse", "--out", str(out), "--eval-limit", "10",
+                                       "--bench-runs", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert not list(out.glob(".*.partial")) and (out / "model.onnx").exists()
+
+
 def _assert_clean_failure(result: subprocess.CompletedProcess, out: Path, needle: str):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
