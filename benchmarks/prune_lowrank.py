@@ -25,6 +25,8 @@ TECHNIQUES = {
     "magnitude 50% (per layer)": ("fp32", ("prune.method=magnitude", "prune.sparsity=0.5")),
     "magnitude 50% (global)": ("fp32", ("prune.method=magnitude", "prune.sparsity=0.5", "prune.scope=global")),
     "wanda 50%": ("fp32", ("prune.method=wanda", "prune.sparsity=0.5")),
+    "magnitude 50% (per row)": ("fp32", ("prune.method=magnitude", "prune.sparsity=0.5", "prune.scope=row")),
+    "wanda 50% (per row)": ("fp32", ("prune.method=wanda", "prune.sparsity=0.5", "prune.scope=row")),
     "magnitude 2:4": ("fp32", ("prune.method=magnitude", "prune.pattern=2:4")),
     "wanda 2:4": ("fp32", ("prune.method=wanda", "prune.pattern=2:4")),
     "structured heads 25% ffn 25%": ("structured25", ()),

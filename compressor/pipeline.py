@@ -115,12 +115,13 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
     results = validate(model, task, checkpoint.config, artifact, heldout, list(options.providers),
                        Tolerances.for_artifact(quantized), options.bench, torch_accuracy=accuracy,
                        progress=options.progress)
-    results["accuracy"]["reference"] = reference_accuracy
+    accuracy_report = results.pop("accuracy")
     bits = total_model_bits(model)
     report = {
         "schema_version": SCHEMA_VERSION,
         "tool": tool_record(),
         "model": {"name": checkpoint.name, "family": checkpoint.family, "params": count_params(model),
+                  "input_params": count_params(checkpoint.model),
                   "source": str(checkpoint_path), "source_sha256": checkpoint.weights_sha256,
                   "config": checkpoint.config},
         "recipe": recipe.to_dict(),
@@ -130,6 +131,7 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
         "total_model_bits": bits["total_model_bits"],
         "bits_per_param": bits["bits_per_param"],
         "passes": pass_records,
+        "accuracy": {"metric": accuracy_report.pop("metric"), "reference": reference_accuracy, **accuracy_report},
         **results,
         "environment": environment(),
     }

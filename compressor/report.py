@@ -40,19 +40,29 @@ def render_markdown(report: dict) -> str:
         f"- recipe: `{report['recipe']['name']}`",
         f"- artifact: `{artifact['path']}`, {artifact['bytes']:,} bytes, opset {artifact['opset']}, "
         f"IR {artifact['ir_version']}, sha256 `{artifact['sha256'][:16]}…`",
+        f"- total model bits: {report['total_model_bits']:,} ({report['bits_per_param']:.3f} bits/param, "
+        f"{model['params']:,} params after the passes, {model['input_params']:,} before)",
         "",
         f"## Accuracy on held-out data ({accuracy['metric']}, {accuracy['heldout_examples']} examples, "
         f"{'higher' if accuracy['higher_is_better'] else 'lower'} is better)",
         "",
         "| model | " + accuracy["metric"] + " | agrees with torch |",
         "|---|---|---|",
-        f"| torch (reference) | {_fmt(accuracy['reference'])} | |",
+        f"| input model, torch | {_fmt(accuracy['reference'])} | |",
+        f"| compressed model, torch | {_fmt(accuracy['torch'])} | |",
     ]
     for provider, value in accuracy["onnxruntime"].items():
         agreement = accuracy["agreement"][provider]
         verdict = "yes" if agreement["passed"] else "**NO**"
         lines.append(f"| ONNX Runtime {provider} | {_fmt(value)} | {verdict} ({agreement['kind']} delta "
                      f"{_fmt(agreement['delta'], 2)} <= {agreement['tolerance']}) |")
+    if report["passes"]:
+        lines += ["", "## Passes (held-out metric in torch after each)", "",
+                  f"| pass | what | params | bits/param | {accuracy['metric']} |", "|---|---|---|---|---|",
+                  f"| input | | {model['input_params']:,} | 32 | {_fmt(accuracy['reference'])} |"]
+        for entry in report["passes"]:
+            lines.append(f"| {entry['name']} | {entry.get('label', '')} | {entry['params']:,} | "
+                         f"{entry['bits_per_param']:.3f} | {_fmt(entry[accuracy['metric']])} |")
     parity = report["parity"]
     lines += ["", "## Logit parity (torch vs ONNX Runtime)", "",
               f"max abs {_fmt(parity['max_abs'], 3)}, max rel {_fmt(parity['max_rel'], 3)} "

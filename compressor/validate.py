@@ -108,8 +108,8 @@ def validate(model: nn.Module, task: ModuleType, config: dict, artifact: Path, h
     parity_batch = task.parity_inputs(heldout)
     reference_logits = reference_fn(parity_batch)
     report = {"accuracy": {"metric": task.METRIC, "higher_is_better": task.HIGHER_IS_BETTER,
-                           "heldout_examples": int(len(heldout)), "reference": torch_accuracy,
-                           "torch": torch_accuracy, "onnxruntime": {}, "agreement": {}},
+                           "heldout_examples": int(len(heldout)), "torch": torch_accuracy, "onnxruntime": {},
+                           "agreement": {}},
               "parity": {}, "latency": {}, "memory": {}}
     exact = Tolerances()
     for provider in providers:

@@ -16,7 +16,7 @@ from passes.calibration import input_second_moments, matches
 class PruneConfig:
     method: str = "magnitude"  # or "wanda": |W| * ||X|| from calibration batches
     sparsity: float = 0.5  # fraction of weights removed (unstructured); N:M sets its own
-    scope: str = "layer"  # magnitude only: rank within each layer or across all targeted layers ("global")
+    scope: str = "layer"  # rank within each layer, within each output "row", or across all layers ("global")
     pattern: str = "unstructured"  # or "N:M", e.g. "2:4", "4:8"
     calibration_samples: int = 64
     targets: tuple[str, ...] = ("re:.*",)
@@ -27,10 +27,11 @@ class PruneConfig:
             raise ValueError(f"prune.method must be magnitude or wanda, not {self.method!r}")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"prune.sparsity must be in [0, 1), not {self.sparsity!r}")
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"prune.scope must be layer or global, not {self.scope!r}")
+        if self.scope not in ("layer", "row", "global"):
+            raise ValueError(f"prune.scope must be layer, row or global, not {self.scope!r}")
         if self.scope == "global" and self.method == "wanda":
-            raise ValueError("prune.scope=global works with method=magnitude only (Wanda ranks within rows)")
+            raise ValueError("prune.scope=global works with method=magnitude only (Wanda scores are not "
+                             "comparable across layers)")
         if self.pattern != "unstructured":
             n, m = self.n_m
             if not 0 < n < m:
@@ -50,7 +51,7 @@ class PruneConfig:
 
     def label(self) -> str:
         amount = self.pattern if self.pattern != "unstructured" else f"{self.sparsity:.0%}"
-        return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "")
+        return f"{self.method}-{amount}" + ("" if self.scope == "layer" else f"-{self.scope}")
 
 
 def selected_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]):
@@ -90,7 +91,7 @@ def prune_model(model: nn.Module, config: PruneConfig, calibration: list[tuple] 
         for score in scores:
             masks.append(flat[start : start + score.numel()].reshape(score.shape))
             start += score.numel()
-    elif config.method == "wanda":
+    elif config.scope == "row":
         masks = [sp.keep_largest_per_row(s, config.sparsity) for s in scores]
     else:
         masks = [sp.keep_largest(s, config.sparsity) for s in scores]

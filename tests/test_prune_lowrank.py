@@ -47,7 +47,8 @@ def gpt(shipped):
 
 
 @pytest.mark.parametrize("config", [PruneConfig(sparsity=0.5), PruneConfig(sparsity=0.3, scope="global"),
-                                    PruneConfig(method="wanda", sparsity=0.5), PruneConfig(pattern="2:4"),
+                                    PruneConfig(method="wanda", sparsity=0.5),
+                                    PruneConfig(method="wanda", sparsity=0.4, scope="row"), PruneConfig(pattern="2:4"),
                                     PruneConfig(method="wanda", pattern="4:8")], ids=lambda c: c.label())
 def test_unstructured_and_nm_sparsity(gpt, config):
     checkpoint, _, calibration, _ = gpt
@@ -60,6 +61,9 @@ def test_unstructured_and_nm_sparsity(gpt, config):
     assert zeros / total == pytest.approx(target, abs=1e-3)
     assert record["sparsity"] == pytest.approx(zeros / total, abs=1e-9)
     assert (model.lm_head.weight != 0).all()  # ignored by default
+    if config.scope == "row":
+        for module in linears.values():
+            assert ((module.weight == 0).sum(dim=1) == round(0.4 * module.in_features)).all()
     if config.pattern != "unstructured":
         n, m = config.n_m
         for module in linears.values():
