@@ -83,7 +83,8 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 @contextlib.contextmanager
 def _quiet():
     """The exporter and onnxsim talk a lot on stdout/logging; the CLI shows its own progress instead."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
