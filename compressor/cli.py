@@ -32,7 +32,8 @@ def main():
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--recipe", default="fp32", show_default=True,
-              help="Recipe preset: fp32, int8, int4, int4-gptq, int3-gptq, nf4, float4, log4, quantile4, kmeans4.")
+              help="A preset (fp32, int8, int4, int4-gptq, nf4, kmeans4, prune50-int4, lowrank-int4, chain-int4, ...; "
+                   "see `compress passes`) or a YAML recipe file.")
 @click.option("--set", "overrides", multiple=True, metavar="PASS.KEY=VALUE",
               help="Override a recipe field, e.g. --set quantize.bits=3 --set quantize.block_size=128.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling.")
@@ -66,6 +67,29 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
                f"{latency['batch1']['p50_ms']:.3f} ms, batch16 {latency['batch16']['p50_ms']:.3f} ms; "
                f"artifact {report['artifact']['bytes']:,} bytes")
     click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    failed = [c for c in report["gates"]["checks"] if not c["passed"]]
+    for check in failed:
+        click.echo(f"gate failed: {check['gate']} {check['value']:.4g} (threshold {check['threshold']:.4g})", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@main.command("passes")
+def passes_command():
+    """List the passes, in stage order, with their fields and defaults."""
+    import dataclasses
+
+    from compressor.recipes import PASS_CONFIGS, STAGES, Gates
+
+    for name, config_type in sorted(PASS_CONFIGS.items(), key=lambda item: STAGES[item[0]]):
+        summary = (sys.modules[config_type.__module__].__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name} (stage {STAGES[name]}): {summary}")
+        for f in dataclasses.fields(config_type):
+            kind = getattr(f.type, "__name__", str(f.type))
+            click.echo(f"    {f.name}: {kind} = {f.default!r}")
+    click.echo("gates:")
+    for f in dataclasses.fields(Gates):
+        click.echo(f"    {f.name}: {getattr(f.type, '__name__', str(f.type))} = {f.default!r}")
 
 
 @main.group("sample")

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from compressor import __version__
 from compressor.checkpoint import load_checkpoint
+from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
+from compressor.gates import evaluate_gates
 from compressor.recipes import resolve_recipe
 from compressor.report import SCHEMA_VERSION, environment, tool_record, write_reports
 from compressor.tasks import TASKS
-from compressor.validate import BenchmarkSettings, Tolerances, torch_logits_fn, validate
+from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, torch_logits_fn, validate
 from exporters.onnx_export import export_onnx, finalize, save_onnx
 from exporters.qdq import lower_to_qdq
 from passes.heal import heal_model
@@ -109,6 +111,7 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
     if recipe.passes:
         proto, lowering = lower_to_qdq(proto, model)
     save_onnx(finalize(proto, metadata), artifact)
+    atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
 
     quantized = bool(lowering and lowering["lowered"])
     log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
@@ -116,6 +119,9 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
                        Tolerances.for_artifact(quantized), options.bench, torch_accuracy=accuracy,
                        progress=options.progress)
     accuracy_report = results.pop("accuracy")
+    baseline_latency = None
+    if recipe.gates.min_speedup is not None:
+        baseline_latency = _fp32_latency(checkpoint.model, task, checkpoint.config, heldout, options.bench, log)
     bits = total_model_bits(model)
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -133,7 +139,22 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
         "passes": pass_records,
         "accuracy": {"metric": accuracy_report.pop("metric"), "reference": reference_accuracy, **accuracy_report},
         **results,
+        "baseline_latency": baseline_latency,
         "environment": environment(),
     }
+    report["gates"] = evaluate_gates(recipe.gates, report, baseline_latency)
     write_reports(out_dir, report)
     return report
+
+
+def _fp32_latency(model, task, config: dict, heldout, bench: BenchmarkSettings, log) -> dict:
+    """CPU latency of the uncompressed model exported as-is: the speed-up gate's denominator."""
+    import tempfile
+
+    log("measuring the fp32 baseline's latency for the speed-up gate")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "fp32.onnx"
+        save_onnx(finalize(export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(config),
+                                       task.OUTPUT_NAME), {}), path)
+        measured = run_benchmark(path, task, config, "cpu", bench)
+    return {k: v for k, v in measured.items() if k.startswith("batch")}

@@ -1,8 +1,10 @@
-"""Recipes: which passes run, in which order, with which configs. Built-in presets plus `--set pass.key=value`
-overrides; every config is validated (dataclass __post_init__) before a model is loaded."""
+"""Recipes: which passes run, in which order, with which configs, and which gates the result must pass.
+Built-in presets or a YAML file, plus `--set pass.key=value` overrides; everything is validated (unknown
+passes and keys with a did-you-mean, types, ranges, stage order) before a model is loaded."""
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -45,13 +47,39 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 
 @dataclass(frozen=True)
+class Gates:
+    """Regression gates: a run that misses one exits 1 (its report still written)."""
+    min_recovery: float | None = None  # accuracy kept: compressed/reference (perplexity: reference/compressed)
+    min_speedup: float | None = None  # fp32 CPU p50 latency / artifact's, at batch 1 and 16
+    require_parity: bool = True  # logits and accuracy agree with the torch model at the stated tolerances
+
+    def __post_init__(self):
+        for name in ("min_recovery", "min_speedup"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"gates.{name} must be a positive number, not {value!r}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     passes: tuple[tuple[str, object], ...]  # (pass name, frozen config)
+    gates: Gates = field(default_factory=Gates)
 
     def to_dict(self) -> dict:
         return {"name": self.name,
-                "passes": [{"name": n, "config": dataclasses.asdict(c)} for n, c in self.passes]}
+                "passes": [{"name": n, "config": dataclasses.asdict(c)} for n, c in self.passes],
+                "gates": dataclasses.asdict(self.gates)}
+
+    def to_yaml(self) -> str:
+        """The resolved recipe in the file format `--recipe FILE` reads back."""
+        body = {"passes": [{n: _plain(dataclasses.asdict(c))} for n, c in self.passes],
+                "gates": dataclasses.asdict(self.gates)}
+        return f"# resolved from: {self.name}\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+def _plain(fields: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
 class _Raw(str):
@@ -96,9 +124,7 @@ def _build(pass_name: str, fields: dict):
     known = {f.name: f for f in dataclasses.fields(config_type)}
     unknown = sorted(set(fields) - set(known))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
-        raise UserError(f"{pass_name}: unknown key {unknown[0]!r}{hint}")
+        raise UserError(f"{pass_name}: unknown key {unknown[0]!r} ({_did_you_mean(str(unknown[0]), known)})")
     values = {key: _coerce(pass_name, known[key], value) for key, value in fields.items()}
     try:
         return config_type(**values)
@@ -106,18 +132,77 @@ def _build(pass_name: str, fields: dict):
         raise UserError(f"{pass_name}: {exc}") from None
 
 
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(choices)}"
+
+
+def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict]:
+    """A YAML recipe: `passes:` a list of one-key mappings {pass: {field: value}} in stage order, and optional
+    `gates:`. Returns (passes in file order, gates)."""
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(document, dict):
+        raise UserError(f"recipe {path}: expected a mapping with 'passes' (and optionally 'gates')")
+    for key in document:
+        if key not in ("passes", "gates"):
+            raise UserError(f"recipe {path}: unknown key {key!r} ({_did_you_mean(str(key), ['passes', 'gates'])})")
+    entries = document.get("passes") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and len(e) == 1 for e in entries):
+        raise UserError(f"recipe {path}: 'passes' must be a list of one-key mappings, e.g. - quantize: {{bits: 4}}")
+    passes: dict[str, dict] = {}
+    for entry in entries:
+        (pass_name, fields), = entry.items()
+        if pass_name not in PASS_CONFIGS:
+            raise UserError(f"recipe {path}: unknown pass {pass_name!r} ({_did_you_mean(str(pass_name), PASS_CONFIGS)})")
+        if pass_name in passes:
+            raise UserError(f"recipe {path}: pass {pass_name!r} is listed twice")
+        if fields is not None and not isinstance(fields, dict):
+            raise UserError(f"recipe {path}: the fields of {pass_name!r} must be a mapping")
+        if passes and STAGES[pass_name] < max(STAGES[p] for p in passes):
+            raise UserError(f"recipe {path}: {pass_name!r} comes after {list(passes)[-1]!r}; the stage order is "
+                            f"prune/structured_prune -> lowrank/heal -> quantize")
+        passes[pass_name] = dict(fields or {})
+    gates = document.get("gates") or {}
+    if not isinstance(gates, dict):
+        raise UserError(f"recipe {path}: 'gates' must be a mapping")
+    return passes, gates
+
+
+def _build_gates(fields: dict) -> Gates:
+    known = {f.name for f in dataclasses.fields(Gates)}
+    for key in fields:
+        if key not in known:
+            raise UserError(f"gates: unknown key {key!r} ({_did_you_mean(str(key), known)})")
+    try:
+        return Gates(**fields)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
 def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
-    if name not in PRESETS:
-        raise UserError(f"unknown recipe {name!r} (presets: {', '.join(PRESETS)})")
-    passes = {pass_name: dict(fields) for pass_name, fields in PRESETS[name].items()}
+    """A preset name or a YAML file path, then the --set overrides (gates.KEY=VALUE included)."""
+    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        file_passes, gate_fields = load_recipe_file(Path(name))
+        passes = file_passes
+    elif name in PRESETS:
+        passes = {pass_name: dict(fields) for pass_name, fields in PRESETS[name].items()}
+        gate_fields = {}
+    else:
+        raise UserError(f"unknown recipe {name!r} (presets: {', '.join(PRESETS)}; or a .yaml file)")
     for text in overrides:
         pass_name, key, value = _parse_override(text)
+        if pass_name == "gates":
+            gate_fields[key] = yaml.safe_load(value) if value.strip() else None
+            continue
         if pass_name not in PASS_CONFIGS:
-            close = difflib.get_close_matches(pass_name, PASS_CONFIGS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"passes: {', '.join(PASS_CONFIGS)}"
-            raise UserError(f"--set {text!r}: unknown pass {pass_name!r} ({hint})")
+            raise UserError(f"--set {text!r}: unknown pass {pass_name!r} ({_did_you_mean(pass_name, PASS_CONFIGS)})")
         passes.setdefault(pass_name, {})[key] = value
     order = sorted(passes, key=lambda p: STAGES[p])  # a pass added by --set takes its stage's place
     built = tuple((pass_name, _build(pass_name, passes[pass_name])) for pass_name in order)
     label = name if not overrides else f"{name} + {' '.join(overrides)}"
-    return Recipe(label, built)
+    return Recipe(label, built, _build_gates(gate_fields))
