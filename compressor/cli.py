@@ -74,6 +74,21 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
         sys.exit(1)
 
 
+@main.command("check")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--baseline", required=True, type=click.Path(path_type=Path), help="A report.json to hold it to.")
+@click.option("--tolerance", default=0.01, show_default=True, type=click.FloatRange(min=0),
+              help="Allowed worsening: relative for perplexity, absolute for exact match.")
+def check_command(artifact, baseline, tolerance):
+    """Re-measure ARTIFACT's held-out accuracy in ONNX Runtime; exit 1 if it regressed past the baseline."""
+    from compressor.check import check_artifact
+
+    result = check_artifact(artifact, baseline, tolerance)
+    click.echo(result.line())
+    if not result.passed:
+        sys.exit(1)
+
+
 @main.command("passes")
 def passes_command():
     """List the passes, in stage order, with their fields and defaults."""

@@ -104,6 +104,7 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
         "compressor.source_sha256": checkpoint.weights_sha256,
         "compressor.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
         "compressor.family": checkpoint.family,
+        "compressor.model_config": json.dumps(checkpoint.config, sort_keys=True),
     }
     log(f"exporting to {artifact}")
     proto = export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(checkpoint.config), task.OUTPUT_NAME)
