@@ -119,11 +119,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     model.eval()
     return Checkpoint(
         name=str(record.get("name") or path.stem), family=record["family"], config=record["config"],
-        model=model, weights_path=weights, weights_sha256=_sha256(weights), metadata=record,
+        model=model, weights_path=weights, weights_sha256=sha256_file(weights), metadata=record,
     )
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

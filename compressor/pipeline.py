@@ -1,12 +1,11 @@
 """`compress run`: resolve the recipe, load a checkpoint, apply the passes, export to ONNX, validate, report."""
 import copy
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor import __version__
-from compressor.checkpoint import load_checkpoint
+from compressor.checkpoint import load_checkpoint, sha256_file
 from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
 from compressor.gates import evaluate_gates
@@ -62,10 +61,6 @@ def resolve_checkpoint(source: Path) -> Path:
     if not source.exists() and str(source) in SAMPLES and (SHIPPED_DIR / str(source)).is_dir():
         return SHIPPED_DIR / str(source)
     return source
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:

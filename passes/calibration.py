@@ -31,3 +31,15 @@ def input_second_moments(model: nn.Module, modules: list[nn.Linear], calibration
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
     """targets / ignore: exact module names, or regular expressions prefixed with "re:" (searched)."""
     return any(re.search(p[3:], name) if p.startswith("re:") else name == p for p in patterns)
+
+
+def selected_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]):
+    """(chosen [(name, nn.Linear)], skipped [{module, reason}]) for a pass's targets / ignore patterns."""
+    chosen, skipped = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and matches(name, targets):
+            if matches(name, ignore):
+                skipped.append({"module": name, "reason": "ignored by recipe"})
+            else:
+                chosen.append((name, module))
+    return chosen, skipped

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from passes import sparsity_primitives as sp
-from passes.calibration import input_second_moments
-from passes.prune import selected_linears
+from passes.calibration import input_second_moments, selected_linears
 
 
 @dataclass(frozen=True)

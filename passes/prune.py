@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from passes import sparsity_primitives as sp
-from passes.calibration import input_second_moments, matches
+from passes.calibration import input_second_moments, selected_linears
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,6 @@ class PruneConfig:
     def label(self) -> str:
         amount = self.pattern if self.pattern != "unstructured" else f"{self.sparsity:.0%}"
         return f"{self.method}-{amount}" + ("" if self.scope == "layer" else f"-{self.scope}")
-
-
-def selected_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]):
-    chosen, skipped = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and matches(name, targets):
-            if matches(name, ignore):
-                skipped.append({"module": name, "reason": "ignored by recipe"})
-            else:
-                chosen.append((name, module))
-    return chosen, skipped
 
 
 @torch.no_grad()

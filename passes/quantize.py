@@ -7,7 +7,7 @@ from torch import nn
 from tqdm import tqdm
 
 from passes import quant_primitives as qp
-from passes.calibration import input_second_moments, matches
+from passes.calibration import input_second_moments, selected_linears
 from passes.gptq import gptq_quantize
 from passes.model_bits import total_model_bits
 
@@ -78,14 +78,12 @@ class QuantizeConfig:
         return "-".join(parts)
 
 
-def selected_linears(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
-    chosen, skipped = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not matches(name, config.targets):
-            continue
-        if matches(name, config.ignore):
-            skipped.append({"module": name, "reason": "ignored by recipe"})
-        elif config.block_size > 0 and module.in_features % config.block_size:
+def _quantizable(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
+    """The recipe's targets, less the layers whose input width the block size does not divide."""
+    selected, skipped = selected_linears(model, config.targets, config.ignore)
+    chosen = []
+    for name, module in selected:
+        if config.block_size > 0 and module.in_features % config.block_size:
             skipped.append({"module": name, "reason": f"in_features {module.in_features} not divisible by "
                                                       f"block size {config.block_size}"})
         else:
@@ -130,7 +128,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
     """Quantize the selected Linear weights of `model` in place; returns the pass record for the report."""
     if config.needs_calibration and not calibration:
         raise ValueError(f"{config.label()} needs calibration batches and none were given")
-    chosen, skipped = selected_linears(model, config)
+    chosen, skipped = _quantizable(model, config)
     layers = []
     for name, module in tqdm(chosen, desc=f"quantize {config.label()}", disable=not progress, leave=False):
         # sequential, as GPTQ: each layer's statistics see the earlier layers already quantized
