@@ -2,12 +2,14 @@
 peak RSS is the ORT deployment's (python + onnxruntime + session), not the torch process's.
 
 Usage (internal): python -m compressor.ort_benchmark MODEL.onnx INPUTS.npz --provider cpu --warmup 10 --runs 50
-INPUTS.npz holds, per batch size b, arrays named "b{b}/{input name}". Prints one JSON object.
+INPUTS.npz holds, per batch size b, arrays named "b{b}/{input name}". Prints one JSON object. With --progress it
+also prints PROGRESS_LINE on stderr after each warm-up or timed run, which the parent turns into a progress bar.
 """
 import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -24,6 +26,13 @@ def _rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+
+
+PROGRESS_LINE = "compressor.ort_benchmark: run done"
+
+
+def _tick() -> None:
+    print(PROGRESS_LINE, file=sys.stderr, flush=True)
 
 
 def _cpu_timer(session, feeds):
@@ -50,7 +59,8 @@ def _cuda_timer(session, feeds):
     return run
 
 
-def benchmark(model_path: str, inputs_path: str, provider: str, warmup: int, runs: int, threads: int | None):
+def benchmark(model_path: str, inputs_path: str, provider: str, warmup: int, runs: int, threads: int | None,
+              progress: bool = False):
     from compressor.ort_runtime import create_session, to_ort_feeds
 
     baseline = _rss_bytes()
@@ -58,17 +68,20 @@ def benchmark(model_path: str, inputs_path: str, provider: str, warmup: int, run
     stored = np.load(inputs_path)
     batches = sorted({int(key.split("/")[0][1:]) for key in stored.files})
     result = {"provider": provider, "warmup": warmup, "runs": runs, "threads": threads}
+    tick = _tick if progress else lambda: None
     for batch in batches:
         feeds = to_ort_feeds({key.split("/", 1)[1]: stored[key] for key in stored.files
                               if key.startswith(f"b{batch}/")})
         run = (_cuda_timer if provider == "cuda" else _cpu_timer)(session, feeds)
         for _ in range(warmup):
             run()
+            tick()
         times = []
         for _ in range(runs):
             start = time.perf_counter()
             run()
             times.append((time.perf_counter() - start) * 1e3)
+            tick()  # outside the timed span
         times.sort()
         result[f"batch{batch}"] = {
             "p50_ms": round(statistics.median(times), 4),
@@ -88,8 +101,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(benchmark(args.model, args.inputs, args.provider, args.warmup, args.runs, args.threads)))
+    print(json.dumps(benchmark(args.model, args.inputs, args.provider, args.warmup, args.runs, args.threads,
+                               args.progress)))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from compressor import __version__
 from compressor.atomic import atomic_write_text
+from compressor.plots import PLOTS, write_plots
 
 SCHEMA_VERSION = 1
 
@@ -21,6 +22,8 @@ def environment() -> dict:
 
 
 def write_reports(out_dir: Path, report: dict) -> None:
+    """Plots first, so that report.json can list them (report["plots"]) and report.md embed them."""
+    report["plots"] = write_plots(out_dir, report)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 
@@ -75,6 +78,10 @@ def render_markdown(report: dict) -> str:
             if key.startswith("batch"):
                 lines.append(f"| {provider} | {key[5:]} | {_fmt(stats['p50_ms'])} | {_fmt(stats['p90_ms'])} | "
                              f"{rss:.0f} |")
+    if report.get("plots"):
+        lines += ["", "## Plots"]
+        for name in report["plots"]:
+            lines += ["", f"![{PLOTS[name][1] if name in PLOTS else name}]({name})"]
     env = report["environment"]
     lines += ["", f"_compressor {report['tool']['version']}, torch {env['torch']}, onnxruntime {env['onnxruntime']},"
               f" {env['cpu_count']} CPUs_", ""]

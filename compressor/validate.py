@@ -11,8 +11,10 @@ from types import ModuleType
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from compressor.errors import UserError
+from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.ort_runtime import create_session, logits_fn
 
 BENCHMARK_BATCHES = (1, 16)
@@ -76,8 +78,9 @@ def accuracy_agreement(task: ModuleType, reference: float, candidate: float, tol
 
 
 def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
-                  settings: BenchmarkSettings) -> dict:
-    """Latency p50/p90 at each batch size and peak RSS, measured in a fresh child process."""
+                  settings: BenchmarkSettings, progress: bool = False) -> dict:
+    """Latency p50/p90 at each batch size and peak RSS, measured in a fresh child process. With `progress`, a bar
+    on stderr counts the child's warm-up and timed runs (it reports each on its stderr)."""
     with tempfile.TemporaryDirectory() as scratch:
         inputs_path = Path(scratch) / "inputs.npz"
         arrays = {f"b{b}/{name}": value for b in BENCHMARK_BATCHES
@@ -87,11 +90,26 @@ def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
                    "--provider", provider, "--warmup", str(settings.warmup), "--runs", str(settings.runs)]
         if settings.threads:
             command += ["--threads", str(settings.threads)]
-        done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if progress:
+            command.append("--progress")
+        total = len(BENCHMARK_BATCHES) * (settings.warmup + settings.runs)
+        # stdout into a file, so that reading stderr line by line cannot block on a full stdout pipe
+        with (open(Path(scratch) / "stdout.txt", "w+") as stdout,
+              subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True) as child,
+              tqdm(total=total, desc=f"benchmark {provider}", unit="run", disable=not progress, leave=False) as bar):
+            stderr_lines = []
+            for line in child.stderr:
+                if line.rstrip("\n") == PROGRESS_LINE:
+                    bar.update()
+                else:
+                    stderr_lines.append(line)
+            returncode = child.wait()
+            stdout.seek(0)
+            output = stdout.read()
+    if returncode != 0:
+        last = ("".join(stderr_lines).strip().splitlines() or ["no output"])[-1]
         raise UserError(f"benchmark of {artifact.name} on {provider} failed: {last[:200]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(output.strip().splitlines()[-1])
 
 
 EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
@@ -124,7 +142,7 @@ def validate(model: nn.Module, task: ModuleType, config: dict, artifact: Path, h
             exact_fn = logits_fn(create_session(artifact, provider, options=EXACT_MATMULNBITS))
             report["parity"][f"{provider}_exact"] = parity(reference_logits, exact_fn(parity_batch),
                                                            exact.parity_max_rel)
-        measured = run_benchmark(artifact, task, config, provider, bench)
+        measured = run_benchmark(artifact, task, config, provider, bench, progress)
         report["memory"][provider] = measured.pop("memory")
         report["latency"][provider] = measured
     # Top-level parity is the worst over the providers run; each provider's own figures stay under its name.

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from compressor.atomic import atomic_path
 from compressor.errors import UserError
@@ -27,9 +28,10 @@ IR_VERSION = 10
 
 
 def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic_axes: dict, output_name: str,
-                simplify: bool = True) -> onnx.ModelProto:
+                simplify: bool = True, progress: bool = False) -> onnx.ModelProto:
     """Export `model` called as model(*example_inputs.values()); dynamic_axes = {input: {axis: (name, max)}}.
-    Returns the simplified fp32 graph; finalize() and save_onnx() complete the artifact."""
+    Returns the simplified fp32 graph; finalize() and save_onnx() complete the artifact. With `progress`, a stage
+    bar on stderr names the step running (torch.onnx.export, then onnxsim)."""
     model = model.eval()
     args = tuple(torch.from_numpy(v) for v in example_inputs.values())
     dims: dict[str, torch.export.Dim] = {}
@@ -39,18 +41,23 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
         for axis, (dim_name, upper) in axes.items():
             dims.setdefault(dim_name, torch.export.Dim(dim_name, min=1, max=upper))
             dynamic_shapes[input_name][axis] = dims[dim_name]
-    try:
-        with _quiet():
-            program = torch.onnx.export(
-                model, args, dynamo=True, opset_version=OPSET, input_names=list(example_inputs),
-                output_names=[output_name], dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-                optimize=True,
-            )
-    except Exception as exc:  # the exporter's own errors are long; keep the first line
-        raise UserError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
-    proto = program.model_proto
-    if simplify:
-        proto = _simplify(proto)
+    with tqdm(total=2 if simplify else 1, desc="ONNX export", unit="step", disable=not progress, leave=False) as stages:
+        stages.set_postfix_str("torch.onnx.export")
+        try:
+            with _quiet():
+                program = torch.onnx.export(
+                    model, args, dynamo=True, opset_version=OPSET, input_names=list(example_inputs),
+                    output_names=[output_name], dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+                    optimize=True,
+                )
+        except Exception as exc:  # the exporter's own errors are long; keep the first line
+            raise UserError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
+        proto = program.model_proto
+        stages.update()
+        if simplify:
+            stages.set_postfix_str("onnxsim")
+            proto = _simplify(proto)
+            stages.update()
     proto.ir_version = IR_VERSION
     return proto
 

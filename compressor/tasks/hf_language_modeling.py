@@ -1,0 +1,64 @@
+"""Next-token prediction for Hugging Face decoder LMs on the project's held-out Wikipedia articles
+(samples/wiki_corpus.py, the split the GPT samples never trained on), tokenized with the model's own tokenizer:
+metric = perplexity per token over non-overlapping windows of `context` tokens."""
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from compressor.tasks.hf_tokenizer import load_tokenizer
+from compressor.tasks.language_modeling import _nll_sum
+from samples import wiki_corpus
+
+METRIC = "perplexity"
+HIGHER_IS_BETTER = False
+INPUT_NAMES = ("input_ids",)
+OUTPUT_NAME = "logits"
+EVAL_BATCH = 4  # 4 x 256 x 49152 fp32 logits = 200 MB
+
+
+def dynamic_axes(config: dict) -> dict:
+    return {"input_ids": {0: ("batch", 1024), 1: ("sequence", config["max_positions"])}}
+
+
+def _tokens(config: dict, split: str) -> np.ndarray:
+    text = wiki_corpus.split_tokens(split).tobytes().decode("utf-8")
+    return np.asarray(load_tokenizer(config["tokenizer"])(text)["input_ids"], dtype=np.int64)
+
+
+def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
+    """[N, context + 1] windows: inputs [:, :-1], targets [:, 1:]."""
+    tokens = _tokens(config, "heldout")
+    context = config["context"]
+    count = (len(tokens) - 1) // context
+    count = min(count, limit) if limit else count
+    return np.stack([tokens[s : s + context + 1] for s in np.arange(count) * context])
+
+
+def evaluate(logits_fn, windows: np.ndarray, progress: bool = False) -> float:
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), EVAL_BATCH), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + EVAL_BATCH]
+        total += _nll_sum(logits_fn({"input_ids": np.ascontiguousarray(batch[:, :-1])}), batch[:, 1:])
+        count += batch[:, 1:].size
+    return math.exp(total / count)
+
+
+def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": np.ascontiguousarray(windows[:4, :-1])}
+
+
+def benchmark_inputs(config: dict, batch_size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"input_ids": rng.integers(0, config["vocab_size"], (batch_size, config["context"]), dtype=np.int64)}
+
+
+def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:
+    """Random windows of the train split's tokens (never held-out text), in batches of 8, as model args."""
+    import torch
+
+    tokens = _tokens(config, "train")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - config["context"], size=samples)
+    windows = np.stack([tokens[s : s + config["context"]] for s in starts])
+    return [(torch.from_numpy(windows[i : i + 8]),) for i in range(0, samples, 8)]
