@@ -3,8 +3,10 @@
 Loading never unpickles code: safetensors, or torch.load(weights_only=True). Every way a checkpoint can be
 wrong becomes a UserError naming the file and the problem.
 """
+import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,38 +85,71 @@ def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{weights} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses code; any failure here means the file is unusable
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{weights} could not be loaded as a plain tensor state dict (weights_only): "
-                        f"{reason[:160]}") from None
+                        f"{_unpickling_reason(exc)[:200]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{weights} does not hold a flat name -> tensor state dict")
     return state
+
+
+def _build(record: dict, config_path: Path, device: str | None = None) -> nn.Module:
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            return build_model(record["family"], record["config"])
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as exc:  # e.g. heads 0, a negative width
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{config_path}: invalid model config ({reason})") from None
+
+
+def model_skeleton(path: Path) -> nn.Module:
+    """The checkpoint's model built on the meta device from config.json alone: its layer shapes without memory
+    or weights, so that a recipe can be checked against it before the weights are read."""
+    config_path, _ = _find_files(Path(path))
+    return _build(_read_config(config_path), config_path, "meta")
+
+
+def _check_against_config(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path,
+                          config_name: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{weights} does not match {config_name}: "
+                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                        f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise UserError(f"{weights}: tensor {key} has shape {tuple(tensor.shape)} but {config_name} implies "
+                            f"{tuple(expected[key].shape)}")
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise UserError(f"{weights}: tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                            f"not a floating-point type")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{weights}: tensor {key} contains NaN or Inf values")
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """torch's weights_only errors wrap the one line that matters (e.g. "unsupported GLOBAL posix.system") in a
+    paragraph of advice, part of which is to load with weights_only=False: keep only that line."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(boilerplate)]
+    kept += [line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines if "WeightsUnpickler error:" in line]
+    return " ".join(line for line in kept if line) or type(exc).__name__
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     config_path, weights = _find_files(path)
     record = _read_config(config_path)
-    try:
-        model = build_model(record["family"], record["config"])
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{config_path}: invalid model config ({exc})") from None
+    skeleton = _build(record, config_path, "meta")  # a config that does not fit the weights allocates nothing
     state = _read_state_dict(weights)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{weights} does not match {config_path.name}: "
-                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                        f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise UserError(f"{weights}: tensor {key} has shape {tuple(tensor.shape)} but the config implies "
-                            f"{tuple(expected[key].shape)}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{weights}: tensor {key} contains NaN or Inf values")
+    expected = skeleton.state_dict()
+    _check_against_config(state, expected, weights, config_path.name)
+    model = _build(record, config_path)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.eval()
     return Checkpoint(

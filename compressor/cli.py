@@ -8,18 +8,39 @@ from compressor import __version__
 from compressor.errors import UserError
 
 
+def _fail(message: str):
+    click.echo(f"error: {' '.join(message.splitlines())}", err=True)
+    sys.exit(2)
+
+
+def _usage_error(exc: click.UsageError):
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # click >= 8.2: a bare group's help
+        raise exc
+    hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+    _fail(exc.format_message() + hint)
+
+
 class _Group(click.Group):
-    """Turns a UserError anywhere below into one line on stderr and exit code 2."""
+    """Turns a UserError (or a usage error, an interrupt, an OSError) anywhere below into one line on stderr and
+    exit code 2."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            _usage_error(exc)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            _usage_error(exc)
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc))
         except KeyboardInterrupt:
-            click.echo("error: interrupted (no partial artifact was left)", err=True)
-            sys.exit(2)
+            _fail("interrupted (no partial artifact was left)")
+        except OSError as exc:  # e.g. disk full or permission denied mid-run: the environment, not a bug
+            _fail(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc))
 
 
 @click.group(cls=_Group)
@@ -36,7 +57,8 @@ def main():
                    "see `compress passes`) or a YAML recipe file.")
 @click.option("--set", "overrides", multiple=True, metavar="PASS.KEY=VALUE",
               help="Override a recipe field, e.g. --set quantize.bits=3 --set quantize.block_size=128.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed for calibration sampling.")
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider(s) to validate on.")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None,

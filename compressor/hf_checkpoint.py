@@ -15,7 +15,7 @@ import torch
 
 from compressor.checkpoint import Checkpoint, sha256_file
 from compressor.errors import UserError
-from compressor.hf_models import CausalLMLogits, SentenceEmbedder
+from compressor.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
 
 # Architectures we know how to feed and evaluate: encoders become sentence embedders, decoders LMs.
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2")
@@ -163,6 +163,7 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
         raise UserError(f"{folder}: transformers could not load the model ({_first_line(exc)})") from None
     inner.eval()
     _check_weights(inner, weights)
+    conv1d_to_linear(inner)
     hf_config = inner.config.to_dict()
     config = {"model_type": model_type, "tokenizer": str(folder.resolve()),
               "vocab_size": int(hf_config.get("vocab_size") or 0)}

@@ -13,6 +13,8 @@ from torch import nn
 class SentenceEmbedder(nn.Module):
     def __init__(self, encoder: nn.Module):
         super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # the [CLS] pooler is unused by mean pooling: no dead layer to quantize or count
         self.encoder = encoder
         self.config = encoder.config
         # BERT-style encoders take segment ids (all 0 for one sentence); DistilBERT and others have none
@@ -33,3 +35,20 @@ class CausalLMLogits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder(input_ids=input_ids, use_cache=False).logits
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """GPT-2 stores its projections as transformers' Conv1D (y = x W + b, W [in, out]); the passes and the QDQ
+    lowering work on nn.Linear, so each becomes the identical Linear (weight Wᵀ). Returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Conv1D" and hasattr(child, "nf"):
+                linear = nn.Linear(child.weight.shape[0], child.nf, bias=child.bias is not None)
+                linear.weight.data = child.weight.detach().T.contiguous()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.detach().clone()
+                setattr(parent, name, linear)
+                swapped += 1
+    return swapped
+

@@ -5,13 +5,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor import __version__
-from compressor.checkpoint import load_checkpoint, sha256_file
+from compressor.checkpoint import load_checkpoint, model_skeleton, sha256_file
 from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
 from compressor.gates import evaluate_gates
-from compressor.recipes import resolve_recipe
+from compressor.recipes import check_recipe_fits, resolve_recipe
 from compressor.report import SCHEMA_VERSION, environment, tool_record, write_reports
-from compressor.tasks import TASKS
+from compressor.hf_checkpoint import is_hf_checkpoint, load_hf_checkpoint
+from compressor.onnx_input import is_onnx_input
+from compressor.onnx_pipeline import run_onnx
+from compressor.tasks import TASKS, measure
 from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, torch_logits_fn, validate
 from exporters.onnx_export import export_onnx, finalize, save_onnx
 from exporters.qdq import lower_to_qdq
@@ -66,15 +69,24 @@ def resolve_checkpoint(source: Path) -> Path:
 def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
     recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
     checkpoint_path = resolve_checkpoint(Path(checkpoint_path))
-    checkpoint = load_checkpoint(checkpoint_path)
+    if is_onnx_input(checkpoint_path):
+        return run_onnx(checkpoint_path, out_dir, recipe, options, log)
+    if is_hf_checkpoint(checkpoint_path):
+        checkpoint = load_hf_checkpoint(checkpoint_path, options.progress)
+    else:
+        check_recipe_fits(recipe, model_skeleton(checkpoint_path))  # shapes from config.json, before any weights
+        checkpoint = load_checkpoint(checkpoint_path)
     prepare_out_dir(out_dir, options.force)
     task = TASKS[checkpoint.family]
     log(f"loaded {checkpoint.name} ({checkpoint.family}, {count_params(checkpoint.model):,} params) "
         f"from {checkpoint_path}; recipe {recipe.name}")
 
     heldout = task.heldout_data(checkpoint.config, options.eval_limit)
-    reference_accuracy = task.evaluate(torch_logits_fn(checkpoint.model, task.INPUT_NAMES), heldout,
-                                       options.progress)
+    reference_fn = torch_logits_fn(checkpoint.model, task.INPUT_NAMES)
+    if hasattr(task, "fit_reference"):
+        task.fit_reference(reference_fn, heldout, options.progress)
+    reference_metrics = measure(task, reference_fn, heldout, options.progress)
+    reference_accuracy = reference_metrics[task.METRIC]
     model = copy.deepcopy(checkpoint.model) if recipe.passes else checkpoint.model
     pass_records, accuracy = [], reference_accuracy
     for pass_name, config in recipe.passes:
@@ -86,8 +98,9 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
         except ValueError as exc:
             raise UserError(f"{pass_name}: {exc}") from None
         record.update(total_model_bits(model))
-        accuracy = task.evaluate(torch_logits_fn(model, task.INPUT_NAMES), heldout, options.progress)
-        record[task.METRIC] = accuracy
+        metrics = measure(task, torch_logits_fn(model, task.INPUT_NAMES), heldout, options.progress)
+        accuracy = metrics[task.METRIC]
+        record.update(metrics)
         pass_records.append(record)
         log(f"{pass_name}: {record.get('label', '')} -> {task.METRIC} {accuracy:.4f} (torch), "
             f"{record['params']:,} params, {record['bits_per_param']:.3f} bits/param")
@@ -101,8 +114,11 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
         "compressor.family": checkpoint.family,
         "compressor.model_config": json.dumps(checkpoint.config, sort_keys=True),
     }
+    if hasattr(task, "task_state"):  # what `compress check` needs to score the artifact later (e.g. a probe)
+        metadata["compressor.task_state"] = json.dumps(task.task_state(heldout), sort_keys=True)
     log(f"exporting to {artifact}")
-    proto = export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(checkpoint.config), task.OUTPUT_NAME)
+    proto = export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(checkpoint.config), task.OUTPUT_NAME,
+                        progress=options.progress)
     lowering = None
     if recipe.passes:
         proto, lowering = lower_to_qdq(proto, model)
@@ -114,18 +130,26 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
     results = validate(model, task, checkpoint.config, artifact, heldout, list(options.providers),
                        Tolerances.for_artifact(quantized), options.bench, torch_accuracy=accuracy,
                        progress=options.progress)
-    accuracy_report = results.pop("accuracy")
     baseline_latency = None
     if recipe.gates.min_speedup is not None:
         baseline_latency = _fp32_latency(checkpoint.model, task, checkpoint.config, heldout, options.bench, log)
-    bits = total_model_bits(model)
+    model_record = {"name": checkpoint.name, "family": checkpoint.family, "params": count_params(model),
+                    "input_params": count_params(checkpoint.model), "source": str(checkpoint_path),
+                    "source_sha256": checkpoint.weights_sha256, "config": checkpoint.config}
+    report = assemble_report(model_record, recipe, artifact, proto, lowering, total_model_bits(model),
+                             pass_records, reference_metrics, task.METRIC, results, baseline_latency)
+    write_reports(out_dir, report)
+    return report
+
+
+def assemble_report(model_record: dict, recipe, artifact: Path, proto, lowering, bits: dict, pass_records: list,
+                    reference_metrics: dict, metric: str, results: dict, baseline_latency: dict | None) -> dict:
+    """report.json's content (docs/report-schema.md), gates evaluated."""
+    accuracy_report = results.pop("accuracy")
     report = {
         "schema_version": SCHEMA_VERSION,
         "tool": tool_record(),
-        "model": {"name": checkpoint.name, "family": checkpoint.family, "params": count_params(model),
-                  "input_params": count_params(checkpoint.model),
-                  "source": str(checkpoint_path), "source_sha256": checkpoint.weights_sha256,
-                  "config": checkpoint.config},
+        "model": model_record,
         "recipe": recipe.to_dict(),
         "artifact": {"path": str(artifact), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact),
                      "opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
@@ -133,13 +157,13 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
         "total_model_bits": bits["total_model_bits"],
         "bits_per_param": bits["bits_per_param"],
         "passes": pass_records,
-        "accuracy": {"metric": accuracy_report.pop("metric"), "reference": reference_accuracy, **accuracy_report},
+        "accuracy": {"metric": accuracy_report.pop("metric"), "reference": reference_metrics[metric],
+                     "reference_metrics": reference_metrics, **accuracy_report},
         **results,
         "baseline_latency": baseline_latency,
         "environment": environment(),
     }
     report["gates"] = evaluate_gates(recipe.gates, report, baseline_latency)
-    write_reports(out_dir, report)
     return report
 
 

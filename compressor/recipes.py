@@ -3,22 +3,28 @@ Built-in presets or a YAML file, plus `--set pass.key=value` overrides; everythi
 passes and keys with a did-you-mean, types, ranges, stage order) before a model is loaded."""
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from torch import nn
 
 from compressor.errors import UserError
 from passes.heal import HealConfig
-from passes.lowrank import LowRankConfig
-from passes.prune import PruneConfig
-from passes.quantize import QuantizeConfig
+from passes.lowrank import LowRankConfig, factorizable
+from passes.prune import PruneConfig, prunable
+from passes.quantize import QuantizeConfig, quantizable
 from passes.structured_prune import StructuredPruneConfig
 
 PASS_CONFIGS = {"prune": PruneConfig, "structured_prune": StructuredPruneConfig, "lowrank": LowRankConfig,
                 "heal": HealConfig, "quantize": QuantizeConfig}
 # prune -> low-rank -> quantize; heal may follow pruning or low-rank, never quantization
 STAGES = {"prune": 0, "structured_prune": 0, "lowrank": 1, "heal": 1, "quantize": 2}
+# the layers a pass would touch, from shapes alone (ValueError when none); passes after one that RESHAPES the
+# model see other layers, so they are checked when they run
+SELECTIONS = {"prune": prunable, "lowrank": factorizable, "quantize": quantizable}
+RESHAPES = ("structured_prune", "lowrank")
 
 PRESETS: dict[str, dict[str, dict]] = {
     "fp32": {},
@@ -54,9 +60,12 @@ class Gates:
     require_parity: bool = True  # logits and accuracy agree with the torch model at the stated tolerances
 
     def __post_init__(self):
+        if not isinstance(self.require_parity, bool):
+            raise ValueError(f"gates.require_parity must be true or false, not {self.require_parity!r}")
         for name in ("min_recovery", "min_speedup"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):  # also refuses NaN
                 raise ValueError(f"gates.{name} must be a positive number, not {value!r}")
 
 
@@ -109,6 +118,10 @@ def _coerce(pass_name: str, field: dataclasses.Field, value):
             raise UserError(f"{pass_name}.{field.name}: cannot read {str(value)!r}") from None
     if isinstance(value, list):
         value = tuple(value)
+    if kind == tuple[str, ...]:  # from a YAML file: one string or a list of strings
+        value = (value,) if isinstance(value, str) else value
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{pass_name}.{field.name} must be a list of module names / re: patterns, not {value!r}")
     allowed = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(kind)
     if kind == float | None:
         allowed = (int, float, type(None))
@@ -197,7 +210,10 @@ def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
     for text in overrides:
         pass_name, key, value = _parse_override(text)
         if pass_name == "gates":
-            gate_fields[key] = yaml.safe_load(value) if value.strip() else None
+            try:
+                gate_fields[key] = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError:
+                raise UserError(f"--set {text!r}: cannot read {str(value)!r}") from None
             continue
         if pass_name not in PASS_CONFIGS:
             raise UserError(f"--set {text!r}: unknown pass {pass_name!r} ({_did_you_mean(pass_name, PASS_CONFIGS)})")
@@ -206,3 +222,17 @@ def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
     built = tuple((pass_name, _build(pass_name, passes[pass_name])) for pass_name in order)
     label = name if not overrides else f"{name} + {' '.join(overrides)}"
     return Recipe(label, built, _build_gates(gate_fields))
+
+
+def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
+    """The recipe against the model's layer shapes (a model on the meta device will do: no weights are read):
+    each pass that selects nn.Linear layers selects at least one, and its block size or N:M group divides the
+    input width of at least one (the passes skip, and report, the layers it does not divide)."""
+    for pass_name, config in recipe.passes:
+        if pass_name in SELECTIONS:
+            try:
+                SELECTIONS[pass_name](model, config)
+            except ValueError as exc:
+                raise UserError(f"recipe {recipe.name!r} does not fit the model: {pass_name}: {exc}") from None
+        if pass_name in RESHAPES:
+            return

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from compressor.errors import UserError
 from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.ort_runtime import create_session, logits_fn
+from compressor.tasks import measure
 
 BENCHMARK_BATCHES = (1, 16)
 
@@ -117,10 +118,12 @@ EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 def validate(model: nn.Module, task: ModuleType, config: dict, artifact: Path, heldout, providers: list[str],
              tolerances: Tolerances = Tolerances(), bench: BenchmarkSettings = BenchmarkSettings(),
-             torch_accuracy: float | None = None, progress: bool = False) -> dict:
+             torch_accuracy: float | None = None, progress: bool = False, reference_fn=None) -> dict:
     """Everything the report says about one artifact. `model` is the torch model the artifact must match
-    (after the passes); `torch_accuracy` is its held-out accuracy if already measured."""
-    reference_fn = torch_logits_fn(model, task.INPUT_NAMES)
+    (after the passes); `torch_accuracy` is its held-out accuracy if already measured. An ONNX input has no
+    torch model: `reference_fn` then runs its fake-quantized fp32 graph instead."""
+    if reference_fn is None:
+        reference_fn = torch_logits_fn(model, task.INPUT_NAMES)
     if torch_accuracy is None:
         torch_accuracy = task.evaluate(reference_fn, heldout, progress)
     parity_batch = task.parity_inputs(heldout)
@@ -133,8 +136,11 @@ def validate(model: nn.Module, task: ModuleType, config: dict, artifact: Path, h
     for provider in providers:
         session = create_session(artifact, provider)
         ort_fn = logits_fn(session)
-        accuracy = task.evaluate(ort_fn, heldout, progress)
+        metrics = measure(task, ort_fn, heldout, progress)
+        accuracy = metrics.pop(task.METRIC)
         report["accuracy"]["onnxruntime"][provider] = accuracy
+        if metrics:  # side metrics, e.g. the embeddings' cosine to the fp32 model's
+            report["accuracy"].setdefault("side_metrics", {})[provider] = metrics
         report["accuracy"]["agreement"][provider] = accuracy_agreement(task, torch_accuracy, accuracy, tolerances)
         report["parity"][provider] = parity(reference_logits, ort_fn(parity_batch), tolerances.parity_max_rel)
         del session

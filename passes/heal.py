@@ -3,6 +3,7 @@ the training distribution (never held-out data). Off unless a recipe lists it.
 
 Loss: next-token prediction on each batch's last input (the GPT's tokens; the seq2seq decoder's target tokens,
 teacher-forced), ignoring padding (id 0)."""
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,7 +22,7 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.learning_rate <= 0:
+        if self.steps < 1 or not 0 < self.learning_rate < math.inf:  # also refuses NaN
             raise ValueError("heal.steps must be >= 1 and heal.learning_rate > 0")
 
     needs_calibration = True

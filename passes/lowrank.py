@@ -5,13 +5,15 @@ Rank by `rank_ratio` (r = ratio * min(N, K)), by retained `energy` of the singul
 `param_budget` (the factor pair keeps that fraction of the layer's weights); rounded up to `rank_multiple`.
 `activation_aware` whitens by the calibration inputs' second moment before the SVD (SVD-LLM), minimizing the
 error of the layer's outputs instead of its weights."""
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from passes import sparsity_primitives as sp
-from passes.calibration import input_second_moments, selected_linears
+from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, selected_linears,
+                                split_by_input_multiple)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class LowRankConfig:
             raise ValueError(f"lowrank: rank_ratio / energy / param_budget must be in (0, 1], not {chosen[0]!r}")
         if self.rank_multiple < 1:
             raise ValueError("lowrank.rank_multiple must be at least 1")
+        if not 0 < self.damp < math.inf:  # also refuses NaN
+            raise ValueError(f"lowrank.damp must be a positive number, not {self.damp!r}")
+        check_calibration_samples("lowrank", self.calibration_samples)
+        check_patterns("lowrank", self.targets, self.ignore)
 
     @property
     def needs_calibration(self) -> bool:
@@ -77,12 +83,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def factorizable(model: nn.Module, config: LowRankConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
+    """The recipe's targets; ValueError when there are none. Shapes only: works on a model on the meta device."""
+    selected, ignored = selected_linears(model, config.targets, config.ignore)
+    return split_by_input_multiple(selected)[0], ignored
+
+
 @torch.no_grad()
 def lowrank_model(model: nn.Module, config: LowRankConfig, calibration: list[tuple] | None = None,
                   progress: bool = False) -> dict:
     if config.activation_aware and not calibration:
         raise ValueError("lowrank.activation_aware needs calibration batches and none were given")
-    chosen, skipped = selected_linears(model, config.targets, config.ignore)
+    chosen, skipped = factorizable(model, config)
     moments = input_second_moments(model, [m for _, m in chosen], calibration) if config.activation_aware else None
     params_before = sum(p.numel() for p in model.parameters())
     layers = []

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from passes import sparsity_primitives as sp
-from passes.calibration import input_second_moments, selected_linears
+from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, selected_linears,
+                                split_by_input_multiple)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class PruneConfig:
             n, m = self.n_m
             if not 0 < n < m:
                 raise ValueError(f"prune.pattern {self.pattern!r}: need 0 < N < M")
+        check_calibration_samples("prune", self.calibration_samples)
+        check_patterns("prune", self.targets, self.ignore)
 
     @property
     def n_m(self) -> tuple[int, int]:
@@ -46,6 +49,11 @@ class PruneConfig:
         return n, m
 
     @property
+    def input_multiple(self) -> int | None:
+        """N:M groups run along the input dim: M must divide a layer's in_features for it to be pruned."""
+        return None if self.pattern == "unstructured" else self.n_m[1]
+
+    @property
     def needs_calibration(self) -> bool:
         return self.method == "wanda"
 
@@ -54,10 +62,18 @@ class PruneConfig:
         return f"{self.method}-{amount}" + ("" if self.scope == "layer" else f"-{self.scope}")
 
 
+def prunable(model: nn.Module, config: PruneConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
+    """The recipe's targets, less the layers whose input width M of N:M does not divide; ValueError when that
+    leaves none. Shapes only: works on a model on the meta device (recipe checks before weights load)."""
+    selected, ignored = selected_linears(model, config.targets, config.ignore)
+    chosen, skipped = split_by_input_multiple(selected, config.input_multiple, f"the M of pattern {config.pattern}")
+    return chosen, ignored + skipped
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, config: PruneConfig, calibration: list[tuple] | None = None,
                 progress: bool = False) -> dict:
-    chosen, skipped = selected_linears(model, config.targets, config.ignore)
+    chosen, skipped = prunable(model, config)
     if config.needs_calibration and not calibration:
         raise ValueError("prune.method=wanda needs calibration batches and none were given")
     if config.needs_calibration:
@@ -66,14 +82,7 @@ def prune_model(model: nn.Module, config: PruneConfig, calibration: list[tuple] 
     else:
         scores = [m.weight.abs().float() for _, m in chosen]
     if config.pattern != "unstructured":
-        n, m = config.n_m
-        masks = []
-        for (name, module), score in zip(chosen, scores):
-            if module.in_features % m:
-                skipped.append({"module": name, "reason": f"in_features {module.in_features} not a multiple of {m}"})
-                masks.append(None)
-            else:
-                masks.append(sp.n_of_m_mask(score, n, m))
+        masks = [sp.n_of_m_mask(score, *config.n_m) for score in scores]
     elif config.scope == "global":
         flat = sp.keep_largest(torch.cat([s.reshape(-1) for s in scores]), config.sparsity)
         masks, start = [], 0
@@ -86,8 +95,6 @@ def prune_model(model: nn.Module, config: PruneConfig, calibration: list[tuple] 
         masks = [sp.keep_largest(s, config.sparsity) for s in scores]
     layers, pruned, total = [], 0, 0
     for (name, module), mask in zip(chosen, masks):
-        if mask is None:
-            continue
         module.weight.mul_(mask.to(module.weight.dtype))
         zeros = int((~mask).sum())
         pruned, total = pruned + zeros, total + mask.numel()

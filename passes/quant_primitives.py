@@ -24,34 +24,48 @@ class Quantized:
     block_size: int  # as given: B, 0 per-channel, -1 per-tensor
 
 
-def group_size(shape: tuple[int, int], block_size: int) -> int:
+def group_size(shape: tuple[int, int], block_size: int, partial: bool = False) -> int:
+    """Members per scaling group. A block size that does not divide K is an error unless `partial`: then the
+    last block of each row is shorter (ONNX DequantizeLinear has ceil(K / B) blocks; MatMulNBits pads too)."""
     rows, cols = shape
     if block_size == PER_TENSOR:
         return rows * cols
     if block_size == PER_CHANNEL:
         return cols
-    if block_size <= 0 or cols % block_size:
+    if block_size <= 0 or (cols % block_size and not partial):
         raise ValueError(f"block size {block_size} does not divide the input dimension {cols}")
     return block_size
 
 
-def to_groups(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[N, K] -> [groups_total, G] (row-major, so per-tensor is one group of N*K)."""
-    return weight.reshape(-1, group_size(tuple(weight.shape), block_size))
+def to_groups(weight: torch.Tensor, block_size: int, partial: bool = False) -> torch.Tensor:
+    """[N, K] -> [groups_total, G] (row-major, so per-tensor is one group of N*K). With `partial`, the last block
+    of each row is padded with zeros, which change no absmax and no min/max range that already includes 0."""
+    rows, cols = weight.shape
+    size = group_size((rows, cols), block_size, partial)
+    if block_size > 0 and cols % size:
+        weight = torch.nn.functional.pad(weight, (0, size - cols % size))
+    return weight.reshape(-1, size)
+
+
+def from_groups(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of to_groups: [groups_total, G] -> [N, K], padding dropped."""
+    rows, cols = shape
+    return values.reshape(rows, -1)[:, :cols]
 
 
 def scale_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
     rows, cols = shape
     if block_size == PER_TENSOR:
         return (1, 1)
-    return (rows, cols // group_size(shape, block_size))
+    size = group_size(shape, block_size, partial=True)
+    return (rows, -(-cols // size))
 
 
 def _expand(per_group: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
     """[N, groups] (or [1, 1]) -> [N, K], each group's value repeated over its members."""
     if block_size == PER_TENSOR:
         return per_group.reshape(1, 1).expand(shape)
-    return per_group.repeat_interleave(group_size(shape, block_size), dim=1)
+    return per_group.repeat_interleave(group_size(shape, block_size, partial=True), dim=1)[:, : shape[1]]
 
 
 def _store(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -68,20 +82,20 @@ def quantize_int_symmetric(weight: torch.Tensor, bits: int, block_size: int,
     full_range uses the extra level -2^(k-1) too (llama.cpp Q4_0, ONNX Runtime's MatMulNBitsQuantizer): the
     block's signed extreme m maps to -2^(k-1), S = m / -2^(k-1) (S may be negative), codes clipped to the type."""
     qmax = 2 ** (bits - 1) - 1
-    groups = to_groups(weight.float(), block_size)
+    groups = to_groups(weight.float(), block_size, partial=True)
     if full_range:
         extreme = torch.gather(groups, 1, groups.abs().argmax(dim=1, keepdim=True))[:, 0]
         scale = _store(torch.where(extreme != 0, extreme / -(qmax + 1), torch.ones_like(extreme)), scale_dtype)
         codes = torch.clamp(torch.round(groups / scale[:, None]), -qmax - 1, qmax)
         shape = scale_shape(tuple(weight.shape), block_size)
-        return Quantized(codes.reshape(weight.shape).long(), scale.reshape(shape).to(scale_dtype), None, None,
-                         bits, block_size)
+        return Quantized(from_groups(codes, tuple(weight.shape)).long(), scale.reshape(shape).to(scale_dtype), None,
+                         None, bits, block_size)
     absmax = groups.abs().amax(dim=1)
     scale = _store(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)), scale_dtype)
     codes = torch.clamp(torch.round(groups / scale[:, None]), -qmax, qmax)
     shape = scale_shape(tuple(weight.shape), block_size)
-    return Quantized(codes.reshape(weight.shape).long(), scale.reshape(shape).to(scale_dtype), None, None, bits,
-                     block_size)
+    return Quantized(from_groups(codes, tuple(weight.shape)).long(), scale.reshape(shape).to(scale_dtype), None,
+                     None, bits, block_size)
 
 
 def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
@@ -89,7 +103,7 @@ def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
     """Min-max: S = (max - min) / (2^k - 1), Z = round(-min / S), q = clip(round(w / S) + Z, 0, 2^k - 1).
     The range always includes 0 so that zero (padding, pruned weights) stays exact."""
     qmax = 2**bits - 1
-    groups = to_groups(weight.float(), block_size)
+    groups = to_groups(weight.float(), block_size, partial=True)
     low = groups.amin(dim=1).clamp(max=0)
     high = groups.amax(dim=1).clamp(min=0)
     span = high - low
@@ -97,7 +111,7 @@ def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
     zero = torch.clamp(torch.round(-low / scale), 0, qmax)
     codes = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, qmax)
     shape = scale_shape(tuple(weight.shape), block_size)
-    return Quantized(codes.reshape(weight.shape).long(), scale.reshape(shape).to(scale_dtype),
+    return Quantized(from_groups(codes, tuple(weight.shape)).long(), scale.reshape(shape).to(scale_dtype),
                      zero.reshape(shape).long(), None, bits, block_size)
 
 

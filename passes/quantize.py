@@ -1,5 +1,6 @@
 """The k-bit weight quantization pass: nn.Linear weights -> k-bit codes of one data type, fake-quantized in
 place (module.weight = the exact dequantized values) with the codes kept on the module for the exporter."""
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -7,7 +8,8 @@ from torch import nn
 from tqdm import tqdm
 
 from passes import quant_primitives as qp
-from passes.calibration import input_second_moments, selected_linears
+from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, selected_linears,
+                                split_by_input_multiple)
 from passes.gptq import gptq_quantize
 from passes.model_bits import total_model_bits
 
@@ -30,6 +32,9 @@ class QuantizeConfig:
     activation_weighted: bool = False  # kmeans: weight each weight by its input channel's mean x²
     calibration_samples: int = 64
     gptq_damp: float = 0.01
+    # GPTQ / weighted k-means: True re-measures each layer's inputs with the earlier layers already quantized
+    # (one calibration pass per layer); False measures every layer in one pass (hundreds of layers: minutes, not hours)
+    sequential: bool = True
     targets: tuple[str, ...] = ("re:.*",)  # nn.Linear names; "re:" prefix = regular expression (search)
     ignore: tuple[str, ...] = ()
 
@@ -54,8 +59,20 @@ class QuantizeConfig:
             qp.float_codebook(self.bits, self.exponent_bits)  # raises on an impossible split
         if self.codebook_scope not in ("tensor", "row"):
             raise ValueError(f"quantize.codebook_scope must be tensor or row, not {self.codebook_scope!r}")
-        if self.calibration_samples < 1:
-            raise ValueError("quantize.calibration_samples must be at least 1")
+        if self.kmeans_iterations < 1:
+            raise ValueError(f"quantize.kmeans_iterations must be at least 1, not {self.kmeans_iterations!r}")
+        if not 0 < self.gptq_damp < math.inf:  # also refuses NaN
+            raise ValueError(f"quantize.gptq_damp must be a positive number, not {self.gptq_damp!r}")
+        check_calibration_samples("quantize", self.calibration_samples)
+        check_patterns("quantize", self.targets, self.ignore)
+
+    @property
+    def input_multiple(self) -> int | None:
+        """What must divide a layer's in_features for it to be quantized (blocks run along the input dim). Plain
+        int rounding takes a shorter last block (ONNX's ceil(K / B) blocks); codebooks and GPTQ need whole ones."""
+        if self.block_size <= 0 or (self.dtype == "int" and self.method == "rtn"):
+            return None
+        return self.block_size
 
     @property
     def needs_calibration(self) -> bool:
@@ -78,17 +95,12 @@ class QuantizeConfig:
         return "-".join(parts)
 
 
-def _quantizable(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
-    """The recipe's targets, less the layers whose input width the block size does not divide."""
-    selected, skipped = selected_linears(model, config.targets, config.ignore)
-    chosen = []
-    for name, module in selected:
-        if config.block_size > 0 and module.in_features % config.block_size:
-            skipped.append({"module": name, "reason": f"in_features {module.in_features} not divisible by "
-                                                      f"block size {config.block_size}"})
-        else:
-            chosen.append((name, module))
-    return chosen, skipped
+def quantizable(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
+    """The recipe's targets, less the layers whose input width the block size does not divide; ValueError when
+    that leaves none. Shapes only: works on a model on the meta device (recipe checks before weights load)."""
+    selected, ignored = selected_linears(model, config.targets, config.ignore)
+    chosen, skipped = split_by_input_multiple(selected, config.input_multiple, f"block_size {config.block_size}")
+    return chosen, ignored + skipped
 
 
 def _quantize_weight(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | None) -> qp.Quantized:
@@ -128,11 +140,18 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
     """Quantize the selected Linear weights of `model` in place; returns the pass record for the report."""
     if config.needs_calibration and not calibration:
         raise ValueError(f"{config.label()} needs calibration batches and none were given")
-    chosen, skipped = _quantizable(model, config)
+    chosen, skipped = quantizable(model, config)
     layers = []
+    hessians = {}
+    if config.needs_calibration and not config.sequential:
+        modules = [module for _, module in chosen]
+        hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration)))
     for name, module in tqdm(chosen, desc=f"quantize {config.label()}", disable=not progress, leave=False):
-        # sequential, as GPTQ: each layer's statistics see the earlier layers already quantized
-        hessian = input_second_moments(model, [module], calibration)[0] if config.needs_calibration else None
+        hessian = None
+        if hessians:
+            hessian = hessians.pop(id(module))
+        elif config.needs_calibration:  # sequential, as GPTQ: statistics see the earlier layers quantized
+            hessian = input_second_moments(model, [module], calibration)[0]
         weight = module.weight.detach().float()
         q = _quantize_weight(weight, config, hessian)
         approx = qp.dequantize(q)

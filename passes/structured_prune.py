@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from passes.calibration import input_second_moments
+from passes.calibration import check_calibration_samples, input_second_moments
 from samples.layers import FeedForward, MultiHeadAttention
 
 
@@ -23,6 +23,7 @@ class StructuredPruneConfig:
         for field, value in (("heads", self.heads), ("ffn", self.ffn)):
             if not 0 <= value < 1:
                 raise ValueError(f"structured_prune.{field} must be in [0, 1), not {value!r}")
+        check_calibration_samples("structured_prune", self.calibration_samples)
 
     needs_calibration = True
 

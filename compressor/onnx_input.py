@@ -1,0 +1,116 @@
+"""An existing fp32 ONNX model as the input of `compress run`: loaded safely, and its MatMul weights quantized
+with the same quantizers and the same QDQ lowering as a torch model's Linear layers.
+
+Each MatMul whose second input is a 2-D fp32 initializer W [K, N] stands for a Linear layer with weight Wᵀ.
+We wrap those weights in weight-only nn.Linear shells, run the quantize pass on them (targets / ignore match the
+initializer names), write the dequantized values back (the "fake-quantized" fp32 graph, the reference the
+artifact is held to) and lower that graph with exporters.qdq, which finds each weight column by its bytes.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+from compressor.errors import UserError
+
+# Passes that rewrite torch modules (shapes, factorizations, training) cannot run on a graph.
+GRAPH_PASSES = ("quantize",)
+
+
+def is_onnx_input(path: Path) -> bool:
+    return Path(path).suffix == ".onnx"
+
+
+def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+    """External tensor files must lie inside the model's own folder: no absolute paths, no `..` escapes."""
+    root = folder.resolve()
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if not location or os.path.isabs(location) or (root not in target.parents):
+            raise UserError(f"tensor {tensor.name!r} points to external data {location!r} outside the model's "
+                            f"folder {folder}: refused")
+        if not target.is_file():
+            raise UserError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+
+
+def load_onnx_input(path: Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's errors are long; the first line names the problem
+        raise UserError(f"{path} is not a readable ONNX model ({str(exc).strip().splitlines()[0][:120]})") from None
+    _check_external_data(proto, path.parent)
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise UserError(f"{path} is not a valid ONNX model ({str(exc).strip().splitlines()[0][:160]})") from None
+    for tensor in proto.graph.initializer:  # -inf is legitimate in attention-mask constants; NaN never is
+        if tensor.data_type == TensorProto.FLOAT and np.isnan(numpy_helper.to_array(tensor)).any():
+            raise UserError(f"{path}: initializer {tensor.name} contains NaN values")
+    for name, weight in matmul_weights(proto).items():
+        if not np.isfinite(weight).all():
+            raise UserError(f"{path}: MatMul weight {name} contains Inf values")
+    return proto
+
+
+def matmul_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{initializer name: W [K, N]} for every MatMul whose weight is a 2-D fp32 initializer."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    weights = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in initializers:
+            tensor = initializers[node.input[1]]
+            if tensor.data_type == TensorProto.FLOAT and len(tensor.dims) == 2:
+                weights[tensor.name] = numpy_helper.to_array(tensor)
+    return weights
+
+
+class WeightShells(nn.Module):
+    """Weight-only nn.Linear shells named after the ONNX initializers they stand for."""
+
+    def __init__(self, weights: dict[str, np.ndarray]):
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        self.onnx_names = {}
+        for index, (name, weight) in enumerate(weights.items()):
+            k, n = weight.shape
+            shell = nn.Linear(k, n, bias=False)
+            shell.weight.data = torch.from_numpy(np.ascontiguousarray(weight.T)).float()
+            key = f"w{index}"
+            self.layers[key] = shell
+            self.onnx_names[key] = name
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        """Report shells under their ONNX initializer names, so recipe targets / ignore can name them."""
+        yield prefix, self
+        for key, shell in self.layers.items():
+            yield self.onnx_names[key], shell
+
+
+def write_back(proto: onnx.ModelProto, shells: WeightShells) -> onnx.ModelProto:
+    """A copy of `proto` whose MatMul weights hold the shells' (now dequantized) values."""
+    fake = onnx.ModelProto()
+    fake.CopyFrom(proto)
+    values = {shells.onnx_names[k]: s.weight.detach().numpy().T for k, s in shells.layers.items()}
+    for tensor in fake.graph.initializer:
+        if tensor.name in values:
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[tensor.name]), tensor.name))
+    return fake

@@ -1,0 +1,383 @@
+"""A corpus of bad inputs run through the installed `compress` console script, as a user meets them: each exits 2
+with one short `error:` line, no traceback, no artifact written, and no code from the input ever runs. Then runs
+killed mid-way (SIGKILL, SIGINT) leave no half-written model.onnx, and an existing artifact is only replaced
+with --force."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from compressor.cli import main
+from samples.registry import SHIPPED_DIR
+
+ROOT = Path(__file__).parents[1]
+_SCRIPT = Path(sys.executable).with_name("compress")
+COMPRESS = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "compressor.cli"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+FAST = ["--eval-limit", "8", "--bench-runs", "2", "--quiet"]  # should a bad case get through, it ends soon
+MARKER = "pwned"  # what the pickled payloads would create, in the case's folder
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that creates the marker file: the loader must refuse first."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+def _checkpoint(folder: Path, sample: str = "gpt-xs", weights: bool = True) -> Path:
+    ckpt = folder / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(SHIPPED_DIR / sample / "config.json", ckpt)
+    if weights:
+        shutil.copy(SHIPPED_DIR / sample / "model.safetensors", ckpt)
+    return ckpt
+
+
+def _replace_file(folder: Path, name: str, content: bytes, weights: bool = True) -> list[str]:
+    ckpt = _checkpoint(folder, weights=weights)
+    (ckpt / name).write_bytes(content)
+    return [str(ckpt)]
+
+
+def _weights_alone(folder: Path) -> list[str]:
+    ckpt = _checkpoint(folder)
+    (ckpt / "config.json").unlink()
+    return [str(ckpt / "model.safetensors")]
+
+
+def _edit_config(folder: Path, **changes) -> list[str]:
+    ckpt = _checkpoint(folder)
+    record = json.loads((ckpt / "config.json").read_text())
+    record["config"].update(changes.pop("config", {}))
+    record.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(record))
+    return [str(ckpt)]
+
+
+def _edit_weights(folder: Path, edit: Callable[[bytes], bytes]) -> list[str]:
+    ckpt = _checkpoint(folder)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(edit(weights.read_bytes()))
+    return [str(ckpt)]
+
+
+def _header_length(data: bytes) -> int:
+    return struct.unpack("<Q", data[:8])[0]
+
+
+def _poison(folder: Path, value: float) -> list[str]:
+    ckpt = _checkpoint(folder)
+    state = load_file(ckpt / "model.safetensors")
+    state["blocks.1.mlp.fc_in.weight"][3, 5] = value
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return [str(ckpt)]
+
+
+def _pickled(folder: Path, name: str, raw: bool = False) -> list[str]:
+    ckpt = _checkpoint(folder, weights=False)
+    if raw:
+        (ckpt / name).write_bytes(pickle.dumps({"token_emb.weight": _RunsCode()}))
+    else:
+        torch.save({"token_emb.weight": _RunsCode()}, ckpt / name)
+    return [str(ckpt)]
+
+
+def _unreadable_weights_recipe(folder: Path, *recipe: str) -> list[str]:
+    """A recipe error must win over broken weights: it is found before any weight is read."""
+    return _edit_weights(folder, lambda data: data[:100]) + list(recipe)
+
+
+def _recipe_file(folder: Path, text: str) -> list[str]:
+    (folder / "recipe.yaml").write_text(text)
+    return _unreadable_weights_recipe(folder, "--recipe", str(folder / "recipe.yaml"))
+
+
+EARLIER_ARTIFACT, EARLIER_MTIME_NS = b"an earlier run's artifact", 1_500_000_000_123_456_789
+
+
+def _existing_artifact(folder: Path) -> list[str]:
+    out = folder / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(EARLIER_ARTIFACT)
+    os.utime(out / "model.onnx", ns=(EARLIER_MTIME_NS, EARLIER_MTIME_NS))
+    (out / "report.json").write_text("{}")
+    return ["gpt-xs"]
+
+
+def _unchanged(folder: Path) -> None:
+    artifact = folder / "out" / "model.onnx"
+    assert artifact.read_bytes() == EARLIER_ARTIFACT and artifact.stat().st_mtime_ns == EARLIER_MTIME_NS
+    assert sorted(p.name for p in artifact.parent.iterdir()) == ["model.onnx", "report.json"]
+
+
+def _file_in_the_way(folder: Path, out: str) -> list[str]:
+    (folder / "a-file").write_text("not a folder")
+    return ["gpt-xs", "--out", str(folder / out)]
+
+
+def _read_only_out(folder: Path) -> list[str]:
+    locked = folder / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return ["gpt-xs", "--out", str(locked / "out")]
+
+
+# name -> (builder: case folder -> `compress run` arguments, what the error line must say). These run as a user
+# runs them: the console script in a fresh process (about 2 s each, most of it importing torch).
+CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    # checkpoints
+    "path-does-not-exist": (lambda d: [str(d / "nowhere")], "not found"),
+    "folder-without-weights": (lambda d: [str(_checkpoint(d, weights=False))], "no model.safetensors"),
+    "truncated-safetensors": (lambda d: _edit_weights(d, lambda b: b[: len(b) // 2]), "safetensors"),
+    "corrupt-safetensors-header": (lambda d: _edit_weights(d, lambda b: b[:40] + b"\xff" * 32 + b[72:]),
+                                   "safetensors"),
+    "pickle-with-code-model-pt": (lambda d: _pickled(d, "model.pt"), "unsupported GLOBAL posix.system"),
+    "pickle-with-code-legacy-format": (lambda d: _pickled(d, "pytorch_model.bin", raw=True), "weights_only"),
+    "config-not-json": (lambda d: _replace_file(d, "config.json", b"{oops"), "not valid JSON"),
+    "config-wrong-family": (lambda d: _edit_config(d, family="bert"), "unknown model family 'bert'"),
+    "config-wider-than-weights": (lambda d: _edit_config(d, config={"width": 128}), "shape"),
+    "nan-weight": (lambda d: _poison(d, float("nan")), "NaN or Inf"),
+    # output folder
+    "out-under-a-file": (lambda d: _file_in_the_way(d, "a-file/out"), "cannot write to --out"),
+    "out-read-only": (_read_only_out, "cannot write to --out"),
+    "existing-artifact-without-force": (_existing_artifact, "already exists (pass --force"),
+    # recipes: each is found before the checkpoint's (unreadable) weights are touched
+    "unknown-pass": (lambda d: _unreadable_weights_recipe(d, "--set", "quantise.bits=4"), "did you mean 'quantize'?"),
+    "unknown-key": (lambda d: _unreadable_weights_recipe(d, "--recipe", "int4", "--set", "quantize.bitz=4"),
+                    "did you mean 'bits'?"),
+    "bits-9": (lambda d: _unreadable_weights_recipe(d, "--recipe", "int4", "--set", "quantize.bits=9"), "bits must"),
+    "block-size-not-power-of-two": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "int4", "--set", "quantize.block_size=48"), "power of two"),
+    # gpt-xs's Linear layers take 64 or 256 inputs: whole blocks of 512 (codebook types need whole blocks; int
+    # rounding takes a shorter last one) fit none of them, which config.json alone shows
+    "block-size-divides-no-layer": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "nf4", "--set", "quantize.block_size=512"), "block_size 512 divides the in_features of none"),
+    "wrong-stage-order": (lambda d: _recipe_file(d, "passes:\n  - quantize: {bits: 4}\n  - prune: {sparsity: 0.5}\n"),
+                          "stage order"),
+    "empty-calibration-data": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "int4-gptq", "--set", "quantize.calibration_samples=0"), "calibration_samples must be at least"),
+}
+# More of the same (and siblings of the cases above), run in-process through the same CLI (click's test runner:
+# exit code and output as a user sees them) to spare the start-up of a process each.
+IN_PROCESS_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "zero-byte-safetensors": (lambda d: _edit_weights(d, lambda b: b""), "safetensors"),
+    "config-not-a-dict": (lambda d: _replace_file(d, "config.json", b"[1, 2]"), "not a compressor checkpoint config"),
+    "inf-weight": (lambda d: _poison(d, float("-inf")), "NaN or Inf"),
+    "bits-0": (lambda d: _unreadable_weights_recipe(d, "--recipe", "int4", "--set", "quantize.bits=0"), "bits must"),
+    "bits-1": (lambda d: _unreadable_weights_recipe(d, "--recipe", "int4", "--set", "quantize.bits=1"), "bits must"),
+    "weights-without-config": (_weights_alone, "config.json is missing"),
+    "huge-safetensors-header-length": (lambda d: _edit_weights(d, lambda b: struct.pack("<Q", 1 << 62) + b[8:]),
+                                       "header too large"),
+    "header-dtype-flipped-to-int": (lambda d: _edit_weights(d, lambda b: b[:8] + b[8: 8 + _header_length(b)].replace(
+        b'"F16"', b'"I16"') + b[8 + _header_length(b):]), "dtype int16"),
+    "zero-byte-model-pt": (lambda d: _replace_file(d, "model.pt", b"", weights=False), "weights_only"),
+    "pickle-named-safetensors": (lambda d: _pickled(d, "model.safetensors", raw=True), "safetensors"),
+    "config-zero-heads": (lambda d: _edit_config(d, config={"heads": 0}), "invalid model config"),
+    "config-negative-width": (lambda d: _edit_config(d, config={"mlp_hidden": -5}), "invalid model config"),
+    "config-fewer-layers-than-weights": (lambda d: _edit_config(d, config={"layers": 1}), "does not match"),
+    "config-vocab-too-big-to-allocate": (lambda d: _edit_config(d, config={"vocab_size": 10 ** 10}), "shape"),
+    "out-is-a-file": (lambda d: _file_in_the_way(d, "a-file"), "not a folder"),
+    "unknown-preset": (lambda d: _unreadable_weights_recipe(d, "--recipe", "int5"), "unknown recipe 'int5'"),
+    "n-of-m-divides-no-layer": (lambda d: _unreadable_weights_recipe(d, "--set", "prune.pattern=2:512"),
+                                "divides the in_features of none"),
+    "targets-select-nothing": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "int4", "--set", "quantize.targets=no.such.layer"), "select no nn.Linear"),
+    "targets-bad-regex": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "int4", "--set", "quantize.targets=re:(mlp"), "not a valid regular expression"),
+    "structured-prune-no-calibration": (lambda d: _unreadable_weights_recipe(
+        d, "--set", "structured_prune.calibration_samples=0"), "calibration_samples must be at least 1"),
+    "heal-nan-learning-rate": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "lowrank", "--set", "heal.learning_rate=.nan"), "learning_rate"),
+    "gptq-zero-damp": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "int4-gptq", "--set", "quantize.gptq_damp=0"), "gptq_damp"),
+    "gate-not-yaml": (lambda d: _unreadable_weights_recipe(d, "--set", "gates.min_recovery=[0.9"), "cannot read"),
+    "gate-nan": (lambda d: _unreadable_weights_recipe(d, "--set", "gates.min_recovery=.nan"), "positive number"),
+    "gate-parity-not-bool": (lambda d: _unreadable_weights_recipe(d, "--set", "gates.require_parity=maybe"),
+                             "true or false"),
+    "recipe-not-yaml": (lambda d: _recipe_file(d, "passes: [quantize: {bits: 4\n"), "not valid YAML"),
+    "recipe-missing": (lambda d: _unreadable_weights_recipe(d, "--recipe", str(d / "nope.yaml")), "cannot read recipe"),
+    "recipe-targets-not-names": (lambda d: _recipe_file(d, "passes:\n  - quantize: {targets: [1, 2]}\n"),
+                                 "must be a list of module names"),
+    "negative-seed": (lambda d: ["gpt-xs", "--seed", "-1"], "Invalid value for '--seed'"),
+    "unknown-provider": (lambda d: ["gpt-xs", "--provider", "tpu"], "Invalid value for '--provider'"),
+}
+RUNS_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+SKIPPED = {"out-read-only": "root ignores directory permissions (out-under-a-file covers an --out that cannot be "
+                            "written)"} if RUNS_AS_ROOT else {}
+
+
+def _arguments(name: str, folder: Path) -> list[str]:
+    build = (CASES.get(name) or IN_PROCESS_CASES[name])[0]
+    args = build(folder)
+    return args if "--out" in args else [*args, "--out", str(folder / "out")]
+
+
+def _run_case(name: str, folder: Path) -> tuple[int, str]:
+    result = subprocess.run([*COMPRESS, "run", *_arguments(name, folder), *FAST], capture_output=True, text=True,
+                            cwd=folder, env=ENV, timeout=120)
+    return result.returncode, result.stderr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, tuple[tuple[int, str], Path]]:
+    """Every process case at once (they are start-up bound), then each test reads its own result."""
+    names = [n for n in CASES if n not in SKIPPED]
+    folders = {name: tmp_path_factory.mktemp(name) for name in names}
+    with ThreadPoolExecutor(max_workers=(os.cpu_count() or 2) + 1) as pool:
+        results = dict(zip(names, pool.map(lambda n: _run_case(n, folders[n]), names)))
+    return {name: (results[name], folders[name]) for name in names}
+
+
+def _assert_one_line_error(returncode: int, stderr: str, needle: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error:") and len(lines[0]) < 400, lines[0]
+    assert needle in lines[0], lines[0]
+
+
+def _assert_nothing_written(name: str, folder: Path) -> None:
+    if name not in ("existing-artifact-without-force", "out-is-a-file"):
+        assert not (folder / "out").exists(), "the failed run created its output folder"
+    assert not list(folder.rglob("*.partial"))
+    if name == "existing-artifact-without-force":
+        _unchanged(folder)
+    else:
+        assert not list(folder.rglob("model.onnx"))
+    assert not (folder / MARKER).exists(), "code from the input ran"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skip(SKIPPED[n])) if n in SKIPPED else n
+                                  for n in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, name):
+    (returncode, stderr), folder = corpus[name]
+    _assert_one_line_error(returncode, stderr, CASES[name][1])
+    _assert_nothing_written(name, folder)
+
+
+@pytest.mark.parametrize("name", IN_PROCESS_CASES)
+def test_more_bad_inputs_in_process(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # where a pickle's payload would leave its marker
+    result = CliRunner().invoke(main, ["run", *_arguments(name, tmp_path), *FAST])
+    _assert_one_line_error(result.exit_code, result.output, IN_PROCESS_CASES[name][1])
+    _assert_nothing_written(name, tmp_path)
+
+
+def test_force_replaces_an_existing_artifact(tmp_path):
+    out = tmp_path / "out"
+    checkpoint = _existing_artifact(tmp_path)
+    result = subprocess.run([*COMPRESS, "run", *checkpoint, "--out", str(out), "--force", *FAST],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    assert json.loads((out / "report.json").read_text())["artifact"]["bytes"] == (out / "model.onnx").stat().st_size
+
+
+# --- runs killed part-way ------------------------------------------------------------------------------------
+
+KILLED_RUN = ["run", "gpt-xs", "--recipe", "int4", *FAST]
+
+
+class _Watched:
+    """A `compress run` whose stderr lines are collected as they come, so the test can act on its progress."""
+
+    def __init__(self, out: Path):
+        self.process = subprocess.Popen([*COMPRESS, *KILLED_RUN, "--out", str(out)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, env=ENV)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def saw(self, needle: str) -> bool:
+        return any(needle in line for line in self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.saw(needle):
+            assert self.process.poll() is None, f"ended before {needle!r}: {self.lines}"
+            assert time.monotonic() < deadline, f"no {needle!r} in {timeout} s: {self.lines}"
+            time.sleep(0.01)
+
+    def finish(self) -> int:
+        code = self.process.wait(timeout=60)
+        self._reader.join(timeout=10)
+        return code
+
+
+def _assert_no_half_written_artifact(out: Path) -> None:
+    artifact = out / "model.onnx"
+    if artifact.exists():  # only ever complete: it appears by rename
+        onnx.checker.check_model(onnx.load(str(artifact)))
+
+
+def _killed_inside_an_atomic_write(out: Path) -> None:
+    """A writer SIGKILLed after writing half a model.onnx into its temp file: what `kill -9` mid-save leaves."""
+    code = ("import os, signal, sys; from pathlib import Path; from compressor.atomic import atomic_path\n"
+            "with atomic_path(Path(sys.argv[1]) / 'model.onnx') as tmp:\n"
+            "    tmp.write_bytes(b'half a model'); os.kill(os.getpid(), signal.SIGKILL)\n")
+    process = subprocess.run([sys.executable, "-c", code, str(out)], env=ENV, timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "model.onnx").exists() and len(list(out.glob(".model.onnx.*.partial"))) == 1
+
+
+def test_sigkill_leaves_no_half_written_artifact_and_a_rerun_succeeds(tmp_path):
+    # killed during export: no model.onnx at all
+    mid_export = tmp_path / "mid-export"
+    run = _Watched(mid_export)
+    run.wait_for("exporting to")
+    time.sleep(0.5)  # torch.export + QDQ lowering take seconds; the artifact is written at their end
+    run.process.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    assert not (mid_export / "model.onnx").exists()
+
+    # killed as soon as the artifact's temp file shows (or, if its write is too quick to see, once it is done)
+    at_write = tmp_path / "at-write"
+    run = _Watched(at_write)
+    run.wait_for("exporting to")
+    while not list(at_write.glob(".model.onnx.*.partial")) and not run.saw("validating"):
+        assert run.process.poll() is None, run.lines
+        time.sleep(0.0005)
+    run.process.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    _assert_no_half_written_artifact(at_write)
+
+    # the same command again, over the first run's folder plus a temp file a killed writer left, succeeds
+    _killed_inside_an_atomic_write(mid_export)
+    rerun = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(mid_export)], capture_output=True, text=True,
+                           env=ENV, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(mid_export.glob(".*.partial"))
+    onnx.checker.check_model(onnx.load(str(mid_export / "model.onnx")))
+
+
+def test_sigint_is_one_line_exit_2_and_no_artifact(tmp_path):
+    run = _Watched(tmp_path / "out")
+    run.wait_for("exporting to")
+    time.sleep(0.5)
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 2
+    assert not any("Traceback" in line for line in run.lines), run.lines
+    errors = [line for line in run.lines if line.startswith("error:")]
+    assert errors == [run.lines[-1]] and "interrupted" in errors[0], run.lines
+    assert not (tmp_path / "out" / "model.onnx").exists() and not list((tmp_path / "out").glob(".*.partial"))

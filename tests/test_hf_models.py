@@ -1,0 +1,213 @@
+"""Hugging Face model folders through `compress run`: tiny randomly initialised BERT, Llama and GPT-2 built here
+with transformers (the same loading, wrapping, export and validation code the real models take; the real ones
+run in test_hf_real_models.py, marked slow), plus their bad-input cases."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from compressor.hf_checkpoint import load_hf_checkpoint  # noqa: E402
+from compressor.tasks import hf_language_modeling, sentence_embedding  # noqa: E402
+from samples import wiki_corpus  # noqa: E402
+
+
+def _compress(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True, env=env)
+
+
+def _bpe_tokenizer(folder: Path):
+    """A 400-token byte-level BPE learnt from the train split (never the held-out one)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    text = wiki_corpus.split_tokens("train")[:200_000].tobytes().decode("utf-8", "ignore")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                                     pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(folder))
+    return len(tokenizer)
+
+
+def _wordpiece_tokenizer(folder: Path) -> int:
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = ["the", "a", "and", "of", "film", "movie", "good", "bad", "is", "it", "not", "great", "this", "to"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *words,
+             *".,'!?-"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    return len(vocab)
+
+
+def _save(model, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = _wordpiece_tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128)
+    return _save(transformers.BertModel(config), folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    vocab = _bpe_tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=192, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    return _save(transformers.LlamaForCausalLM(config), folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab = _bpe_tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return _save(transformers.GPT2LMHeadModel(config), folder)
+
+
+def test_encoder_folder_int8_end_to_end(tiny_bert, tmp_path):
+    done = _compress("run", str(tiny_bert), "--out", str(tmp_path / "out"), "--recipe", "int8",
+                     "--eval-limit", "96", "--bench-runs", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"]["family"] == "hf-encoder"
+    accuracy = report["accuracy"]
+    assert accuracy["metric"] == "probe_accuracy" and accuracy["heldout_examples"] == 96
+    assert accuracy["agreement"]["cpu"]["passed"]
+    # int8 per-channel on a random 64-wide encoder: cosine to fp32 stays high (measured 0.9999)
+    assert accuracy["side_metrics"]["cpu"]["cosine_to_fp32"] > 0.99
+    assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
+    assert len(report["passes"][0]["layers"]) == 2 * 6  # q, k, v, o, up, down per layer
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert "compressor.task_state" in {p.key for p in model.metadata_props}  # the probe, for compress check
+
+
+def test_encoder_embeddings_are_mean_pooled(tiny_bert):
+    checkpoint = load_hf_checkpoint(tiny_bert)
+    ids = torch.tensor([[2, 10, 11, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        hidden = checkpoint.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = checkpoint.model(ids, mask)
+    torch.testing.assert_close(pooled[0], hidden[0, :4].mean(0))
+
+
+def test_decoder_folder_int4_partial_blocks_and_check(tiny_llama, tmp_path):
+    """Hidden 96 is not a multiple of 64: the last block of each row is shorter, every Linear still quantized."""
+    out = tmp_path / "out"
+    done = _compress("run", str(tiny_llama), "--out", str(out), "--recipe", "int4", "--eval-limit", "8",
+                     "--bench-runs", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["family"] == "hf-causal-lm" and report["accuracy"]["metric"] == "perplexity"
+    assert report["passes"][0]["skipped"] == []
+    assert len(report["passes"][0]["layers"]) == 2 * 7 + 1  # q k v o gate up down, and the tied lm_head
+    assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
+    assert report["accuracy"]["agreement"]["cpu"]["passed"]
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "DequantizeLinear" in ops
+    check = _compress("check", str(out / "model.onnx"), "--baseline", str(out / "report.json"))
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_gpt2_conv1d_becomes_linear_and_quantizes(tiny_gpt2, tmp_path):
+    checkpoint = load_hf_checkpoint(tiny_gpt2)
+    assert not any(type(m).__name__ == "Conv1D" for m in checkpoint.model.modules())
+    reference = transformers.GPT2LMHeadModel.from_pretrained(str(tiny_gpt2)).eval()
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint.model(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
+    done = _compress("run", str(tiny_gpt2), "--out", str(tmp_path / "out"), "--recipe", "int4", "--eval-limit", "8",
+                     "--bench-runs", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["passes"][0]["layers"]) == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp c_proj; lm_head
+    assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
+
+
+def test_heldout_windows_come_from_heldout_text_only(tiny_llama):
+    checkpoint = load_hf_checkpoint(tiny_llama)
+    windows = hf_language_modeling.heldout_data(checkpoint.config, 4)
+    assert windows.shape == (4, checkpoint.config["context"] + 1)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_llama))
+    text = tokenizer.decode(windows[0])
+    assert text in wiki_corpus.split_tokens("heldout").tobytes().decode("utf-8")
+
+
+def test_probe_is_fitted_on_train_split_and_scores_heldout(tiny_bert):
+    checkpoint = load_hf_checkpoint(tiny_bert)
+    from compressor.validate import torch_logits_fn
+
+    data = sentence_embedding.heldout_data(checkpoint.config, 64)
+    fn = torch_logits_fn(checkpoint.model, sentence_embedding.INPUT_NAMES)
+    sentence_embedding.fit_reference(fn, data)
+    metrics = sentence_embedding.evaluate_all(fn, data)
+    assert metrics["cosine_to_fp32"] == pytest.approx(1.0)
+    # a probe with flipped sign must score exactly 1 - accuracy: the metric really reads the probe
+    data.probe = -data.probe
+    assert sentence_embedding.evaluate(fn, data) == pytest.approx(1 - metrics["probe_accuracy"])
+
+
+@pytest.mark.parametrize("case", ["no-tokenizer", "no-weights", "nan-weights", "wrong-shapes", "unknown-type"])
+def test_bad_hf_folders_fail_with_one_line(tiny_llama, tmp_path, case):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    if case == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    elif case == "no-weights":
+        (folder / "model.safetensors").unlink()
+    elif case == "nan-weights":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(folder / "model.safetensors"))
+        state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif case == "wrong-shapes":
+        config = json.loads((folder / "config.json").read_text())
+        config["intermediate_size"] = 256
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = "t5"
+        (folder / "config.json").write_text(json.dumps(config))
+    done = _compress("run", str(folder), "--out", str(tmp_path / "out"), "--quiet")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_partial_last_block_matches_quantizing_the_tail_alone():
+    from passes import quant_primitives as qp
+
+    weight = torch.randn(7, 200, generator=torch.Generator().manual_seed(0))
+    for quantize in (lambda w, b: qp.quantize_int_symmetric(w, 4, b, full_range=True),
+                     lambda w, b: qp.quantize_int_asymmetric(w, 4, b)):
+        full = qp.dequantize(quantize(weight, 64))
+        assert quantize(weight, 64).scales.shape == (7, 4)  # ceil(200 / 64) blocks
+        torch.testing.assert_close(full[:, :192], qp.dequantize(quantize(weight[:, :192], 64)), rtol=0, atol=0)
+        torch.testing.assert_close(full[:, 192:], qp.dequantize(quantize(weight[:, 192:], 0)), rtol=0, atol=0)
+    assert np.isfinite(full.numpy()).all()
