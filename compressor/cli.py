@@ -76,7 +76,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
     from compressor.validate import BenchmarkSettings
 
     options = RunOptions(recipe=recipe, overrides=overrides, seed=seed, providers=tuple(dict.fromkeys(providers)),
-                         eval_limit=eval_limit, force=force, bench=BenchmarkSettings(runs=bench_runs),
+                         eval_limit=eval_limit, force=force, bench=BenchmarkSettings(runs=bench_runs, warmup=min(10, bench_runs)),
                          progress=not quiet)
     report = run(checkpoint, out_dir, options, log=lambda m: click.echo(m, err=True))
     accuracy = report["accuracy"]

@@ -132,6 +132,36 @@ def _check_weights(model: torch.nn.Module, where: Path) -> None:
             raise UserError(f"{where}: tensor {name} contains NaN or Inf values")
 
 
+def _family_and_auto(folder: Path, record: dict, transformers):
+    model_type = record["model_type"]
+    if model_type in ENCODER_TYPES:
+        return "hf-encoder", transformers.AutoModel
+    if model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in record.get("architectures") or []):
+        return "hf-causal-lm", transformers.AutoModelForCausalLM
+    raise UserError(f"{folder}: model_type {model_type!r} is not supported "
+                    f"(encoders: {', '.join(ENCODER_TYPES)}; decoder LMs: {', '.join(DECODER_TYPES)})")
+
+
+def hf_model_skeleton(path: Path) -> torch.nn.Module | None:
+    """The folder's model built on the meta device from config.json alone (layer shapes, no weights), wrapped as
+    it will be exported, so a recipe can be checked before the weights load; None for GGUF inputs, whose config
+    exists only after dequantization."""
+    path = Path(path)
+    if path.suffix == ".gguf" or not path.is_dir() or list(path.glob("*.gguf")):
+        return None
+    transformers = _transformers()
+    record = _read_hf_config(path)
+    family, auto = _family_and_auto(path, record, transformers)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):
+            inner = auto.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise UserError(f"{path}/config.json: invalid model config ({_first_line(exc)})") from None
+    conv1d_to_linear(inner)
+    return SentenceEmbedder(inner) if family == "hf-encoder" else CausalLMLogits(inner)
+
+
 def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
     path = Path(path)
     if not path.exists():
@@ -145,13 +175,7 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
         folder = path
     record = _read_hf_config(folder)
     model_type = record["model_type"]
-    if model_type in ENCODER_TYPES:
-        family, auto = "hf-encoder", transformers.AutoModel
-    elif model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in record.get("architectures") or []):
-        family, auto = "hf-causal-lm", transformers.AutoModelForCausalLM
-    else:
-        raise UserError(f"{folder}: model_type {model_type!r} is not supported "
-                        f"(encoders: {', '.join(ENCODER_TYPES)}; decoder LMs: {', '.join(DECODER_TYPES)})")
+    family, auto = _family_and_auto(folder, record, transformers)
     weights = _weights_file(folder)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise UserError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
@@ -177,6 +201,9 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
         config["max_length"] = int(min(ENCODER_MAX_LENGTH, hf_config.get("max_position_embeddings") or 512))
     model.eval()
     source = gguf or weights
-    return Checkpoint(name=(gguf.stem if gguf else path.resolve().name), family=family, config=config,
+    name = gguf.stem if gguf else path.resolve().name
+    if name in ("model", "models", "checkpoint"):  # e.g. <package>/model: the parent says which model it is
+        name = path.resolve().parent.name
+    return Checkpoint(name=name, family=family, config=config,
                       model=model, weights_path=source, weights_sha256=sha256_file(source),
                       metadata={"hf_config": hf_config})

@@ -44,10 +44,11 @@ def conv1d_to_linear(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ == "Conv1D" and hasattr(child, "nf"):
-                linear = nn.Linear(child.weight.shape[0], child.nf, bias=child.bias is not None)
-                linear.weight.data = child.weight.detach().T.contiguous()
+                linear = nn.Linear(child.weight.shape[0], child.nf, bias=child.bias is not None,
+                                   device=child.weight.device, dtype=child.weight.dtype)
+                linear.weight = nn.Parameter(child.weight.detach().T.contiguous())  # also on the meta device
                 if child.bias is not None:
-                    linear.bias.data = child.bias.detach().clone()
+                    linear.bias = nn.Parameter(child.bias.detach().clone())
                 setattr(parent, name, linear)
                 swapped += 1
     return swapped

@@ -48,7 +48,7 @@ def _graph_bits(proto: onnx.ModelProto, shells: WeightShells) -> dict:
 def run_onnx(path: Path, out_dir: Path, recipe, options, log) -> dict:
     from compressor.pipeline import ARTIFACT_NAME, assemble_report, prepare_out_dir
     from compressor.report import write_reports
-    from compressor.atomic import atomic_write_text
+    from compressor.atomic import atomic_write_text, removed_on_failure
 
     _check_recipe(recipe)
     proto = load_onnx_input(path)
@@ -90,19 +90,19 @@ def run_onnx(path: Path, out_dir: Path, recipe, options, log) -> dict:
                          "compressor.source": str(path), "compressor.source_sha256": sha256_file(path)})
         if hasattr(task, "task_state"):
             metadata["compressor.task_state"] = json.dumps(task.task_state(heldout), sort_keys=True)
-        save_onnx(finalize(fake, metadata), artifact)
-        atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-        log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
-        compressed_accuracy = pass_records[-1][task.METRIC] if pass_records else reference_metrics[task.METRIC]
-        results = validate(None, task, config, artifact, heldout, list(options.providers),
-                           Tolerances.for_artifact(bool(lowering and lowering["lowered"])), options.bench,
-                           torch_accuracy=compressed_accuracy, progress=options.progress,
-                           reference_fn=compressed_fn)
-    model_record = {"name": Path(path).stem, "family": family, "params": input_bits["params"],
-                    "input_params": input_bits["params"], "source": str(path), "source_sha256": sha256_file(path),
-                    "config": config, "input_format": "onnx"}
-    bits = _graph_bits(proto, shells)
-    report = assemble_report(model_record, recipe, artifact, fake, lowering, bits, pass_records, reference_metrics,
-                             task.METRIC, results, None)
-    write_reports(out_dir, report)
+        with removed_on_failure(artifact, out_dir / "recipe.yaml"):
+            save_onnx(finalize(fake, metadata), artifact)
+            atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+            log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
+            compressed_accuracy = pass_records[-1][task.METRIC] if pass_records else reference_metrics[task.METRIC]
+            results = validate(None, task, config, artifact, heldout, list(options.providers),
+                               Tolerances.for_artifact(bool(lowering and lowering["lowered"])), options.bench,
+                               torch_accuracy=compressed_accuracy, progress=options.progress,
+                               reference_fn=compressed_fn)
+            model_record = {"name": Path(path).stem, "family": family, "params": input_bits["params"],
+                            "input_params": input_bits["params"], "source": str(path),
+                            "source_sha256": sha256_file(path), "config": config, "input_format": "onnx"}
+            report = assemble_report(model_record, recipe, artifact, fake, lowering, _graph_bits(proto, shells),
+                                     pass_records, reference_metrics, task.METRIC, results, None)
+            write_reports(out_dir, report)
     return report

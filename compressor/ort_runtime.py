@@ -17,6 +17,19 @@ def to_ort_feeds(inputs: dict) -> dict[str, np.ndarray]:
     return feeds
 
 
+def check_providers(providers) -> None:
+    """Fail before any work when an asked-for execution provider is missing here."""
+    if "cuda" in providers:
+        import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)
+    import onnxruntime as ort
+
+    for provider in providers:
+        if provider not in PROVIDERS:
+            raise UserError(f"unknown execution provider {provider!r} (known: {', '.join(PROVIDERS)})")
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (install onnxruntime-gpu for cuda)")
+
+
 def create_session(path: Path, provider: str = "cpu", threads: int | None = None, options: dict | None = None):
     if provider == "cuda":
         import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)

@@ -6,14 +6,15 @@ from pathlib import Path
 
 from compressor import __version__
 from compressor.checkpoint import load_checkpoint, model_skeleton, sha256_file
-from compressor.atomic import atomic_write_text
+from compressor.atomic import atomic_write_text, removed_on_failure
 from compressor.errors import UserError
 from compressor.gates import evaluate_gates
 from compressor.recipes import check_recipe_fits, resolve_recipe
 from compressor.report import SCHEMA_VERSION, environment, tool_record, write_reports
-from compressor.hf_checkpoint import is_hf_checkpoint, load_hf_checkpoint
+from compressor.hf_checkpoint import hf_model_skeleton, is_hf_checkpoint, load_hf_checkpoint
 from compressor.onnx_input import is_onnx_input
 from compressor.onnx_pipeline import run_onnx
+from compressor.ort_runtime import check_providers
 from compressor.tasks import TASKS, measure
 from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, torch_logits_fn, validate
 from exporters.onnx_export import export_onnx, finalize, save_onnx
@@ -68,10 +69,14 @@ def resolve_checkpoint(source: Path) -> Path:
 
 def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
     recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
+    check_providers(options.providers)
     checkpoint_path = resolve_checkpoint(Path(checkpoint_path))
     if is_onnx_input(checkpoint_path):
         return run_onnx(checkpoint_path, out_dir, recipe, options, log)
     if is_hf_checkpoint(checkpoint_path):
+        skeleton = hf_model_skeleton(checkpoint_path)
+        if skeleton is not None:
+            check_recipe_fits(recipe, skeleton)  # shapes from config.json, before any weights
         checkpoint = load_hf_checkpoint(checkpoint_path, options.progress)
     else:
         check_recipe_fits(recipe, model_skeleton(checkpoint_path))  # shapes from config.json, before any weights
@@ -122,23 +127,24 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
     lowering = None
     if recipe.passes:
         proto, lowering = lower_to_qdq(proto, model)
-    save_onnx(finalize(proto, metadata), artifact)
-    atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+    with removed_on_failure(artifact, out_dir / "recipe.yaml"):
+        save_onnx(finalize(proto, metadata), artifact)
+        atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
 
-    quantized = bool(lowering and lowering["lowered"])
-    log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
-    results = validate(model, task, checkpoint.config, artifact, heldout, list(options.providers),
-                       Tolerances.for_artifact(quantized), options.bench, torch_accuracy=accuracy,
-                       progress=options.progress)
-    baseline_latency = None
-    if recipe.gates.min_speedup is not None:
-        baseline_latency = _fp32_latency(checkpoint.model, task, checkpoint.config, heldout, options.bench, log)
-    model_record = {"name": checkpoint.name, "family": checkpoint.family, "params": count_params(model),
-                    "input_params": count_params(checkpoint.model), "source": str(checkpoint_path),
-                    "source_sha256": checkpoint.weights_sha256, "config": checkpoint.config}
-    report = assemble_report(model_record, recipe, artifact, proto, lowering, total_model_bits(model),
-                             pass_records, reference_metrics, task.METRIC, results, baseline_latency)
-    write_reports(out_dir, report)
+        quantized = bool(lowering and lowering["lowered"])
+        log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
+        results = validate(model, task, checkpoint.config, artifact, heldout, list(options.providers),
+                           Tolerances.for_artifact(quantized), options.bench, torch_accuracy=accuracy,
+                           progress=options.progress)
+        baseline_latency = None
+        if recipe.gates.min_speedup is not None:
+            baseline_latency = _fp32_latency(checkpoint.model, task, checkpoint.config, heldout, options.bench, log)
+        model_record = {"name": checkpoint.name, "family": checkpoint.family, "params": count_params(model),
+                        "input_params": count_params(checkpoint.model), "source": str(checkpoint_path),
+                        "source_sha256": checkpoint.weights_sha256, "config": checkpoint.config}
+        report = assemble_report(model_record, recipe, artifact, proto, lowering, total_model_bits(model),
+                                 pass_records, reference_metrics, task.METRIC, results, baseline_latency)
+        write_reports(out_dir, report)
     return report
 
 

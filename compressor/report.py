@@ -59,6 +59,9 @@ def render_markdown(report: dict) -> str:
         verdict = "yes" if agreement["passed"] else "**NO**"
         lines.append(f"| ONNX Runtime {provider} | {_fmt(value)} | {verdict} ({agreement['kind']} delta "
                      f"{_fmt(agreement['delta'], 2)} <= {agreement['tolerance']}) |")
+    for provider, metrics in accuracy.get("side_metrics", {}).items():
+        lines += ["", f"Side metrics, ONNX Runtime {provider}: "
+                  + ", ".join(f"{name} {_fmt(value, 6)}" for name, value in metrics.items())]
     if report["passes"]:
         lines += ["", "## Passes (held-out metric in torch after each)", "",
                   f"| pass | what | params | bits/param | {accuracy['metric']} |", "|---|---|---|---|---|",

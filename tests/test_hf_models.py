@@ -100,6 +100,9 @@ def test_encoder_folder_int8_end_to_end(tiny_bert, tmp_path):
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert "compressor.task_state" in {p.key for p in model.metadata_props}  # the probe, for compress check
+    check = _compress("check", str(tmp_path / "out" / "model.onnx"), "--baseline",
+                      str(tmp_path / "out" / "report.json"), "--tolerance", "0")
+    assert check.returncode == 0 and check.stdout.startswith("ok: probe_accuracy"), check.stdout + check.stderr
 
 
 def test_encoder_embeddings_are_mean_pooled(tiny_bert):
@@ -166,6 +169,17 @@ def test_probe_is_fitted_on_train_split_and_scores_heldout(tiny_bert):
     # a probe with flipped sign must score exactly 1 - accuracy: the metric really reads the probe
     data.probe = -data.probe
     assert sentence_embedding.evaluate(fn, data) == pytest.approx(1 - metrics["probe_accuracy"])
+
+
+def test_recipe_is_checked_against_the_hf_config_before_weights_load(tiny_llama, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors").write_bytes(b"truncated")  # never read: the recipe fails first
+    done = _compress("run", str(folder), "--out", str(tmp_path / "out"), "--recipe", "kmeans4",
+                     "--set", "quantize.block_size=1024", "--quiet")
+    assert done.returncode == 2 and "does not fit the model" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("case", ["no-tokenizer", "no-weights", "nan-weights", "wrong-shapes", "unknown-type"])
