@@ -18,7 +18,7 @@ from torch import nn
 from compressor.errors import UserError
 
 # Passes that rewrite torch modules (shapes, factorizations, training) cannot run on a graph.
-GRAPH_PASSES = ("quantize",)
+GRAPH_PASSES = ("quantize", "fuse")
 
 
 def is_onnx_input(path: Path) -> bool:

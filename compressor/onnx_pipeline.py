@@ -46,7 +46,7 @@ def _graph_bits(proto: onnx.ModelProto, shells: WeightShells) -> dict:
 
 
 def run_onnx(path: Path, out_dir: Path, recipe, options, log) -> dict:
-    from compressor.pipeline import ARTIFACT_NAME, assemble_report, prepare_out_dir
+    from compressor.pipeline import ARTIFACT_NAME, apply_graph_passes, assemble_report, prepare_out_dir
     from compressor.report import write_reports
     from compressor.atomic import atomic_write_text, removed_on_failure
 
@@ -71,7 +71,9 @@ def run_onnx(path: Path, out_dir: Path, recipe, options, log) -> dict:
             task.fit_reference(reference_fn, heldout, options.progress)
         reference_metrics = measure(task, reference_fn, heldout, options.progress)
         pass_records, compressed_fn, fake = [], reference_fn, proto
-        for name, pass_config in recipe.passes:  # quantize only (checked above)
+        for name, pass_config in recipe.passes:  # quantize and fuse (checked above); fuse after lowering
+            if name != "quantize":
+                continue
             record = quantize_model(shells, pass_config, None, options.progress)
             fake = write_back(proto, shells)
             fake_path = Path(scratch) / "fake_quantized.onnx"
@@ -84,8 +86,9 @@ def run_onnx(path: Path, out_dir: Path, recipe, options, log) -> dict:
                 f"{record['bits_per_param']:.3f} bits/param")
         artifact = out_dir / ARTIFACT_NAME
         lowering = None
-        if recipe.passes:
+        if any(name == "quantize" for name, _ in recipe.passes):
             fake, lowering = lower_to_qdq(fake, shells)
+        fake, pass_records = apply_graph_passes(fake, recipe, pass_records, _graph_bits(proto, shells), log)
         metadata.update({"compressor.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
                          "compressor.source": str(path), "compressor.source_sha256": sha256_file(path)})
         if hasattr(task, "task_state"):
@@ -94,7 +97,8 @@ def run_onnx(path: Path, out_dir: Path, recipe, options, log) -> dict:
             save_onnx(finalize(fake, metadata), artifact)
             atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
             log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
-            compressed_accuracy = pass_records[-1][task.METRIC] if pass_records else reference_metrics[task.METRIC]
+            scored = [r[task.METRIC] for r in pass_records if task.METRIC in r]
+            compressed_accuracy = scored[-1] if scored else reference_metrics[task.METRIC]
             results = validate(None, task, config, artifact, heldout, list(options.providers),
                                Tolerances.for_artifact(bool(lowering and lowering["lowered"])), options.bench,
                                torch_accuracy=compressed_accuracy, progress=options.progress,

@@ -9,7 +9,7 @@ from compressor.checkpoint import load_checkpoint, model_skeleton, sha256_file
 from compressor.atomic import atomic_write_text, removed_on_failure
 from compressor.errors import UserError
 from compressor.gates import evaluate_gates
-from compressor.recipes import check_recipe_fits, resolve_recipe
+from compressor.recipes import GRAPH_PASSES, check_recipe_fits, resolve_recipe
 from compressor.report import SCHEMA_VERSION, environment, tool_record, write_reports
 from compressor.hf_checkpoint import hf_model_skeleton, is_hf_checkpoint, load_hf_checkpoint
 from compressor.onnx_input import is_onnx_input
@@ -19,6 +19,7 @@ from compressor.tasks import TASKS, measure
 from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, torch_logits_fn, validate
 from exporters.onnx_export import export_onnx, finalize, save_onnx
 from exporters.qdq import lower_to_qdq
+from passes.fuse import fuse_onnx
 from passes.heal import heal_model
 from passes.lowrank import lowrank_model
 from passes.model_bits import total_model_bits
@@ -95,6 +96,8 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
     model = copy.deepcopy(checkpoint.model) if recipe.passes else checkpoint.model
     pass_records, accuracy = [], reference_accuracy
     for pass_name, config in recipe.passes:
+        if pass_name in GRAPH_PASSES:  # rewrites the exported graph, below
+            continue
         calibration = None
         if getattr(config, "needs_calibration", False):
             calibration = task.calibration_data(checkpoint.config, config.calibration_samples, options.seed)
@@ -127,6 +130,7 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
     lowering = None
     if recipe.passes:
         proto, lowering = lower_to_qdq(proto, model)
+    proto, pass_records = apply_graph_passes(proto, recipe, pass_records, total_model_bits(model), log)
     with removed_on_failure(artifact, out_dir / "recipe.yaml"):
         save_onnx(finalize(proto, metadata), artifact)
         atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
@@ -146,6 +150,28 @@ def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions()
                                  pass_records, reference_metrics, task.METRIC, results, baseline_latency)
         write_reports(out_dir, report)
     return report
+
+
+def apply_graph_passes(proto, recipe, pass_records: list, bits: dict, log) -> tuple:
+    """The recipe's ONNX -> ONNX passes (fuse) on the lowered graph; their records join the torch passes'."""
+    for pass_name, config in recipe.passes:
+        if pass_name == "fuse":
+            proto, record = fuse_onnx(proto, config)
+            record.update(bits)
+            pass_records = [*pass_records, record]
+            log(f"fuse: {record['label']} -> {record['fusions'] or 'nothing to fuse'}, "
+                f"{record['nodes']['before']} -> {record['nodes']['after']} nodes")
+    return proto, pass_records
+
+
+def fill_graph_pass_metrics(report: dict) -> None:
+    """Graph passes have no torch model to score: their entry takes the artifact's ONNX Runtime metric."""
+    accuracy = report["accuracy"]
+    measured = next(iter(accuracy["onnxruntime"].values()), None)
+    for entry in report["passes"]:
+        if entry["name"] in GRAPH_PASSES and measured is not None:
+            entry[accuracy["metric"]] = measured
+            entry["measured_by"] = "onnxruntime-" + next(iter(accuracy["onnxruntime"]))
 
 
 def assemble_report(model_record: dict, recipe, artifact: Path, proto, lowering, bits: dict, pass_records: list,
@@ -169,6 +195,7 @@ def assemble_report(model_record: dict, recipe, artifact: Path, proto, lowering,
         "baseline_latency": baseline_latency,
         "environment": environment(),
     }
+    fill_graph_pass_metrics(report)
     report["gates"] = evaluate_gates(recipe.gates, report, baseline_latency)
     return report
 

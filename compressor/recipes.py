@@ -15,12 +15,16 @@ from passes.heal import HealConfig
 from passes.lowrank import LowRankConfig, factorizable
 from passes.prune import PruneConfig, prunable
 from passes.quantize import QuantizeConfig, quantizable
+from passes.fuse import FuseConfig
 from passes.structured_prune import StructuredPruneConfig
 
 PASS_CONFIGS = {"prune": PruneConfig, "structured_prune": StructuredPruneConfig, "lowrank": LowRankConfig,
-                "heal": HealConfig, "quantize": QuantizeConfig}
-# prune -> low-rank -> quantize; heal may follow pruning or low-rank, never quantization
-STAGES = {"prune": 0, "structured_prune": 0, "lowrank": 1, "heal": 1, "quantize": 2}
+                "heal": HealConfig, "quantize": QuantizeConfig, "fuse": FuseConfig}
+# prune -> low-rank -> quantize -> fuse; heal may follow pruning or low-rank, never quantization. fuse rewrites
+# the exported ONNX graph, the others the torch model.
+STAGES = {"prune": 0, "structured_prune": 0, "lowrank": 1, "heal": 1, "quantize": 2, "fuse": 3}
+GRAPH_PASSES = ("fuse",)
+STAGE_ORDER = " -> ".join("/".join(p for p in STAGES if STAGES[p] == stage) for stage in sorted(set(STAGES.values())))
 # the layers a pass would touch, from shapes alone (ValueError when none); passes after one that RESHAPES the
 # model see other layers, so they are checked when they run
 SELECTIONS = {"prune": prunable, "lowrank": factorizable, "quantize": quantizable}
@@ -45,6 +49,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "lowrank": {"lowrank": {"rank_ratio": None, "param_budget": 0.6, "activation_aware": True}},
     "lowrank-int4": {"lowrank": {"rank_ratio": None, "param_budget": 0.6, "activation_aware": True},
                      "quantize": {"dtype": "int", "bits": 4, "block_size": 32, "full_range": True}},
+    "int4-fused": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64, "full_range": True}, "fuse": {}},
     "chain-int4": {"structured_prune": {"heads": 0.25, "ffn": 0.25},
                    "lowrank": {"rank_ratio": None, "param_budget": 0.8, "activation_aware": True},
                    "heal": {"steps": 100},
@@ -178,7 +183,7 @@ def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict]:
             raise UserError(f"recipe {path}: the fields of {pass_name!r} must be a mapping")
         if passes and STAGES[pass_name] < max(STAGES[p] for p in passes):
             raise UserError(f"recipe {path}: {pass_name!r} comes after {list(passes)[-1]!r}; the stage order is "
-                            f"prune/structured_prune -> lowrank/heal -> quantize")
+                            f"{STAGE_ORDER}")
         passes[pass_name] = dict(fields or {})
     gates = document.get("gates") or {}
     if not isinstance(gates, dict):

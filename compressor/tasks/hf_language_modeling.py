@@ -1,13 +1,10 @@
 """Next-token prediction for Hugging Face decoder LMs on the project's held-out Wikipedia articles
 (samples/wiki_corpus.py, the split the GPT samples never trained on), tokenized with the model's own tokenizer:
 metric = perplexity per token over non-overlapping windows of `context` tokens."""
-import math
-
 import numpy as np
-from tqdm import tqdm
 
 from compressor.tasks.hf_tokenizer import load_tokenizer
-from compressor.tasks.language_modeling import _nll_sum
+from compressor.tasks import language_modeling
 from samples import wiki_corpus
 
 METRIC = "perplexity"
@@ -36,12 +33,7 @@ def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
 
 
 def evaluate(logits_fn, windows: np.ndarray, progress: bool = False) -> float:
-    total, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), EVAL_BATCH), desc="perplexity", disable=not progress, leave=False):
-        batch = windows[start : start + EVAL_BATCH]
-        total += _nll_sum(logits_fn({"input_ids": np.ascontiguousarray(batch[:, :-1])}), batch[:, 1:])
-        count += batch[:, 1:].size
-    return math.exp(total / count)
+    return language_modeling.evaluate(logits_fn, windows, progress, batch_size=EVAL_BATCH)
 
 
 def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:

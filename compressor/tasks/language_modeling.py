@@ -29,10 +29,10 @@ def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((log_norm - picked).sum())
 
 
-def evaluate(logits_fn, windows: np.ndarray, progress: bool = False) -> float:
+def evaluate(logits_fn, windows: np.ndarray, progress: bool = False, batch_size: int = EVAL_BATCH) -> float:
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), EVAL_BATCH), desc="perplexity", disable=not progress, leave=False):
-        batch = windows[start : start + EVAL_BATCH]
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size]
         total += _nll_sum(logits_fn({"input_ids": batch[:, :-1]}), batch[:, 1:])
         count += batch[:, 1:].size
     return math.exp(total / count)
