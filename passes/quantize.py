@@ -10,10 +10,12 @@ from tqdm import tqdm
 from passes import quant_primitives as qp
 from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, selected_linears,
                                 split_by_input_multiple)
+from passes.blockwise import quantize_blockwise
 from passes.gptq import gptq_quantize
 from passes.model_bits import total_model_bits
 
 DTYPES = ("int", "log2", "float", "nf", "quantile", "kmeans")
+SEQUENTIAL = ("layer", "block", "none")
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -32,9 +34,10 @@ class QuantizeConfig:
     activation_weighted: bool = False  # kmeans: weight each weight by its input channel's mean x²
     calibration_samples: int = 64
     gptq_damp: float = 0.01
-    # GPTQ / weighted k-means: True re-measures each layer's inputs with the earlier layers already quantized
-    # (one calibration pass per layer); False measures every layer in one pass (hundreds of layers: minutes, not hours)
-    sequential: bool = True
+    # GPTQ / weighted k-means: how layers see the earlier layers' quantization. "layer": inputs re-measured before
+    # each layer (one calibration pass per layer); "block": block by block, replaying only the block (GPTQ's way,
+    # about two passes in all: for models of hundreds of layers); "none": one pass of the unquantized model
+    sequential: str = "layer"
     targets: tuple[str, ...] = ("re:.*",)  # nn.Linear names; "re:" prefix = regular expression (search)
     ignore: tuple[str, ...] = ()
 
@@ -63,6 +66,8 @@ class QuantizeConfig:
             raise ValueError(f"quantize.kmeans_iterations must be at least 1, not {self.kmeans_iterations!r}")
         if not 0 < self.gptq_damp < math.inf:  # also refuses NaN
             raise ValueError(f"quantize.gptq_damp must be a positive number, not {self.gptq_damp!r}")
+        if self.sequential not in SEQUENTIAL:
+            raise ValueError(f"quantize.sequential must be one of {', '.join(SEQUENTIAL)}, not {self.sequential!r}")
         check_calibration_samples("quantize", self.calibration_samples)
         check_patterns("quantize", self.targets, self.ignore)
 
@@ -142,16 +147,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         raise ValueError(f"{config.label()} needs calibration batches and none were given")
     chosen, skipped = quantizable(model, config)
     layers = []
-    hessians = {}
-    if config.needs_calibration and not config.sequential:
-        modules = [module for _, module in chosen]
-        hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration)))
-    for name, module in tqdm(chosen, desc=f"quantize {config.label()}", disable=not progress, leave=False):
-        hessian = None
-        if hessians:
-            hessian = hessians.pop(id(module))
-        elif config.needs_calibration:  # sequential, as GPTQ: statistics see the earlier layers quantized
-            hessian = input_second_moments(model, [module], calibration)[0]
+
+    def quantize_layer(name: str, module: nn.Linear, hessian: torch.Tensor | None) -> None:
         weight = module.weight.detach().float()
         q = _quantize_weight(weight, config, hessian)
         approx = qp.dequantize(q)
@@ -159,5 +156,23 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         module.quantized = q
         layers.append({"module": name, "shape": list(weight.shape), "bits": q.bits,
                        "relative_mse": qp.relative_mse(weight, approx)})
+
+    bar = tqdm(total=len(chosen), desc=f"quantize {config.label()}", disable=not progress, leave=False)
+    rest = chosen
+    if config.needs_calibration and config.sequential == "block":
+        rest = quantize_blockwise(model, chosen, calibration, quantize_layer, bar)
+    hessians = {}
+    if config.needs_calibration and config.sequential != "layer" and rest:  # one pass for what is left
+        modules = [module for _, module in rest]
+        hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration)))
+    for name, module in rest:
+        hessian = hessians.pop(id(module), None)
+        if hessian is None and config.needs_calibration:  # sequential: statistics see earlier layers quantized
+            hessian = input_second_moments(model, [module], calibration)[0]
+        quantize_layer(name, module, hessian)
+        bar.update(1)
+    bar.close()
+    order = {name: i for i, (name, _) in enumerate(chosen)}
+    layers.sort(key=lambda entry: order[entry["module"]])  # report in model order, however they were visited
     return {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
             "skipped": skipped, **total_model_bits(model)}

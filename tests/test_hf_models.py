@@ -225,3 +225,16 @@ def test_partial_last_block_matches_quantizing_the_tail_alone():
         torch.testing.assert_close(full[:, :192], qp.dequantize(quantize(weight[:, :192], 64)), rtol=0, atol=0)
         torch.testing.assert_close(full[:, 192:], qp.dequantize(quantize(weight[:, 192:], 0)), rtol=0, atol=0)
     assert np.isfinite(full.numpy()).all()
+
+
+@pytest.mark.parametrize("content", [b"GGUF" + b"\xff" * 64, b"not a gguf at all"])
+def test_unreadable_gguf_fails_with_one_line(tmp_path, content):
+    (tmp_path / "model.gguf").write_bytes(content)
+    done = subprocess.run([sys.executable, "-m", "compressor.cli", "run", str(tmp_path / "model.gguf"), "--out",
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+                               "COMPRESSOR_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if "GGUF tensors" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "model.onnx").exists() and not list((tmp_path / "cache").glob("gguf/*"))
