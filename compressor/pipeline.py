@@ -45,11 +45,16 @@ class RunOptions:
     progress: bool = True
 
 
-def prepare_out_dir(out_dir: Path, force: bool) -> None:
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """What can be said of --out without touching it: run first, before minutes of loading."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a folder")
     if (out_dir / ARTIFACT_NAME).exists() and not force:
         raise UserError(f"{out_dir / ARTIFACT_NAME} already exists (pass --force to overwrite)")
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    check_out_dir(out_dir, force)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".*.partial"):  # left by a run killed mid-write (SIGKILL skips cleanup)
@@ -71,6 +76,7 @@ def resolve_checkpoint(source: Path) -> Path:
 def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
     recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
     check_providers(options.providers)
+    check_out_dir(Path(out_dir), options.force)
     checkpoint_path = resolve_checkpoint(Path(checkpoint_path))
     if is_onnx_input(checkpoint_path):
         return run_onnx(checkpoint_path, out_dir, recipe, options, log)

@@ -4,7 +4,7 @@ with human sentiment scores (samples/movie_reviews.py).
 A logistic-regression probe is trained once on the input (fp32) model's embeddings of the train split and then
 applied unchanged to every compressed model's embeddings of the held-out split: metric = probe accuracy. The
 cosine between each held-out embedding and the fp32 model's is reported beside it."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ class EmbeddingData:
     config: dict
     probe: np.ndarray | None = None  # [D + 1]: weights and bias, fitted on fp32 train-split embeddings
     reference: np.ndarray | None = None  # fp32 held-out embeddings, for the cosine
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
