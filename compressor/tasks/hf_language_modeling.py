@@ -5,6 +5,7 @@ import numpy as np
 
 from compressor.tasks.hf_tokenizer import load_tokenizer
 from compressor.tasks import language_modeling
+from compressor.tasks.language_modeling import benchmark_inputs  # noqa: F401  (same: `context` random tokens)
 from samples import wiki_corpus
 
 METRIC = "perplexity"
@@ -38,11 +39,6 @@ def evaluate(logits_fn, windows: np.ndarray, progress: bool = False) -> float:
 
 def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
     return {"input_ids": np.ascontiguousarray(windows[:4, :-1])}
-
-
-def benchmark_inputs(config: dict, batch_size: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {"input_ids": rng.integers(0, config["vocab_size"], (batch_size, config["context"]), dtype=np.int64)}
 
 
 def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:
