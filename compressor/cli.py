@@ -75,9 +75,9 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
     from compressor.pipeline import RunOptions, run
     from compressor.validate import BenchmarkSettings
 
+    bench = BenchmarkSettings(runs=bench_runs, warmup=min(10, bench_runs))  # a 135M LM's b16 run takes seconds
     options = RunOptions(recipe=recipe, overrides=overrides, seed=seed, providers=tuple(dict.fromkeys(providers)),
-                         eval_limit=eval_limit, force=force, bench=BenchmarkSettings(runs=bench_runs, warmup=min(10, bench_runs)),
-                         progress=not quiet)
+                         eval_limit=eval_limit, force=force, bench=bench, progress=not quiet)
     report = run(checkpoint, out_dir, options, log=lambda m: click.echo(m, err=True))
     accuracy = report["accuracy"]
     click.echo(f"{report['model']['name']} [{report['recipe']['name']}]: {accuracy['metric']} fp32 "
