@@ -101,6 +101,39 @@ def _int_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]
     return nodes, initializers
 
 
+def _gather_table_nodes(name: str, rows: list[_Column], out: str) -> tuple[list, list]:
+    """An embedding table tied to a quantized Linear (e.g. an LM's lm_head): the table's rows are the weight's
+    rows, so its codes [V, D] and scales [V, D / B] dequantize along axis 1 in front of the Gather."""
+    q = rows[0].quantized
+    if q.codebook is not None or q.block_size == PER_TENSOR:
+        raise _Skip("tied table: only int codes with per-channel or block scales are lowered")
+    dtype = (UNSIGNED if q.zero_points is not None else SIGNED)[container_bits(q.bits)]
+    per_channel = q.block_size == PER_CHANNEL
+    scale = _per_column(rows, "scales")
+    initializers = [numpy_helper.from_array(_per_column(rows, "codes").astype(dtype), f"{name}.codes"),
+                    numpy_helper.from_array(scale[:, 0] if per_channel else scale, f"{name}.scale")]
+    inputs = [f"{name}.codes", f"{name}.scale"]
+    if q.zero_points is not None:
+        zero = _per_column(rows, "zero_points")
+        initializers.append(numpy_helper.from_array((zero[:, 0] if per_channel else zero).astype(dtype),
+                                                    f"{name}.zero_point"))
+        inputs.append(f"{name}.zero_point")
+    attrs = {"axis": 0} if per_channel else {"axis": 1, "block_size": q.block_size}
+    dequant_out = out if scale.dtype == np.float32 else f"{name}.dequant_fp16"
+    nodes = [helper.make_node("DequantizeLinear", inputs, [dequant_out], name=f"{name}.DequantizeLinear", **attrs)]
+    if dequant_out != out:
+        nodes.append(helper.make_node("Cast", [dequant_out], [out], name=f"{name}.Cast", to=TensorProto.FLOAT))
+    return nodes, initializers
+
+
+def _tied_table_rows(table: np.ndarray, index: dict[bytes, _Column]) -> list[_Column] | None:
+    """The table's rows as one quantized weight's rows 0..V-1, in order, or None."""
+    rows = [index.get(row.tobytes()) for row in table]
+    if not all(rows) or len({id(r.quantized) for r in rows}) != 1 or [r.row for r in rows] != list(range(len(rows))):
+        return None
+    return rows
+
+
 def _codebook_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]:
     q = columns[0].quantized
     indices = np.ascontiguousarray(_per_column(columns, "codes").T)  # [K, N]
@@ -178,6 +211,25 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
         new_inits += inits
         node.input[1] = out
         lowered.append({"initializer": weight_name, "shape": list(weight.shape), "bits": columns[0].quantized.bits})
+    for node in graph.node:  # embedding tables tied to a quantized Linear share its codes
+        if node.op_type != "Gather" or node.input[0] not in initializers:
+            continue
+        table_name = node.input[0]
+        table = numpy_helper.to_array(initializers[table_name])
+        rows = _tied_table_rows(table, index) if table.ndim == 2 and table.dtype == np.float32 else None
+        if rows is None:
+            continue
+        try:
+            nodes, inits = _gather_table_nodes(f"{table_name}.q", rows, f"{table_name}.dequantized")
+        except _Skip as exc:
+            left.append({"initializer": table_name, "reason": str(exc)})
+            continue
+        uses_int2 |= container_bits(rows[0].quantized.bits) == 2
+        new_nodes += nodes
+        new_inits += inits
+        node.input[0] = f"{table_name}.dequantized"
+        lowered.append({"initializer": table_name, "shape": list(table.shape), "bits": rows[0].quantized.bits,
+                        "tied_table": True})
     still_used = {name for node in graph.node for name in node.input}
     kept = [init for init in graph.initializer if init.name in still_used]
     del graph.initializer[:]

@@ -127,8 +127,14 @@ def test_decoder_folder_int4_partial_blocks_and_check(tiny_llama, tmp_path):
     assert len(report["passes"][0]["layers"]) == 2 * 7 + 1  # q k v o gate up down, and the tied lm_head
     assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
     assert report["accuracy"]["agreement"]["cpu"]["passed"]
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert "DequantizeLinear" in ops
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert "DequantizeLinear" in {n.op_type for n in graph.node}
+    # the embedding table tied to lm_head is stored as lm_head's k-bit codes too (no fp32 copy left)
+    tied = [e for e in report["artifact"]["lowering"]["lowered"] if e.get("tied_table")]
+    assert len(tied) == 1
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith(".dequantized"))
+    assert gather.input[0] == f"{tied[0]['initializer']}.dequantized"
+    assert tied[0]["initializer"] not in {t.name for t in graph.initializer}
     check = _compress("check", str(out / "model.onnx"), "--baseline", str(out / "report.json"))
     assert check.returncode == 0, check.stdout + check.stderr
 
