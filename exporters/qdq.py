@@ -126,12 +126,15 @@ def _gather_table_nodes(name: str, rows: list[_Column], out: str) -> tuple[list,
     return nodes, initializers
 
 
-def _tied_table_rows(table: np.ndarray, index: dict[bytes, _Column]) -> list[_Column] | None:
-    """The table's rows as one quantized weight's rows 0..V-1, in order, or None."""
-    rows = [index.get(row.tobytes()) for row in table]
-    if not all(rows) or len({id(r.quantized) for r in rows}) != 1 or [r.row for r in rows] != list(range(len(rows))):
-        return None
-    return rows
+def _tied_table_rows(table: np.ndarray, model: nn.Module) -> list[_Column] | None:
+    """The rows of the quantized Linear weight that `table` equals (a tied embedding), or None. Compared whole,
+    not row by row: identical rows (unused tokens) would otherwise point at each other."""
+    for module in model.modules():
+        q = getattr(module, "quantized", None)
+        if q is not None and tuple(module.weight.shape) == table.shape and np.array_equal(
+                module.weight.detach().float().numpy(), table):
+            return [_Column(q, row) for row in range(table.shape[0])]
+    return None
 
 
 def _codebook_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]:
@@ -216,7 +219,7 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
             continue
         table_name = node.input[0]
         table = numpy_helper.to_array(initializers[table_name])
-        rows = _tied_table_rows(table, index) if table.ndim == 2 and table.dtype == np.float32 else None
+        rows = _tied_table_rows(table, model) if table.ndim == 2 and table.dtype == np.float32 else None
         if rows is None:
             continue
         try:
