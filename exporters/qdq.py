@@ -187,7 +187,6 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
     new_nodes, new_inits, lowered, left = [], [], [], []
-    uses_int2 = False
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in initializers:
             continue
@@ -209,7 +208,6 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
         except _Skip as exc:
             left.append({"initializer": weight_name, "reason": str(exc)})
             continue
-        uses_int2 |= container_bits(columns[0].quantized.bits) == 2
         new_nodes += nodes
         new_inits += inits
         node.input[1] = out
@@ -227,7 +225,6 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
         except _Skip as exc:
             left.append({"initializer": table_name, "reason": str(exc)})
             continue
-        uses_int2 |= container_bits(rows[0].quantized.bits) == 2
         new_nodes += nodes
         new_inits += inits
         node.input[0] = f"{table_name}.dequantized"
@@ -240,7 +237,7 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)  # new nodes read only initializers: first is topologically safe
-    if uses_int2:
+    if any(container_bits(entry["bits"]) == 2 for entry in lowered):
         for opset in proto.opset_import:
             if opset.domain in ("", "ai.onnx"):
                 opset.version = max(opset.version, INT2_OPSET)

@@ -49,7 +49,6 @@ def _wordpiece_tokenizer(folder: Path) -> int:
 
 
 def _save(model, folder: Path) -> Path:
-    torch.manual_seed(0)
     model.save_pretrained(str(folder))
     return folder
 
