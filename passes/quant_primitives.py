@@ -22,6 +22,7 @@ class Quantized:
     codebook: torch.Tensor | None  # [C] or [N, C] normalized values (codebook types)
     bits: int
     block_size: int  # as given: B, 0 per-channel, -1 per-tensor
+    offsets: torch.Tensor | None = None  # [N, groups] float zero points (each block's minimum), scale dtype
 
 
 def group_size(shape: tuple[int, int], block_size: int, partial: bool = False) -> int:
@@ -113,6 +114,31 @@ def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
     shape = scale_shape(tuple(weight.shape), block_size)
     return Quantized(from_groups(codes, tuple(weight.shape)).long(), scale.reshape(shape).to(scale_dtype),
                      zero.reshape(shape).long(), None, bits, block_size)
+
+
+def quantize_int_float_zero(weight: torch.Tensor, bits: int, block_size: int,
+                            scale_dtype: torch.dtype = torch.float32) -> Quantized:
+    """Min-max with a float zero point (llama.cpp's Q4_1, HQQ): w = S * q + m, m = the block's minimum and
+    S = (max - min) / (2^k - 1), both stored in the scale dtype; q = clip(round((w - m) / S), 0, 2^k - 1).
+    Unlike an integer zero point, the grid is not shifted to put 0 on a level, so weights that already sit on
+    such a grid (a Q4_1 GGUF at B = 32) come back exactly. Blocks only (B > 0); a shorter last block is padded
+    with its own last value, which changes neither its min nor its max."""
+    if block_size <= 0:
+        raise ValueError("a float zero point needs block-wise scales (block_size > 0)")
+    qmax = 2**bits - 1
+    rows, cols = weight.shape
+    weight = weight.float()
+    if cols % block_size:
+        weight = torch.cat([weight, weight[:, -1:].expand(rows, block_size - cols % block_size)], dim=1)
+    groups = weight.reshape(-1, block_size)
+    low, high = groups.amin(dim=1), groups.amax(dim=1)
+    span = high - low
+    scale = _store(torch.where(span > 0, span / qmax, torch.ones_like(span)), scale_dtype)
+    offset = _store(low, scale_dtype)
+    codes = torch.clamp(torch.round((groups - offset[:, None]) / scale[:, None]), 0, qmax)
+    shape = scale_shape((rows, cols), block_size)
+    return Quantized(from_groups(codes, (rows, cols)).long(), scale.reshape(shape).to(scale_dtype), None, None,
+                     bits, block_size, offset.reshape(shape).to(scale_dtype))
 
 
 def int_codes_from_scale(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -239,7 +265,10 @@ def dequantize(q: Quantized) -> torch.Tensor:
         return torch.gather(q.codebook, 1, q.codes) * scale
     levels = q.codes if q.zero_points is None else q.codes - _expand(q.zero_points, shape, q.block_size)
     # DequantizeLinear's output has the scale's dtype: with fp16 scales the artifact holds fp16 weights
-    return (levels.float() * scale).to(q.scales.dtype).float()
+    values = (levels.float() * scale).to(q.scales.dtype).float()
+    if q.offsets is not None:  # the artifact adds these in fp32 through a block-sum MatMul (exporters.qdq)
+        values = values + _expand(q.offsets.float(), shape, q.block_size)
+    return values
 
 
 def relative_mse(weight: torch.Tensor, approx: torch.Tensor) -> float:

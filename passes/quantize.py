@@ -1,5 +1,6 @@
 """The k-bit weight quantization pass: nn.Linear weights -> k-bit codes of one data type, fake-quantized in
 place (module.weight = the exact dequantized values) with the codes kept on the module for the exporter."""
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -8,8 +9,8 @@ from torch import nn
 from tqdm import tqdm
 
 from passes import quant_primitives as qp
-from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, selected_linears,
-                                split_by_input_multiple)
+from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, matches,
+                                selected_linears, split_by_input_multiple)
 from passes.blockwise import quantize_blockwise
 from passes.gptq import gptq_quantize
 from passes.model_bits import total_model_bits
@@ -17,6 +18,9 @@ from passes.model_bits import total_model_bits
 DTYPES = ("int", "log2", "float", "nf", "quantile", "kmeans")
 SEQUENTIAL = ("layer", "block", "none")
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+ZERO_POINTS = ("int", "float")
+# what `overrides` may change for the layers it names; selection and calibration stay the pass's own
+NOT_OVERRIDABLE = ("targets", "ignore", "overrides", "sequential", "calibration_samples")
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class QuantizeConfig:
     bits: int = 4
     block_size: int = 64  # B along the input dim; 0 = per-channel, -1 = per-tensor
     symmetric: bool = True  # int only: absmax (True) or min-max with zero point (False)
+    zero_point: str = "int"  # asymmetric int: "int" (ONNX's, 0 on a level) or "float" (block minimum, Q4_1 style)
     full_range: bool = False  # int symmetric only: also use level -2^(k-1) (Q4_0 / ORT style)
     scale_dtype: str = "float32"
     method: str = "rtn"  # or "gptq" (int only)
@@ -40,6 +45,9 @@ class QuantizeConfig:
     sequential: str = "layer"
     targets: tuple[str, ...] = ("re:.*",)  # nn.Linear names; "re:" prefix = regular expression (search)
     ignore: tuple[str, ...] = ()
+    # mixed precision: {pattern: {field: value}}; a layer takes the first pattern it matches, e.g.
+    # {"re:lm_head": {"bits": 8, "block_size": 32}} keeps the output layer at 8 bits (llama.cpp's K-quant mixes)
+    overrides: dict[str, dict] | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -54,6 +62,12 @@ class QuantizeConfig:
             raise ValueError(f"quantize.scale_dtype must be float32 or float16, not {self.scale_dtype!r}")
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"quantize.method must be rtn or gptq, not {self.method!r}")
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(f"quantize.zero_point must be int or float, not {self.zero_point!r}")
+        if self.zero_point == "float" and (self.dtype != "int" or self.symmetric or self.block_size <= 0):
+            raise ValueError("quantize.zero_point=float needs dtype=int, symmetric=false and a block size")
+        if self.zero_point == "float" and self.method != "rtn":
+            raise ValueError("quantize.zero_point=float works with method=rtn only")
         if self.method == "gptq" and self.dtype != "int":
             raise ValueError("quantize.method=gptq works with dtype=int only")
         if self.method == "gptq" and self.block_size == qp.PER_TENSOR:
@@ -70,6 +84,36 @@ class QuantizeConfig:
             raise ValueError(f"quantize.sequential must be one of {', '.join(SEQUENTIAL)}, not {self.sequential!r}")
         check_calibration_samples("quantize", self.calibration_samples)
         check_patterns("quantize", self.targets, self.ignore)
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        if self.overrides is None:
+            return
+        if not isinstance(self.overrides, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.overrides.items()):
+            raise ValueError("quantize.overrides must map module names / re: patterns to {field: value} mappings, "
+                             f"not {self.overrides!r}")
+        check_patterns("quantize", (), tuple(self.overrides), field_names=("targets", "overrides"))
+        known = {f.name for f in dataclasses.fields(self)}
+        for pattern, fields in self.overrides.items():
+            for key in fields:
+                if key in NOT_OVERRIDABLE or key not in known:
+                    raise ValueError(f"quantize.overrides[{pattern!r}]: {key!r} cannot be overridden per layer "
+                                     f"(allowed: {', '.join(sorted(known - set(NOT_OVERRIDABLE)))})")
+            try:
+                dataclasses.replace(self, overrides=None, **fields)
+            except ValueError as exc:
+                raise ValueError(f"quantize.overrides[{pattern!r}]: {exc}") from None
+
+    def for_layer(self, name: str) -> "QuantizeConfig":
+        """This config with the first matching override applied (the pass's own config when none matches)."""
+        for pattern, fields in (self.overrides or {}).items():
+            if matches(name, (pattern,)):
+                return dataclasses.replace(self, overrides=None, **fields)
+        return self
+
+    def layer_configs(self) -> list["QuantizeConfig"]:
+        return [self] + [dataclasses.replace(self, overrides=None, **f) for f in (self.overrides or {}).values()]
 
     @property
     def input_multiple(self) -> int | None:
@@ -81,14 +125,24 @@ class QuantizeConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or (self.dtype == "kmeans" and self.activation_weighted)
+        return any(c.method == "gptq" or (c.dtype == "kmeans" and c.activation_weighted)
+                   for c in self.layer_configs())
 
     def label(self) -> str:
+        base = self._own_label()
+        if not self.overrides:
+            return base
+        others = ", ".join(f"{pattern.removeprefix('re:')}: "
+                           f"{dataclasses.replace(self, overrides=None, **fields)._own_label()}"
+                           for pattern, fields in self.overrides.items())
+        return f"{base} ({others})"
+
+    def _own_label(self) -> str:
         granularity = {0: "channel", -1: "tensor"}.get(self.block_size, f"B{self.block_size}")
         name = "log" if self.dtype == "log2" else self.dtype
         parts = [f"{name}{self.bits}", granularity]
         if self.dtype == "int" and not self.symmetric:
-            parts.append("asym")
+            parts.append("asym" if self.zero_point == "int" else "asym-fzp")
         if self.dtype == "int" and self.symmetric and self.full_range:
             parts.append("full")
         if self.dtype == "kmeans" and self.activation_weighted:
@@ -101,10 +155,25 @@ class QuantizeConfig:
 
 
 def quantizable(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
-    """The recipe's targets, less the layers whose input width the block size does not divide; ValueError when
+    """The recipe's targets, less the layers whose input width their block size does not divide; ValueError when
     that leaves none. Shapes only: works on a model on the meta device (recipe checks before weights load)."""
     selected, ignored = selected_linears(model, config.targets, config.ignore)
-    chosen, skipped = split_by_input_multiple(selected, config.input_multiple, f"block_size {config.block_size}")
+    if not config.overrides:
+        chosen, skipped = split_by_input_multiple(selected, config.input_multiple, f"block_size {config.block_size}")
+        return chosen, ignored + skipped
+    if not selected:
+        split_by_input_multiple(selected)  # raises: the targets select nothing
+    chosen, skipped = [], []
+    for name, module in selected:  # each layer against its own block size
+        multiple = config.for_layer(name).input_multiple
+        if multiple and module.in_features % multiple:
+            skipped.append({"module": name, "reason": f"in_features {module.in_features} not divisible by "
+                                                      f"block_size {multiple}"})
+        else:
+            chosen.append((name, module))
+    if not chosen:
+        raise ValueError(f"the block sizes of the recipe and its overrides divide the in_features of none of the "
+                         f"{len(selected)} selected nn.Linear layers")
     return chosen, ignored + skipped
 
 
@@ -117,6 +186,8 @@ def _quantize_weight(weight: torch.Tensor, config: QuantizeConfig, hessian: torc
                                  config.full_range)
         if config.symmetric:
             return qp.quantize_int_symmetric(weight, bits, block, scale_dtype, config.full_range)
+        if config.zero_point == "float":
+            return qp.quantize_int_float_zero(weight, bits, block, scale_dtype)
         return qp.quantize_int_asymmetric(weight, bits, block, scale_dtype)
     if config.dtype in ("log2", "float", "nf"):
         codebook = {"log2": lambda: qp.log2_codebook(bits), "nf": lambda: qp.normal_float_codebook(bits),
@@ -150,7 +221,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
 
     def quantize_layer(name: str, module: nn.Linear, hessian: torch.Tensor | None) -> None:
         weight = module.weight.detach().float()
-        q = _quantize_weight(weight, config, hessian)
+        q = _quantize_weight(weight, config.for_layer(name), hessian)
         approx = qp.dequantize(q)
         module.weight.data = approx.to(module.weight.dtype)
         module.quantized = q
@@ -163,16 +234,17 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         rest = quantize_blockwise(model, chosen, calibration, quantize_layer, bar)
     hessians = {}
     if config.needs_calibration and config.sequential != "layer" and rest:  # one pass for what is left
-        modules = [module for _, module in rest]
+        modules = [module for name, module in rest if config.for_layer(name).needs_calibration]
         hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration)))
     for name, module in rest:
         hessian = hessians.pop(id(module), None)
-        if hessian is None and config.needs_calibration:  # sequential: statistics see earlier layers quantized
+        if hessian is None and config.for_layer(name).needs_calibration:  # sequential: statistics see earlier layers quantized
             hessian = input_second_moments(model, [module], calibration)[0]
         quantize_layer(name, module, hessian)
         bar.update(1)
     bar.close()
     order = {name: i for i, (name, _) in enumerate(chosen)}
     layers.sort(key=lambda entry: order[entry["module"]])  # report in model order, however they were visited
+    unmatched = [p for p in config.overrides or {} if not any(matches(name, (p,)) for name, _ in chosen)]
     return {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
-            "skipped": skipped, **total_model_bits(model)}
+            "skipped": skipped, "overrides_unmatched": unmatched, **total_model_bits(model)}

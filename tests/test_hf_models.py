@@ -138,6 +138,25 @@ def test_decoder_folder_int4_partial_blocks_and_check(tiny_llama, tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(tiny_llama, tmp_path):
+    """The q4_1 preset at B = 64 (hidden 96: a short last block): float zero points on every projection, the tied
+    lm_head at 8 bits stored once as the embedding's codes; exact-kernel parity with the torch model."""
+    out = tmp_path / "out"
+    done = _compress("run", str(tiny_llama), "--out", str(out), "--recipe", "q4_1", "--set",
+                     "quantize.block_size=64", "--eval-limit", "8", "--bench-runs", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    quantize = report["passes"][0]
+    assert quantize["label"] == "int4-B64-asym-fzp (lm_head$: int8-B64)"
+    bits = {layer["module"].rsplit(".", 1)[-1]: layer["bits"] for layer in quantize["layers"]}
+    assert bits.pop("lm_head") == 8 and set(bits.values()) == {4}
+    lowered = report["artifact"]["lowering"]["lowered"]
+    assert sum(bool(e.get("float_zero_points")) for e in lowered) == 2 * 7
+    assert sum(bool(e.get("tied_table")) for e in lowered) == 1
+    assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
+    assert report["accuracy"]["agreement"]["cpu"]["passed"]
+
+
 def test_gpt2_conv1d_becomes_linear_and_quantizes(tiny_gpt2, tmp_path):
     checkpoint = load_hf_checkpoint(tiny_gpt2)
     assert not any(type(m).__name__ == "Conv1D" for m in checkpoint.model.modules())

@@ -85,6 +85,29 @@ def test_every_data_type_exports_exactly(shipped, tmp_path, config):
     assert result["passed"], result
 
 
+@pytest.mark.parametrize("config", [
+    QuantizeConfig(bits=4, block_size=32, symmetric=False, zero_point="float"),
+    QuantizeConfig(bits=4, block_size=32, symmetric=False, zero_point="float",
+                   overrides={"lm_head": {"bits": 8, "symmetric": True, "zero_point": "int"}}),
+    QuantizeConfig(bits=3, block_size=64, symmetric=False, zero_point="float", scale_dtype="float16"),
+], ids=lambda c: f"{c.label()}-{c.scale_dtype}")
+def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(shipped, tmp_path, config):
+    """w = S * q + m: DequantizeLinear for S * q plus the block-sum MatMuls for m. With fp32 scales ORT still
+    fuses every weight into MatMulNBits (fp16 scales take the DequantizeLinear + Cast path, exact but unfused)."""
+    checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)
+    linears = len(record["layers"])
+    assert len(lowering["lowered"]) == linears and not lowering["left_fp32"]
+    bits = {layer["module"]: layer["bits"] for layer in record["layers"]}
+    assert bits["lm_head"] == (8 if config.overrides else config.bits)
+    ops, _ = _optimized_ops(path, tmp_path)
+    if config.scale_dtype == "float32":
+        assert ops["MatMulNBits"] == linears and ops["DequantizeLinear"] == 0, ops
+    inputs = task.parity_inputs(data)
+    exact = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
+    result = parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), exact, EXACT_TOLERANCE)
+    assert result["passed"], result
+
+
 def test_seq2seq_quantizes_and_exports(shipped, tmp_path):
     checkpoint, task, data, record, lowering, path = _quantized_artifact(
         shipped, tmp_path, QuantizeConfig(bits=4, block_size=32), name="seq2seq-reverse")

@@ -64,6 +64,42 @@ def test_int_asymmetric_matches_plain_reference(bits):
     assert q.zero_points.shape == q.scales.shape == (8, 4)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int_float_zero_point_matches_plain_reference(bits):
+    weight = WEIGHT[:, :56]  # 56 = 3 blocks of 16 and a short last block of 8
+    q = qp.quantize_int_float_zero(weight, bits, 16)
+    qmax = 2**bits - 1
+    codes, values = [], []
+    for row in weight.tolist():
+        for start in range(0, len(row), 16):
+            block = row[start : start + 16]
+            low = torch.tensor(min(block)).item()
+            scale = torch.tensor((max(block) - low) / qmax).item()
+            for v in block:
+                code = max(0, min(qmax, round(torch.tensor((v - low) / scale).item())))
+                codes.append(code)
+                values.append(low + code * scale)
+    assert q.codes.reshape(-1).tolist() == codes
+    assert q.zero_points is None and q.offsets.shape == q.scales.shape == (8, 4)
+    torch.testing.assert_close(qp.dequantize(q).reshape(-1), torch.tensor(values), rtol=0, atol=1e-6)
+
+
+def test_float_zero_point_gives_back_weights_already_on_its_grid():
+    """A Q4_1 GGUF dequantized: w = d * q + m per 32, d and m in fp16. Requantizing with the same layout returns
+    the same weights (an integer zero point would shift the grid and round every weight again)."""
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (6, 96), generator=generator)
+    codes[:, ::32] = 0  # Q4_1's minimum and maximum are levels 0 and 15 of every block
+    codes[:, 1::32] = 15
+    d = (torch.rand(6, 3, generator=generator) * 0.02 + 0.001).half().float()
+    m = (torch.randn(6, 3, generator=generator) * 0.05).half().float()
+    weight = codes * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
+    again = qp.dequantize(qp.quantize_int_float_zero(weight, 4, 32))
+    assert float((again - weight).abs().max()) < 1e-6 * float(weight.abs().max())
+    integer = qp.dequantize(qp.quantize_int_asymmetric(weight, 4, 32))
+    assert float((integer - weight).abs().max()) > 100 * float((again - weight).abs().max())
+
+
 def test_nearest_codes_is_the_argmin():
     values = torch.randn(500)
     for codebook in (qp.normal_float_codebook(4), qp.float_codebook(5), qp.log2_codebook(3)):
@@ -165,3 +201,16 @@ def test_total_model_bits_counts_every_stored_bit():
     assert record["total_model_bits"] == codes + scales + zero_points + others
     assert record["bits_per_param"] == pytest.approx(record["total_model_bits"] / (128 * 64 + 192))
     assert total_model_bits(model)["quantized_params"] == 128 * 64
+
+
+def test_total_model_bits_counts_float_zero_points_and_overrides():
+    model = nn.Sequential(nn.Linear(128, 64, bias=False), nn.Linear(64, 32, bias=False))
+    config = QuantizeConfig(bits=4, block_size=64, symmetric=False, zero_point="float",
+                            overrides={"1": {"bits": 8, "symmetric": True, "zero_point": "int"}})
+    record = quantize_model(model, config)
+    first = 64 * 128 * 4 + 64 * 2 * 32 * 2  # codes, then fp32 scale and fp32 offset per block of 64
+    second = 32 * 64 * 8 + 32 * 1 * 32  # int8 codes, one fp32 scale per row (one block of 64)
+    assert record["total_model_bits"] == first + second
+    assert [layer["bits"] for layer in record["layers"]] == [4, 8]
+    assert model[0].quantized.offsets is not None and model[1].quantized.offsets is None
+    assert record["label"] == "int4-B64-asym-fzp (1: int8-B64)"
