@@ -7,10 +7,11 @@ its exact bytes, so renaming and concatenation do not matter, and replace the in
 
 - int types: k-bit codes [K, N] (int2/int4/int8, or uint with a zero point) -> DequantizeLinear(axis 0,
   block_size B) -> MatMul, the pattern ONNX Runtime fuses into MatMulNBits (per-channel: axis 1 scales);
-- float zero points (w = S * q + m per block; DequantizeLinear's zero point is an integer): uint codes with
-  DequantizeLinear as above for S * q, plus the offsets' share x @ M = (x @ E) @ M_blocks, where E [K, K/B] sums
-  x over each block and M_blocks [K/B, N] holds the block minimums: two small MatMuls (1/B of the main one's
-  work) and an Add after the main MatMul, which ONNX Runtime still fuses into MatMulNBits;
+- float zero points (w = S * (q - z) + c per block, z the nearest integer zero point and c the fractional rest;
+  DequantizeLinear's zero point is an integer): DequantizeLinear as above for S * (q - z), plus the rests' share
+  x @ C = (x @ E) @ C_blocks, where E [K, K/B] sums x over each block and C_blocks [K/B, N] holds the rests: two
+  small MatMuls (1/B of the main one's work) and an Add after the main MatMul, which ONNX Runtime still fuses
+  into MatMulNBits;
 - codebook types: uint indices [K, N] -> Cast(int32) -> Gather(codebook) -> Mul(block scales) -> MatMul. ONNX
   Runtime has no k-bit kernel for these: it constant-folds them back to fp32 at session start (small file, fp32
   speed and memory).
@@ -55,10 +56,6 @@ def _kind(q: Quantized) -> tuple:
     return (q.bits, q.block_size, q.scales.dtype, q.zero_points is not None, q.offsets is not None, codebook_kind)
 
 
-def _unsigned(q: Quantized) -> bool:
-    return q.zero_points is not None or q.offsets is not None
-
-
 def _per_column(columns: list[_Column], field: str) -> np.ndarray:
     """Stack one field of each column's torch row: [N, ...] (rows of the torch weight = ONNX columns)."""
     return np.stack([getattr(c.quantized, field)[c.row].numpy() if getattr(c.quantized, field).shape[0] > 1
@@ -85,7 +82,7 @@ def _int_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]
     width = container_bits(q.bits)
     codes = np.ascontiguousarray(_per_column(columns, "codes").T)  # [K, N]
     asymmetric = q.zero_points is not None
-    dtype = (UNSIGNED if _unsigned(q) else SIGNED)[width]
+    dtype = (UNSIGNED if asymmetric else SIGNED)[width]
     scale = _scale_tensor(columns, q.block_size)
     initializers = [numpy_helper.from_array(codes.astype(dtype), f"{name}.codes"),
                     numpy_helper.from_array(scale, f"{name}.scale")]
@@ -148,7 +145,7 @@ def _tied_table_rows(table: np.ndarray, model: nn.Module) -> list[_Column] | Non
 
 def _offset_nodes(name: str, columns: list[_Column], x: str, block_sums: str | None, main_out: str,
                   out: str) -> tuple[list, list]:
-    """out = main_out + (x @ E) @ M_blocks: the float zero points' share of the product (see the module doc).
+    """out = main_out + (x @ E) @ C_blocks: the float zero points' share of the product (see the module doc).
     `block_sums` names an x @ E already computed for the same input and block size (Q, K and V share one)."""
     q = columns[0].quantized
     offsets = np.ascontiguousarray(_per_column(columns, "offsets").T)  # [K/B, N]

@@ -20,7 +20,7 @@ def container_bits(bits: int) -> int:
 class TensorBits:
     codes: int
     scales: int
-    zero_points: int  # integer zero points, or float ones (block offsets) at the scale width
+    zero_points: int  # integer zero points, plus a float zero point's rest at the scale width
     codebook: int
 
     @property

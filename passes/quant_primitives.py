@@ -22,7 +22,7 @@ class Quantized:
     codebook: torch.Tensor | None  # [C] or [N, C] normalized values (codebook types)
     bits: int
     block_size: int  # as given: B, 0 per-channel, -1 per-tensor
-    offsets: torch.Tensor | None = None  # [N, groups] float zero points (each block's minimum), scale dtype
+    offsets: torch.Tensor | None = None  # [N, groups] float zero points' fractional rest c: w = S(q - z) + c
 
 
 def group_size(shape: tuple[int, int], block_size: int, partial: bool = False) -> int:
@@ -119,10 +119,14 @@ def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
 def quantize_int_float_zero(weight: torch.Tensor, bits: int, block_size: int,
                             scale_dtype: torch.dtype = torch.float32) -> Quantized:
     """Min-max with a float zero point (llama.cpp's Q4_1, HQQ): w = S * q + m, m = the block's minimum and
-    S = (max - min) / (2^k - 1), both stored in the scale dtype; q = clip(round((w - m) / S), 0, 2^k - 1).
-    Unlike an integer zero point, the grid is not shifted to put 0 on a level, so weights that already sit on
-    such a grid (a Q4_1 GGUF at B = 32) come back exactly. Blocks only (B > 0); a shorter last block is padded
-    with its own last value, which changes neither its min nor its max."""
+    S = (max - min) / (2^k - 1); q = clip(round((w - m) / S), 0, 2^k - 1). Unlike an integer zero point, the grid
+    is not shifted to put 0 on a level, so weights that already sit on such a grid (a Q4_1 GGUF at B = 32) come
+    back exactly. Blocks only (B > 0); a shorter last block is padded with its own last value, which changes
+    neither its min nor its max.
+
+    Stored as w = S * (q - z) + c: z = the integer zero point nearest -m / S and c = m + S * z the fractional
+    rest (|c| <= S / 2 when the block spans 0). Same weights, but the k-bit part stays centred, which keeps
+    ONNX Runtime's int8-activation kernel (accuracy level 4) as accurate as with a plain zero point."""
     if block_size <= 0:
         raise ValueError("a float zero point needs block-wise scales (block_size > 0)")
     qmax = 2**bits - 1
@@ -134,11 +138,13 @@ def quantize_int_float_zero(weight: torch.Tensor, bits: int, block_size: int,
     low, high = groups.amin(dim=1), groups.amax(dim=1)
     span = high - low
     scale = _store(torch.where(span > 0, span / qmax, torch.ones_like(span)), scale_dtype)
-    offset = _store(low, scale_dtype)
-    codes = torch.clamp(torch.round((groups - offset[:, None]) / scale[:, None]), 0, qmax)
+    minimum = _store(low, scale_dtype)
+    codes = torch.clamp(torch.round((groups - minimum[:, None]) / scale[:, None]), 0, qmax)
+    zero = torch.clamp(torch.round(-minimum / scale), 0, qmax)
+    rest = _store(minimum + scale * zero, scale_dtype)
     shape = scale_shape((rows, cols), block_size)
-    return Quantized(from_groups(codes, (rows, cols)).long(), scale.reshape(shape).to(scale_dtype), None, None,
-                     bits, block_size, offset.reshape(shape).to(scale_dtype))
+    return Quantized(from_groups(codes, (rows, cols)).long(), scale.reshape(shape).to(scale_dtype),
+                     zero.reshape(shape).long(), None, bits, block_size, rest.reshape(shape).to(scale_dtype))
 
 
 def int_codes_from_scale(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,

@@ -61,9 +61,20 @@ def test_smollm2_int8_perplexity_within_1_percent(smollm2, tmp_path):
     assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
 
 
-@pytest.mark.xfail(strict=True, reason="4-bit round-to-nearest on SmolLM2-135M (already Q4_1) measured +58% (B64) "
-                                       "and +80% (B128) perplexity: see docs/hf-models.md")
-def test_smollm2_int4_perplexity_within_10_percent(smollm2, tmp_path):
+def test_smollm2_q4_1_perplexity_within_10_percent(smollm2, tmp_path):
+    """4-bit codes in Q4_1's own layout (B = 32, float zero points) and an 8-bit lm_head give the GGUF's weights
+    back: measured +0.17% (torch and CUDA), +1.8% ORT CPU's int8-activation kernel (64 windows, H100 host)."""
+    report = _run(smollm2, tmp_path / "q4_1", "q4_1", eval_limit=16)
+    assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
+    assert report["accuracy"]["torch"] <= 1.01 * report["accuracy"]["reference"]
+    assert report["accuracy"]["onnxruntime"]["cpu"] <= 1.10 * report["accuracy"]["reference"]
+    layers = report["passes"][0]["layers"]
+    assert {layer["bits"] for layer in layers} == {4, 8} and len(layers) == 30 * 7 + 1
+
+
+@pytest.mark.xfail(strict=True, reason="4-bit round-to-nearest on SmolLM2-135M (already Q4_1) onto another grid "
+                                       "measured +58% (B64) and +80% (B128) perplexity: see docs/hf-models.md")
+def test_smollm2_int4_b64_perplexity_within_10_percent(smollm2, tmp_path):
     report = _run(smollm2, tmp_path / "int4", "int4", eval_limit=16)
     assert report["parity"]["by_provider"]["cpu_exact"]["passed"]
     assert report["accuracy"]["onnxruntime"]["cpu"] <= 1.10 * report["accuracy"]["reference"]

@@ -69,18 +69,21 @@ def test_int_float_zero_point_matches_plain_reference(bits):
     weight = WEIGHT[:, :56]  # 56 = 3 blocks of 16 and a short last block of 8
     q = qp.quantize_int_float_zero(weight, bits, 16)
     qmax = 2**bits - 1
-    codes, values = [], []
+    codes, values, zeros = [], [], []
     for row in weight.tolist():
         for start in range(0, len(row), 16):
             block = row[start : start + 16]
             low = torch.tensor(min(block)).item()
             scale = torch.tensor((max(block) - low) / qmax).item()
+            zeros.append(max(0, min(qmax, round(-low / scale))))
             for v in block:
                 code = max(0, min(qmax, round(torch.tensor((v - low) / scale).item())))
                 codes.append(code)
                 values.append(low + code * scale)
     assert q.codes.reshape(-1).tolist() == codes
-    assert q.zero_points is None and q.offsets.shape == q.scales.shape == (8, 4)
+    assert q.zero_points.reshape(-1).tolist() == zeros  # the nearest integer zero point, plus a small rest:
+    assert float(q.offsets.abs().max()) <= float(q.scales.max()) * qmax  # (block of all-positive weights: z = 0)
+    assert q.offsets.shape == q.scales.shape == (8, 4)
     torch.testing.assert_close(qp.dequantize(q).reshape(-1), torch.tensor(values), rtol=0, atol=1e-6)
 
 
@@ -208,7 +211,7 @@ def test_total_model_bits_counts_float_zero_points_and_overrides():
     config = QuantizeConfig(bits=4, block_size=64, symmetric=False, zero_point="float",
                             overrides={"1": {"bits": 8, "symmetric": True, "zero_point": "int"}})
     record = quantize_model(model, config)
-    first = 64 * 128 * 4 + 64 * 2 * 32 * 2  # codes, then fp32 scale and fp32 offset per block of 64
+    first = 64 * 128 * 4 + 64 * 2 * (32 + 32 + 4)  # codes; per block of 64 fp32 scale, fp32 rest, uint4 zero
     second = 32 * 64 * 8 + 32 * 1 * 32  # int8 codes, one fp32 scale per row (one block of 64)
     assert record["total_model_bits"] == first + second
     assert [layer["bits"] for layer in record["layers"]] == [4, 8]
