@@ -73,6 +73,10 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Logit parity (torch vs ONNX Runtime)", "",
               f"max abs {_fmt(parity['max_abs'], 3)}, max rel {_fmt(parity['max_rel'], 3)} "
               f"(tolerance {parity['tolerance_max_rel']}): {'pass' if parity['passed'] else '**FAIL**'}", "",
+              "| session | max rel | tolerance | gated |", "|---|---|---|---|",
+              *[f"| {name} | {_fmt(p['max_rel'], 3)} | {p['tolerance_max_rel']} | "
+                f"{'yes' if p.get('gated', True) else 'no (approximate kernel; accuracy agreement gated)'} |"
+                for name, p in parity["by_provider"].items()], "",
               "## Latency and memory (ONNX Runtime, after warm-up)", "",
               "| provider | batch | p50 ms | p90 ms | peak RSS MiB |", "|---|---|---|---|---|"]
     for provider, latency in report["latency"].items():

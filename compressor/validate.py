@@ -36,9 +36,11 @@ class Tolerances:
     def for_artifact(cls, int_weights: bool) -> "Tolerances":
         """With k-bit int weights ONNX Runtime runs MatMulNBits at its default accuracy level 4, which quantizes
         activations to int8 on the fly: ~5e-3 relative error per MatMul (ort-facts), compounding over layers.
-        Those artifacts are held to 6e-2 on logits (measured 2.6e-2 on gpt-s int4) and 1e-2 on perplexity
-        (measured 1e-4) at the default session, and to the fp32 tolerances with accuracy level 0 (exact; measured
-        1.4e-6), reported as parity.by_provider.<ep>_exact."""
+        Those artifacts are held to the fp32 tolerances with accuracy level 0 (exact; measured 1.4e-6), reported
+        as parity.by_provider.<ep>_exact, and at the default session to 1e-2 on perplexity (measured 1e-4 on
+        gpt-s, 3.4e-3 on SmolLM2 q4_1). Their default-session logits are compared at 6e-2 (gpt-s int4 2.6e-2)
+        but not gated: on SmolLM2, whose activations have outliers in the hundreds, the int8 activations move
+        them by ~0.1 while perplexity moves by 0.3%."""
         if not int_weights:
             return cls()
         return cls(parity_max_rel=6e-2, perplexity_rel=1e-2, exact_match_abs=0.01)
@@ -148,13 +150,19 @@ def validate(model: nn.Module, task: ModuleType, config: dict, artifact: Path, h
             exact_fn = logits_fn(create_session(artifact, provider, options=EXACT_MATMULNBITS))
             report["parity"][f"{provider}_exact"] = parity(reference_logits, exact_fn(parity_batch),
                                                            exact.parity_max_rel)
+            # the default kernel is approximate by design (int8 activations): reported, not gated; it is held to
+            # the accuracy agreement instead, and the artifact itself to the exact entry
+            report["parity"][provider]["gated"] = False
         measured = run_benchmark(artifact, task, config, provider, bench, progress)
         report["memory"][provider] = measured.pop("memory")
         report["latency"][provider] = measured
-    # Top-level parity is the worst over the providers run; each provider's own figures stay under its name.
-    by_provider = report["parity"]
-    report["parity"] = {"max_abs": max(p["max_abs"] for p in by_provider.values()),
-                        "max_rel": max(p["max_rel"] for p in by_provider.values()),
-                        "tolerance_max_rel": tolerances.parity_max_rel,
-                        "passed": all(p["passed"] for p in by_provider.values()), "by_provider": by_provider}
+    report["parity"] = summarize_parity(report["parity"])
     return report
+
+
+def summarize_parity(by_provider: dict) -> dict:
+    """Top-level parity: the worst over the gated entries; each session's own figures stay under its name."""
+    gated = [p for p in by_provider.values() if p.get("gated", True)]
+    return {"max_abs": max(p["max_abs"] for p in gated), "max_rel": max(p["max_rel"] for p in gated),
+            "tolerance_max_rel": max(p["tolerance_max_rel"] for p in gated),
+            "passed": all(p["passed"] for p in gated), "by_provider": by_provider}

@@ -82,6 +82,9 @@ def test_int4_run_reports_bits_and_passes(tmp_path):
     assert report["passes"][0]["perplexity"] == report["accuracy"]["torch"]
     assert report["accuracy"]["reference"] < report["accuracy"]["torch"]  # 4-bit costs a little perplexity
     assert report["parity"]["by_provider"]["cpu_exact"]["passed"] and report["parity"]["passed"]
+    # the default int8-activation kernel is reported beside it; the exact-kernel figure is the gated one
+    assert report["parity"]["by_provider"]["cpu"]["gated"] is False
+    assert report["parity"]["max_rel"] == report["parity"]["by_provider"]["cpu_exact"]["max_rel"] < 1e-4
     assert report["artifact"]["lowering"]["lowered"] and not report["artifact"]["lowering"]["left_fp32"]
     fp32_bytes = report["model"]["params"] * 4
     assert report["artifact"]["bytes"] < 0.5 * fp32_bytes
@@ -138,3 +141,17 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, shipped, case):
     result = _compress("run", str(ckpt), "--out", str(tmp_path / "out"), cwd=tmp_path)
     _assert_clean_failure(result, tmp_path / "out", needle)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_parity_gates_the_exact_kernel_not_the_approximate_default():
+    from compressor.validate import summarize_parity
+
+    def entry(max_rel, tolerance, **extra):
+        return {"max_abs": max_rel, "max_rel": max_rel, "tolerance_max_rel": tolerance,
+                "passed": max_rel <= tolerance, **extra}
+
+    approximate = entry(0.11, 0.06, gated=False)  # int8 activations on a model with outliers: not an export error
+    summary = summarize_parity({"cpu": approximate, "cpu_exact": entry(5e-6, 1e-4)})
+    assert summary["passed"] and summary["max_rel"] == 5e-6 and summary["tolerance_max_rel"] == 1e-4
+    assert not summarize_parity({"cpu": approximate, "cpu_exact": entry(2e-3, 1e-4)})["passed"]
+    assert not summarize_parity({"cpu": entry(2e-3, 1e-4)})["passed"]  # fp32 artifacts: the default is exact
