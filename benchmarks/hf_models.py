@@ -31,7 +31,7 @@ RECIPES = {
     "int4-b128": ("int4", ("quantize.block_size=128",)),
     # mixed precision: the output layer (tied to the embeddings) at 8 bits, as the GGUF itself stores it
     "int4-b64-head8": ("int4", ("quantize.block_size=64",
-                                "quantize.overrides={re:lm_head$: {bits: 8, block_size: 0}}")),
+                                "quantize.overrides={re:lm_head: {bits: 8, block_size: 0}}")),
     "q4_1": ("q4_1", ()),
     "q4_1-b64": ("q4_1", ("quantize.block_size=64",)),
 }

@@ -116,10 +116,10 @@ def check_command(artifact, baseline, tolerance):
 
 @main.command("passes")
 def passes_command():
-    """List the passes, in stage order, with their fields and defaults."""
+    """List the passes, in stage order, with their fields and defaults, then the presets."""
     import dataclasses
 
-    from compressor.recipes import PASS_CONFIGS, STAGES, Gates
+    from compressor.recipes import PASS_CONFIGS, PRESETS, STAGES, Gates
 
     for name, config_type in sorted(PASS_CONFIGS.items(), key=lambda item: STAGES[item[0]]):
         summary = (sys.modules[config_type.__module__].__doc__ or "").strip().splitlines()[0]
@@ -130,6 +130,9 @@ def passes_command():
     click.echo("gates:")
     for f in dataclasses.fields(Gates):
         click.echo(f"    {f.name}: {getattr(f.type, '__name__', str(f.type))} = {f.default!r}")
+    click.echo("presets:")
+    for name, passes in PRESETS.items():
+        click.echo(f"    {name}: " + ("; ".join(f"{p} {fields}" for p, fields in passes.items()) or "no passes"))
 
 
 @main.group("sample")

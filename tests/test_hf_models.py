@@ -147,7 +147,7 @@ def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(tiny_llama, tmp_pat
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     quantize = report["passes"][0]
-    assert quantize["label"] == "int4-B64-asym-fzp (lm_head$: int8-channel)"
+    assert quantize["label"] == "int4-B64-asym-fzp (lm_head: int8-channel)"
     bits = {layer["module"].rsplit(".", 1)[-1]: layer["bits"] for layer in quantize["layers"]}
     assert bits.pop("lm_head") == 8 and set(bits.values()) == {4}
     lowered = report["artifact"]["lowering"]["lowered"]

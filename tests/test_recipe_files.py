@@ -65,3 +65,6 @@ def test_passes_command_lists_every_pass():
     assert result.exit_code == 0
     for name in ("prune", "structured_prune", "lowrank", "heal", "quantize", "gates", "block_size: int = 64"):
         assert name in result.output
+    from compressor.recipes import PRESETS
+    presets = result.output.split("presets:\n", 1)[1]
+    assert [line.split(":")[0].strip() for line in presets.splitlines()] == list(PRESETS)
