@@ -92,8 +92,8 @@ def test_every_data_type_exports_exactly(shipped, tmp_path, config):
     QuantizeConfig(bits=3, block_size=64, symmetric=False, zero_point="float", scale_dtype="float16"),
 ], ids=lambda c: f"{c.label()}-{c.scale_dtype}")
 def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(shipped, tmp_path, config):
-    """w = S * q + m: DequantizeLinear for S * q plus the block-sum MatMuls for m. With fp32 scales ORT still
-    fuses every weight into MatMulNBits (fp16 scales take the DequantizeLinear + Cast path, exact but unfused)."""
+    """w = S * (q - z) + c: DequantizeLinear for S * (q - z) plus the block-sum MatMuls for the rests c. With fp32
+    scales ORT still fuses every weight into MatMulNBits (fp16 scales: DequantizeLinear + Cast, exact, unfused)."""
     checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)
     linears = len(record["layers"])
     assert len(lowering["lowered"]) == linears and not lowering["left_fp32"]
