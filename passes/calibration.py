@@ -28,10 +28,10 @@ def input_second_moments(model: nn.Module, modules: list[nn.Linear], calibration
     return moments
 
 
-def check_patterns(pass_name: str, targets: tuple[str, ...], ignore: tuple[str, ...],
-                   field_names: tuple[str, str] = ("targets", "ignore")) -> None:
-    """A config's targets / ignore: "re:" patterns must compile (a recipe error, not a crash mid-run)."""
-    for field, patterns in zip(field_names, (targets, ignore)):
+def check_patterns(pass_name: str, **fields: tuple[str, ...]) -> None:
+    """A config's module patterns (targets, ignore, ...): "re:" patterns must compile (a recipe error, not a crash
+    mid-run)."""
+    for field, patterns in fields.items():
         for pattern in patterns:
             if pattern.startswith("re:"):
                 try:

@@ -39,7 +39,7 @@ class LowRankConfig:
         if not 0 < self.damp < math.inf:  # also refuses NaN
             raise ValueError(f"lowrank.damp must be a positive number, not {self.damp!r}")
         check_calibration_samples("lowrank", self.calibration_samples)
-        check_patterns("lowrank", self.targets, self.ignore)
+        check_patterns("lowrank", targets=self.targets, ignore=self.ignore)
 
     @property
     def needs_calibration(self) -> bool:

@@ -38,7 +38,7 @@ class PruneConfig:
             if not 0 < n < m:
                 raise ValueError(f"prune.pattern {self.pattern!r}: need 0 < N < M")
         check_calibration_samples("prune", self.calibration_samples)
-        check_patterns("prune", self.targets, self.ignore)
+        check_patterns("prune", targets=self.targets, ignore=self.ignore)
 
     @property
     def n_m(self) -> tuple[int, int]:

@@ -83,7 +83,7 @@ class QuantizeConfig:
         if self.sequential not in SEQUENTIAL:
             raise ValueError(f"quantize.sequential must be one of {', '.join(SEQUENTIAL)}, not {self.sequential!r}")
         check_calibration_samples("quantize", self.calibration_samples)
-        check_patterns("quantize", self.targets, self.ignore)
+        check_patterns("quantize", targets=self.targets, ignore=self.ignore)
         self._check_overrides()
 
     def _check_overrides(self) -> None:
@@ -93,7 +93,7 @@ class QuantizeConfig:
                 isinstance(k, str) and isinstance(v, dict) for k, v in self.overrides.items()):
             raise ValueError("quantize.overrides must map module names / re: patterns to {field: value} mappings, "
                              f"not {self.overrides!r}")
-        check_patterns("quantize", (), tuple(self.overrides), field_names=("targets", "overrides"))
+        check_patterns("quantize", overrides=tuple(self.overrides))
         known = {f.name for f in dataclasses.fields(self)}
         for pattern, fields in self.overrides.items():
             for key in fields:
