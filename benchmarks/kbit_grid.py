@@ -21,11 +21,12 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressor.checkpoint import load_checkpoint  # noqa: E402
+from compressor.inputs.checkpoint import load_checkpoint  # noqa: E402
 from compressor.ort_runtime import create_session, logits_fn  # noqa: E402
 from compressor.tasks import TASKS  # noqa: E402
 from compressor.validate import BenchmarkSettings, run_benchmark, torch_logits_fn  # noqa: E402
-from exporters.onnx_export import export_onnx, finalize, save_onnx  # noqa: E402
+from exporters.onnx_export import export_onnx, finalize
+from compressor.artifact import save_onnx  # noqa: E402
 from exporters.qdq import lower_to_qdq  # noqa: E402
 from passes.model_bits import total_model_bits  # noqa: E402
 from passes.quantize import QuantizeConfig, quantize_model  # noqa: E402

@@ -1,4 +1,6 @@
-"""Write files so that a reader never sees half of one: temp file in the same folder, fsync, rename."""
+"""Files: written so that a reader never sees half of one (temp file in the same folder, fsync, rename), and
+hashed. A leaf: imports nothing of the project."""
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -56,3 +58,11 @@ def removed_on_failure(*paths: Path):
             Path(path).unlink(missing_ok=True)
         raise
 
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

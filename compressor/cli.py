@@ -72,6 +72,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
 
     CHECKPOINT is a checkpoint folder (config.json + model.safetensors), a weights file with config.json beside
     it, or the name of a shipped sample (see `compress sample list`)."""
+    from compressor.artifact import summary_line
     from compressor.pipeline import RunOptions, run
     from compressor.validate import BenchmarkSettings
 
@@ -95,6 +96,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
     failed = [c for c in report["gates"]["checks"] if not c["passed"]]
     for check in failed:
         click.echo(f"gate failed: {check['gate']} {check['value']:.4g} (threshold {check['threshold']:.4g})", err=True)
+    click.echo(summary_line(report["summary"]))
     if failed:
         sys.exit(1)
 
@@ -119,12 +121,13 @@ def passes_command():
     """List the passes, in stage order, with their fields and defaults, then the presets."""
     import dataclasses
 
-    from compressor.recipes import PASS_CONFIGS, PRESETS, STAGES, Gates
+    from compressor.recipes import PRESETS, Gates
+    from passes.registry import PASSES
 
-    for name, config_type in sorted(PASS_CONFIGS.items(), key=lambda item: STAGES[item[0]]):
-        summary = (sys.modules[config_type.__module__].__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name} (stage {STAGES[name]}): {summary}")
-        for f in dataclasses.fields(config_type):
+    for spec in sorted(PASSES.values(), key=lambda spec: spec.stage):
+        summary = (sys.modules[spec.config.__module__].__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{spec.name} (stage {spec.stage}, rewrites the {spec.rewrites} model): {summary}")
+        for f in dataclasses.fields(spec.config):
             kind = getattr(f.type, "__name__", str(f.type))
             click.echo(f"    {f.name}: {kind} = {f.default!r}")
     click.echo("gates:")
@@ -162,7 +165,7 @@ def sample_list():
 def sample_train(name, out_dir, seed, steps, device, quiet):
     """Train sample NAME (seeded, deterministic) and write its checkpoint to OUT."""
     from samples.registry import SAMPLES
-    from samples.train import train_sample
+    from compressor.train import train_sample
 
     if name not in SAMPLES:
         raise UserError(f"unknown sample {name!r} (available: {', '.join(SAMPLES)})")

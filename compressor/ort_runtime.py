@@ -30,7 +30,8 @@ def check_providers(providers) -> None:
             raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (install onnxruntime-gpu for cuda)")
 
 
-def create_session(path: Path, provider: str = "cpu", threads: int | None = None, options: dict | None = None):
+def create_session(path: Path | bytes, provider: str = "cpu", threads: int | None = None, options: dict | None = None):
+    """A session over a model file, or over a serialized model (bytes)."""
     if provider == "cuda":
         import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)
     import onnxruntime as ort
@@ -48,7 +49,8 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
     # TF32 off: the CUDA EP's default TF32 matmuls moved fp32 logits by 4e-4 (gpt-l) to 3e-3 (seq2seq) relative
     # on an H100, which would hide real export errors; fp32 artifacts are validated as fp32.
     chosen = (PROVIDERS[provider], {"use_tf32": "0"}) if provider == "cuda" else PROVIDERS[provider]
-    return ort.InferenceSession(str(path), session_options, providers=[chosen])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, session_options, providers=[chosen])
 
 
 def logits_fn(session):

@@ -1,36 +1,26 @@
-"""`compress run`: resolve the recipe, load a checkpoint, apply the passes, export to ONNX, validate, report."""
-import copy
+"""`compress run`, the one place that knows the order of the stages: recipe checks, input adapter, held-out
+reference, torch passes, export, QDQ lowering, graph passes, artifact, validation, report."""
 import json
+import resource
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+
 from compressor import __version__
-from compressor.checkpoint import load_checkpoint, model_skeleton, sha256_file
+from compressor.artifact import ARTIFACT_NAME, assemble_report, check_out_dir, prepare_out_dir, save_onnx
 from compressor.atomic import atomic_write_text, removed_on_failure
 from compressor.errors import UserError
-from compressor.gates import evaluate_gates
-from compressor.recipes import GRAPH_PASSES, check_recipe_fits, resolve_recipe
-from compressor.report import SCHEMA_VERSION, environment, tool_record, write_reports
-from compressor.hf_checkpoint import hf_model_skeleton, is_hf_checkpoint, load_hf_checkpoint
-from compressor.onnx_input import is_onnx_input
-from compressor.onnx_pipeline import run_onnx
+from compressor.inputs import InputAdapter, Source, adapter_for
 from compressor.ort_runtime import check_providers
-from compressor.tasks import TASKS, measure
-from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, torch_logits_fn, validate
-from exporters.onnx_export import export_onnx, finalize, save_onnx
-from exporters.qdq import lower_to_qdq
-from passes.fuse import fuse_onnx
-from passes.heal import heal_model
-from passes.lowrank import lowrank_model
-from passes.model_bits import total_model_bits
-from passes.prune import prune_model
-from passes.quantize import quantize_model
-from passes.structured_prune import structured_prune_model
-from samples.registry import SAMPLES, SHIPPED_DIR, count_params
-
-ARTIFACT_NAME = "model.onnx"
-PASS_FUNCTIONS = {"prune": prune_model, "structured_prune": structured_prune_model, "lowrank": lowrank_model,
-                  "heal": heal_model, "quantize": quantize_model}
+from compressor.recipes import Recipe, check_recipe_fits, resolve_recipe
+from compressor.report import write_reports
+from compressor.tasks import measure
+from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, validate
+from exporters.onnx_export import ExportError, finalize
+from exporters.qdq import LoweringError, lower_to_qdq
+from passes.registry import GRAPH, PASSES, TORCH
 
 
 @dataclass(frozen=True)
@@ -45,175 +35,140 @@ class RunOptions:
     progress: bool = True
 
 
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    """What can be said of --out without touching it: run first, before minutes of loading."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
-    if (out_dir / ARTIFACT_NAME).exists() and not force:
-        raise UserError(f"{out_dir / ARTIFACT_NAME} already exists (pass --force to overwrite)")
-
-
-def prepare_out_dir(out_dir: Path, force: bool) -> None:
-    check_out_dir(out_dir, force)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.partial"):  # left by a run killed mid-write (SIGKILL skips cleanup)
-            stale.unlink()
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
-
-
-def resolve_checkpoint(source: Path) -> Path:
-    """A path as given, or the name of a shipped sample (e.g. `gpt-s`) when no such path exists."""
-    if not source.exists() and str(source) in SAMPLES and (SHIPPED_DIR / str(source)).is_dir():
-        return SHIPPED_DIR / str(source)
-    return source
-
-
-def run(checkpoint_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
+def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
     recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
     check_providers(options.providers)
-    check_out_dir(Path(out_dir), options.force)
-    checkpoint_path = resolve_checkpoint(Path(checkpoint_path))
-    if is_onnx_input(checkpoint_path):
-        return run_onnx(checkpoint_path, out_dir, recipe, options, log)
-    if is_hf_checkpoint(checkpoint_path):
-        skeleton = hf_model_skeleton(checkpoint_path)
-        if skeleton is not None:
-            check_recipe_fits(recipe, skeleton)  # shapes from config.json, before any weights
-        checkpoint = load_hf_checkpoint(checkpoint_path, options.progress)
-    else:
-        check_recipe_fits(recipe, model_skeleton(checkpoint_path))  # shapes from config.json, before any weights
-        checkpoint = load_checkpoint(checkpoint_path)
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, options.force)
+    path, adapter = adapter_for(Path(input_path))
+    _check_recipe_takes(recipe, adapter)
+    skeleton = adapter.skeleton(path)  # shapes from the config alone, before any weights
+    if skeleton is not None:
+        check_recipe_fits(recipe, skeleton)
+    source = adapter.load(path, options.progress)
+    if skeleton is None:
+        check_recipe_fits(recipe, source.model)
     prepare_out_dir(out_dir, options.force)
-    task = TASKS[checkpoint.family]
-    log(f"loaded {checkpoint.name} ({checkpoint.family}, {count_params(checkpoint.model):,} params) "
-        f"from {checkpoint_path}; recipe {recipe.name}")
+    try:
+        return _compress(source, recipe, out_dir, options, log)
+    finally:
+        source.model = None  # what the passes left of the model is not the caller's to keep
 
-    heldout = task.heldout_data(checkpoint.config, options.eval_limit)
-    reference_fn = torch_logits_fn(checkpoint.model, task.INPUT_NAMES)
-    if hasattr(task, "fit_reference"):
-        task.fit_reference(reference_fn, heldout, options.progress)
-    reference_metrics = measure(task, reference_fn, heldout, options.progress)
-    reference_accuracy = reference_metrics[task.METRIC]
-    model = copy.deepcopy(checkpoint.model) if recipe.passes else checkpoint.model
-    pass_records, accuracy = [], reference_accuracy
-    for pass_name, config in recipe.passes:
-        if pass_name in GRAPH_PASSES:  # rewrites the exported graph, below
+
+def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
+    for name, config in recipe.passes:
+        if adapter.passes is not None and name not in adapter.passes:
+            raise UserError(f"{name} needs the torch model: an {adapter.kind.upper()} input takes only "
+                            f"{', '.join(adapter.passes)} (run it on the checkpoint instead)")
+        if not adapter.calibrates and getattr(config, "needs_calibration", False):
+            raise UserError(f"{name} {config.label()} needs calibration through the torch model: an "
+                            f"{adapter.kind.upper()} input takes round-to-nearest quantization only")
+
+
+def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions, log) -> dict:
+    task, model, progress = source.task, source.model, options.progress
+    input_bits = source.bits(model, {})
+    log(f"loaded {source.name} ({source.family}, {input_bits['params']:,} params) from {source.record['source']}; "
+        f"recipe {recipe.name}")
+    heldout = task.heldout_data(source.config, options.eval_limit)
+    reference_fn = source.reference_fn or source.logits_fn(model, {})
+    if hasattr(task, "fit_reference"):  # e.g. a probe trained on the input model's embeddings
+        task.fit_reference(reference_fn, heldout, progress)
+    reference_metrics = measure(task, reference_fn, heldout, progress)
+    del reference_fn
+    parity_batch = task.parity_inputs(heldout)
+    baseline_latency = None
+    if recipe.gates.min_speedup is not None:  # the input model as exported, before the passes rewrite it
+        baseline_latency = _input_latency(source, parity_batch, options.bench, log)
+
+    quantized, pass_records, metrics = {}, [], reference_metrics
+    for name, config in recipe.passes:
+        if PASSES[name].rewrites != TORCH:
             continue
         calibration = None
         if getattr(config, "needs_calibration", False):
-            calibration = task.calibration_data(checkpoint.config, config.calibration_samples, options.seed)
+            calibration = task.calibration_data(source.config, config.calibration_samples, options.seed)
         try:
-            record = PASS_FUNCTIONS[pass_name](model, config, calibration, options.progress)
+            record = PASSES[name].run(model, config, calibration, progress)
         except ValueError as exc:
-            raise UserError(f"{pass_name}: {exc}") from None
-        record.update(total_model_bits(model))
-        metrics = measure(task, torch_logits_fn(model, task.INPUT_NAMES), heldout, options.progress)
-        accuracy = metrics[task.METRIC]
+            raise UserError(f"{name}: {exc}") from None
+        quantized.update(record.pop("quantized", {}))
+        record.update(source.bits(model, quantized))
+        metrics = measure(task, source.logits_fn(model, quantized), heldout, progress)
         record.update(metrics)
         pass_records.append(record)
-        log(f"{pass_name}: {record.get('label', '')} -> {task.METRIC} {accuracy:.4f} (torch), "
+        log(f"{name}: {record.get('label', '')} -> {task.METRIC} {metrics[task.METRIC]:.4f} (before export), "
             f"{record['params']:,} params, {record['bits_per_param']:.3f} bits/param")
+    bits = source.bits(model, quantized)
+    reference_logits = source.logits_fn(model, quantized)(parity_batch)
 
-    artifact = out_dir / ARTIFACT_NAME
-    metadata = {
-        "compressor.version": __version__,
-        "compressor.source": checkpoint.name,
-        "compressor.source_sha256": checkpoint.weights_sha256,
-        "compressor.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
-        "compressor.family": checkpoint.family,
-        "compressor.model_config": json.dumps(checkpoint.config, sort_keys=True),
-    }
+    log(f"exporting to {out_dir / ARTIFACT_NAME}")
+    try:
+        proto = source.export(model, parity_batch, progress)
+        del model  # from here on the artifact and the logits above stand for it
+        source.model = None
+        lowering = None
+        if recipe.passes:
+            proto, lowering = lower_to_qdq(proto, quantized)
+    except (ExportError, LoweringError) as exc:
+        raise UserError(str(exc)) from None
+    del quantized
+    proto, graph_records = _graph_passes(proto, recipe, progress, log)
+    pass_records += [{**record, **bits} for record in graph_records]
+    metadata = {**source.metadata,
+                "compressor.version": __version__,
+                "compressor.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                "compressor.seed": str(options.seed),
+                "compressor.family": source.family,
+                "compressor.model_config": json.dumps(source.config, sort_keys=True)}
     if hasattr(task, "task_state"):  # what `compress check` needs to score the artifact later (e.g. a probe)
         metadata["compressor.task_state"] = json.dumps(task.task_state(heldout), sort_keys=True)
-    log(f"exporting to {artifact}")
-    proto = export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(checkpoint.config), task.OUTPUT_NAME,
-                        progress=options.progress)
-    lowering = None
-    if recipe.passes:
-        proto, lowering = lower_to_qdq(proto, model)
-    proto, pass_records = apply_graph_passes(proto, recipe, pass_records, total_model_bits(model), log)
+
+    artifact = out_dir / ARTIFACT_NAME
     with removed_on_failure(artifact, out_dir / "recipe.yaml"):
         save_onnx(finalize(proto, metadata), artifact)
+        graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
+                       "ir_version": proto.ir_version}
+        del proto
         atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-
-        quantized = bool(lowering and lowering["lowered"])
         log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
-        results = validate(model, task, checkpoint.config, artifact, heldout, list(options.providers),
-                           Tolerances.for_artifact(quantized), options.bench, torch_accuracy=accuracy,
-                           progress=options.progress)
-        baseline_latency = None
-        if recipe.gates.min_speedup is not None:
-            baseline_latency = _fp32_latency(checkpoint.model, task, checkpoint.config, heldout, options.bench, log)
-        model_record = {"name": checkpoint.name, "family": checkpoint.family, "params": count_params(model),
-                        "input_params": count_params(checkpoint.model), "source": str(checkpoint_path),
-                        "source_sha256": checkpoint.weights_sha256, "config": checkpoint.config}
-        report = assemble_report(model_record, recipe, artifact, proto, lowering, total_model_bits(model),
-                                 pass_records, reference_metrics, task.METRIC, results, baseline_latency)
+        int_weights = bool(lowering and lowering["lowered"])
+        results = validate(task, source.config, artifact, heldout, list(options.providers),
+                           torch_accuracy=metrics[task.METRIC], reference_logits=reference_logits,
+                           tolerances=Tolerances.for_artifact(int_weights), bench=options.bench, progress=progress)
+        results["memory"]["compress_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        model_record = {**source.record, "params": bits["params"], "input_params": input_bits["params"]}
+        report = assemble_report(model_record, recipe, artifact, graph_facts, lowering, bits, input_bits,
+                                 pass_records, reference_metrics, results, baseline_latency)
         write_reports(out_dir, report)
     return report
 
 
-def apply_graph_passes(proto, recipe, pass_records: list, bits: dict, log) -> tuple:
-    """The recipe's ONNX -> ONNX passes (fuse) on the lowered graph; their records join the torch passes'."""
-    for pass_name, config in recipe.passes:
-        if pass_name == "fuse":
-            proto, record = fuse_onnx(proto, config)
-            record.update(bits)
-            pass_records = [*pass_records, record]
-            log(f"fuse: {record['label']} -> {record['fusions'] or 'nothing to fuse'}, "
-                f"{record['nodes']['before']} -> {record['nodes']['after']} nodes")
-    return proto, pass_records
+def _graph_passes(proto: onnx.ModelProto, recipe: Recipe, progress: bool, log) -> tuple[onnx.ModelProto, list]:
+    """The recipe's ONNX -> ONNX passes on the lowered graph, each rewriting one onnx_ir model in place."""
+    graph_passes = [(name, config) for name, config in recipe.passes if PASSES[name].rewrites == GRAPH]
+    if not graph_passes:
+        return proto, []
+    import onnx_ir as ir
+
+    model, records = ir.serde.deserialize_model(proto), []
+    for name, config in graph_passes:
+        before = len(model.graph)
+        record = PASSES[name].run(model, config, None, progress)
+        record["nodes"] = {"before": before, "after": len(model.graph)}
+        records.append(record)
+        log(f"{name}: {record.get('label', '')}, {before} -> {len(model.graph)} nodes")
+    return ir.serde.serialize_model(model), records
 
 
-def fill_graph_pass_metrics(report: dict) -> None:
-    """Graph passes have no torch model to score: their entry takes the artifact's ONNX Runtime metric."""
-    accuracy = report["accuracy"]
-    measured = next(iter(accuracy["onnxruntime"].values()), None)
-    for entry in report["passes"]:
-        if entry["name"] in GRAPH_PASSES and measured is not None:
-            entry[accuracy["metric"]] = measured
-            entry["measured_by"] = "onnxruntime-" + next(iter(accuracy["onnxruntime"]))
-
-
-def assemble_report(model_record: dict, recipe, artifact: Path, proto, lowering, bits: dict, pass_records: list,
-                    reference_metrics: dict, metric: str, results: dict, baseline_latency: dict | None) -> dict:
-    """report.json's content (docs/report-schema.md), gates evaluated."""
-    accuracy_report = results.pop("accuracy")
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": tool_record(),
-        "model": model_record,
-        "recipe": recipe.to_dict(),
-        "artifact": {"path": str(artifact), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact),
-                     "opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
-                     "ir_version": proto.ir_version, "lowering": lowering},
-        "total_model_bits": bits["total_model_bits"],
-        "bits_per_param": bits["bits_per_param"],
-        "passes": pass_records,
-        "accuracy": {"metric": accuracy_report.pop("metric"), "reference": reference_metrics[metric],
-                     "reference_metrics": reference_metrics, **accuracy_report},
-        **results,
-        "baseline_latency": baseline_latency,
-        "environment": environment(),
-    }
-    fill_graph_pass_metrics(report)
-    report["gates"] = evaluate_gates(recipe.gates, report, baseline_latency)
-    return report
-
-
-def _fp32_latency(model, task, config: dict, heldout, bench: BenchmarkSettings, log) -> dict:
-    """CPU latency of the uncompressed model exported as-is: the speed-up gate's denominator."""
-    import tempfile
-
-    log("measuring the fp32 baseline's latency for the speed-up gate")
+def _input_latency(source: Source, sample_inputs: dict, bench: BenchmarkSettings, log) -> dict:
+    """CPU latency of the input model exported as-is: the speed-up gate's denominator."""
+    log("measuring the fp32 input model's latency for the speed-up gate")
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "fp32.onnx"
-        save_onnx(finalize(export_onnx(model, task.parity_inputs(heldout), task.dynamic_axes(config),
-                                       task.OUTPUT_NAME), {}), path)
-        measured = run_benchmark(path, task, config, "cpu", bench)
+        try:
+            save_onnx(finalize(source.export(source.model, sample_inputs, False), {}), path)
+        except ExportError as exc:
+            raise UserError(str(exc)) from None
+        measured = run_benchmark(path, source.task, source.config, "cpu", bench)
     return {k: v for k, v in measured.items() if k.startswith("batch")}

@@ -11,24 +11,7 @@ import yaml
 from torch import nn
 
 from compressor.errors import UserError
-from passes.heal import HealConfig
-from passes.lowrank import LowRankConfig, factorizable
-from passes.prune import PruneConfig, prunable
-from passes.quantize import QuantizeConfig, quantizable
-from passes.fuse import FuseConfig
-from passes.structured_prune import StructuredPruneConfig
-
-PASS_CONFIGS = {"prune": PruneConfig, "structured_prune": StructuredPruneConfig, "lowrank": LowRankConfig,
-                "heal": HealConfig, "quantize": QuantizeConfig, "fuse": FuseConfig}
-# prune -> low-rank -> quantize -> fuse; heal may follow pruning or low-rank, never quantization. fuse rewrites
-# the exported ONNX graph, the others the torch model.
-STAGES = {"prune": 0, "structured_prune": 0, "lowrank": 1, "heal": 1, "quantize": 2, "fuse": 3}
-GRAPH_PASSES = ("fuse",)
-STAGE_ORDER = " -> ".join("/".join(p for p in STAGES if STAGES[p] == stage) for stage in sorted(set(STAGES.values())))
-# the layers a pass would touch, from shapes alone (ValueError when none); passes after one that RESHAPES the
-# model see other layers, so they are checked when they run
-SELECTIONS = {"prune": prunable, "lowrank": factorizable, "quantize": quantizable}
-RESHAPES = ("structured_prune", "lowrank")
+from passes.registry import PASSES, STAGE_ORDER
 
 PRESETS: dict[str, dict[str, dict]] = {
     "fp32": {},
@@ -143,7 +126,7 @@ def _coerce(pass_name: str, field: dataclasses.Field, value):
 
 
 def _build(pass_name: str, fields: dict):
-    config_type = PASS_CONFIGS[pass_name]
+    config_type = PASSES[pass_name].config
     known = {f.name: f for f in dataclasses.fields(config_type)}
     unknown = sorted(set(fields) - set(known))
     if unknown:
@@ -180,13 +163,13 @@ def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict]:
     passes: dict[str, dict] = {}
     for entry in entries:
         (pass_name, fields), = entry.items()
-        if pass_name not in PASS_CONFIGS:
-            raise UserError(f"recipe {path}: unknown pass {pass_name!r} ({_did_you_mean(str(pass_name), PASS_CONFIGS)})")
+        if pass_name not in PASSES:
+            raise UserError(f"recipe {path}: unknown pass {pass_name!r} ({_did_you_mean(str(pass_name), PASSES)})")
         if pass_name in passes:
             raise UserError(f"recipe {path}: pass {pass_name!r} is listed twice")
         if fields is not None and not isinstance(fields, dict):
             raise UserError(f"recipe {path}: the fields of {pass_name!r} must be a mapping")
-        if passes and STAGES[pass_name] < max(STAGES[p] for p in passes):
+        if passes and PASSES[pass_name].stage < max(PASSES[p].stage for p in passes):
             raise UserError(f"recipe {path}: {pass_name!r} comes after {list(passes)[-1]!r}; the stage order is "
                             f"{STAGE_ORDER}")
         passes[pass_name] = dict(fields or {})
@@ -225,10 +208,10 @@ def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
             except yaml.YAMLError:
                 raise UserError(f"--set {text!r}: cannot read {str(value)!r}") from None
             continue
-        if pass_name not in PASS_CONFIGS:
-            raise UserError(f"--set {text!r}: unknown pass {pass_name!r} ({_did_you_mean(pass_name, PASS_CONFIGS)})")
+        if pass_name not in PASSES:
+            raise UserError(f"--set {text!r}: unknown pass {pass_name!r} ({_did_you_mean(pass_name, PASSES)})")
         passes.setdefault(pass_name, {})[key] = value
-    order = sorted(passes, key=lambda p: STAGES[p])  # a pass added by --set takes its stage's place
+    order = sorted(passes, key=lambda p: PASSES[p].stage)  # a pass added by --set takes its stage's place
     built = tuple((pass_name, _build(pass_name, passes[pass_name])) for pass_name in order)
     label = name if not overrides else f"{name} + {' '.join(overrides)}"
     return Recipe(label, built, _build_gates(gate_fields))
@@ -239,10 +222,11 @@ def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
     each pass that selects nn.Linear layers selects at least one, and its block size or N:M group divides the
     input width of at least one (the passes skip, and report, the layers it does not divide)."""
     for pass_name, config in recipe.passes:
-        if pass_name in SELECTIONS:
+        spec = PASSES[pass_name]
+        if spec.select is not None:
             try:
-                SELECTIONS[pass_name](model, config)
+                spec.select(model, config)
             except ValueError as exc:
                 raise UserError(f"recipe {recipe.name!r} does not fit the model: {pass_name}: {exc}") from None
-        if pass_name in RESHAPES:
+        if spec.reshapes:
             return

@@ -118,18 +118,13 @@ def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
 EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
-def validate(model: nn.Module, task: ModuleType, config: dict, artifact: Path, heldout, providers: list[str],
-             tolerances: Tolerances = Tolerances(), bench: BenchmarkSettings = BenchmarkSettings(),
-             torch_accuracy: float | None = None, progress: bool = False, reference_fn=None) -> dict:
-    """Everything the report says about one artifact. `model` is the torch model the artifact must match
-    (after the passes); `torch_accuracy` is its held-out accuracy if already measured. An ONNX input has no
-    torch model: `reference_fn` then runs its fake-quantized fp32 graph instead."""
-    if reference_fn is None:
-        reference_fn = torch_logits_fn(model, task.INPUT_NAMES)
-    if torch_accuracy is None:
-        torch_accuracy = task.evaluate(reference_fn, heldout, progress)
+def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers: list[str],
+             torch_accuracy: float, reference_logits: np.ndarray, tolerances: Tolerances = Tolerances(),
+             bench: BenchmarkSettings = BenchmarkSettings(), progress: bool = False) -> dict:
+    """Everything the report says about one artifact, held to the model it came from: `torch_accuracy` is that
+    model's held-out metric and `reference_logits` its logits on task.parity_inputs(heldout) (the torch model
+    after the passes, or an ONNX input's fake-quantized graph), both measured before export."""
     parity_batch = task.parity_inputs(heldout)
-    reference_logits = reference_fn(parity_batch)
     report = {"accuracy": {"metric": task.METRIC, "higher_is_better": task.HIGHER_IS_BETTER,
                            "heldout_examples": int(len(heldout)), "torch": torch_accuracy, "onnxruntime": {},
                            "agreement": {}},

@@ -2,17 +2,19 @@
 
 Choices (see ../shared/notes/ort-facts.md): the dynamo exporter at opset 21 (QuantizeLinear/DequantizeLinear
 with block_size need 21; 26 exports silently broken files), IR version 10 (onnxruntime-gpu 1.31 rejects newer),
-weights embedded in the file (no .onnx.data beside it), onnx.checker then onnxsim.
+weights embedded in the file (no .onnx.data beside it), onnx.checker then onnxsim. Each MatMul weight that is an
+nn.Linear's is named `<module>.weight` (the exporter calls its transposed copy `val_N`), so that the QDQ
+lowering finds a layer's initializer by name. Exporters hand protos up; the caller writes files.
 
 onnxsim runs constant folding and shape inference only (perform_optimization=False): its graph optimizer
 rewrites 3-D MatMul+Add into Reshape -> Gemm -> Reshape, and ONNX Runtime never fuses a Gemm weight into its
 k-bit MatMulNBits kernel (ort-facts), so quantized artifacts would silently fall back to slow paths.
 """
+import ast
 import contextlib
 import io
 import logging
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,17 +22,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from compressor.atomic import atomic_path
-from compressor.errors import UserError
-
 OPSET = 21
 IR_VERSION = 10
+
+
+class ExportError(RuntimeError):
+    """torch.onnx.export or onnxsim failed; the message is the first line of their own error."""
 
 
 def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic_axes: dict, output_name: str,
                 simplify: bool = True, progress: bool = False) -> onnx.ModelProto:
     """Export `model` called as model(*example_inputs.values()); dynamic_axes = {input: {axis: (name, max)}}.
-    Returns the simplified fp32 graph; finalize() and save_onnx() complete the artifact. With `progress`, a stage
+    Returns the simplified fp32 graph; finalize() completes it. With `progress`, a stage
     bar on stderr names the step running (torch.onnx.export, then onnxsim)."""
     model = model.eval()
     args = tuple(torch.from_numpy(v) for v in example_inputs.values())
@@ -51,8 +54,9 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
                     optimize=True,
                 )
         except Exception as exc:  # the exporter's own errors are long; keep the first line
-            raise UserError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
+            raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
         proto = program.model_proto
+        name_linear_weights(proto)
         stages.update()
         if simplify:
             stages.set_postfix_str("onnxsim")
@@ -71,10 +75,32 @@ def finalize(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProt
     return proto
 
 
-def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
-    """Serialize in one file, atomically (a killed run leaves no half-written model)."""
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
+def name_linear_weights(proto: onnx.ModelProto) -> int:
+    """Rename each MatMul weight initializer that an nn.Linear exported (the dynamo exporter's node metadata
+    names the module: pkg.torch.onnx.name_scopes ends in [..., module, op]) to `<module>.weight`, unless that
+    name is taken. Must run before onnxsim, which drops node metadata. Returns how many were renamed."""
+    taken = {init.name for init in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    initializers = {init.name: init for init in proto.graph.initializer}
+    renames = {}
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if node.op_type != "MatMul" or node.input[1] not in initializers or "aten.linear" not in meta.get(
+                "pkg.torch.onnx.fx_node", "") or node.input[1] in renames:
+            continue
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        if len(scopes) >= 2 and scopes[-2] and f"{scopes[-2]}.weight" not in taken:
+            renames[node.input[1]] = f"{scopes[-2]}.weight"
+            taken.add(renames[node.input[1]])
+    for init in proto.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    return len(renames)
 
 
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -83,7 +109,7 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     with _quiet():
         simplified, ok = onnxsim.simplify(proto, perform_optimization=False)
     if not ok:
-        raise UserError("onnxsim could not validate the simplified model against the original")
+        raise ExportError("onnxsim could not validate the simplified model against the original")
     return simplified
 
 

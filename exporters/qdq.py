@@ -1,9 +1,12 @@
 """Lower fake-quantized weights in an exported fp32 ONNX graph to k-bit storage.
 
-The torch quantize pass leaves each quantized nn.Linear with its dequantized weight and a `quantized` record
-(codes, scales, zero points, codebook). The fp32 export holds those weights transposed ([K, N]) as MatMul
-initializers, sometimes concatenated by onnxsim (Q, K and V become one MatMul). We find each weight column by
-its exact bytes, so renaming and concatenation do not matter, and replace the initializer with:
+The quantize pass hands over one record per quantized nn.Linear (passes.quantize.QuantizedLayer: codes, scales,
+zero points or codebook, keyed by module name) and leaves the module holding the dequantized weight. The fp32
+export holds that weight transposed ([K, N]) as a MatMul initializer named after the module
+(exporters.onnx_export names them `<module>.weight`); an ONNX input's weights keep their own names, which the
+records carry. Each record is placed by name, checked against the dequantized values, and only where no name
+matches by value (an initializer equal to the dequantized weight). A record that lands nowhere is an error
+naming the layer: nothing is left fp32 silently. The initializer is replaced with:
 
 - int types: k-bit codes [K, N] (int2/int4/int8, or uint with a zero point) -> DequantizeLinear(axis 0,
   block_size B) -> MatMul, the pattern ONNX Runtime fuses into MatMulNBits (per-channel: axis 1 scales);
@@ -16,139 +19,88 @@ its exact bytes, so renaming and concatenation do not matter, and replace the in
   Runtime has no k-bit kernel for these: it constant-folds them back to fp32 at session start (small file, fp32
   speed and memory).
 """
-from dataclasses import dataclass
-
 import ml_dtypes
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from passes.model_bits import container_bits
-from passes.quant_primitives import PER_CHANNEL, PER_TENSOR, Quantized
+from passes.quant_primitives import PER_CHANNEL, PER_TENSOR, Quantized, dequantize
+from passes.quantize import QuantizedLayer
 
 INT2_OPSET, INT2_IR_VERSION = 25, 11  # int2/uint2 exist from opset 25 (IR 11) on
 SIGNED = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
 
 
-@dataclass
-class _Column:
-    quantized: Quantized
-    row: int  # the output row of the torch weight this ONNX column is
+class LoweringError(ValueError):
+    """A quantization record the exported graph has no place for (names the layer)."""
 
 
-def _column_index(model: nn.Module) -> dict[bytes, _Column]:
-    index = {}
-    for module in model.modules():
-        q = getattr(module, "quantized", None)
-        if q is None:
-            continue
-        weight = module.weight.detach().float().numpy()
-        for row in range(weight.shape[0]):
-            index[weight[row].tobytes()] = _Column(q, row)
-    return index
-
-
-def _kind(q: Quantized) -> tuple:
-    """Columns can share one ONNX weight only if they are stored the same way."""
-    codebook_kind = None if q.codebook is None else ("row" if q.codebook.dim() == 2 else q.codebook.shape[0])
-    return (q.bits, q.block_size, q.scales.dtype, q.zero_points is not None, q.offsets is not None, codebook_kind)
-
-
-def _per_column(columns: list[_Column], field: str) -> np.ndarray:
-    """Stack one field of each column's torch row: [N, ...] (rows of the torch weight = ONNX columns)."""
-    return np.stack([getattr(c.quantized, field)[c.row].numpy() if getattr(c.quantized, field).shape[0] > 1
-                     else getattr(c.quantized, field)[0].numpy() for c in columns])
-
-
-def _scale_tensor(columns: list[_Column], block_size: int) -> np.ndarray:
-    """[K/B, N] for blocks, [N] per-channel, scalar per-tensor; in the stored scale dtype."""
+def _by_column(field: torch.Tensor, block_size: int) -> np.ndarray:
+    """A per-row field of the torch weight ([N, groups]) laid out for the ONNX weight [K, N]: [K/B, N] for blocks,
+    [N] per-channel, a scalar per-tensor."""
+    values = field.numpy()
     if block_size == PER_TENSOR:
-        values = {float(c.quantized.scales.reshape(-1)[0]) for c in columns}
-        if len(values) != 1:
-            raise _Skip("per-tensor scales of concatenated weights differ")
-        return columns[0].quantized.scales.reshape(()).numpy()
-    per_row = _per_column(columns, "scales")  # [N, groups]
-    return per_row[:, 0] if block_size == PER_CHANNEL else np.ascontiguousarray(per_row.T)
+        return values.reshape(-1)[0].reshape(())
+    return values[:, 0] if block_size == PER_CHANNEL else np.ascontiguousarray(values.T)
 
 
 class _Skip(Exception):
     pass
 
 
-def _int_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]:
-    q = columns[0].quantized
-    width = container_bits(q.bits)
-    codes = np.ascontiguousarray(_per_column(columns, "codes").T)  # [K, N]
-    asymmetric = q.zero_points is not None
-    dtype = (UNSIGNED if asymmetric else SIGNED)[width]
-    scale = _scale_tensor(columns, q.block_size)
-    initializers = [numpy_helper.from_array(codes.astype(dtype), f"{name}.codes"),
-                    numpy_helper.from_array(scale, f"{name}.scale")]
-    inputs = [f"{name}.codes", f"{name}.scale"]
-    if asymmetric:
-        zero = _per_column(columns, "zero_points")
-        zero = zero[:, 0] if q.block_size == PER_CHANNEL else np.ascontiguousarray(zero.T)
-        if q.block_size == PER_TENSOR:
-            zero = zero.reshape(-1)[0].reshape(())
-        initializers.append(numpy_helper.from_array(zero.astype(dtype), f"{name}.zero_point"))
-        inputs.append(f"{name}.zero_point")
-    attrs = {}
-    if q.block_size > 0:
-        attrs = {"axis": 0, "block_size": q.block_size}
-    elif q.block_size == PER_CHANNEL:
-        attrs = {"axis": 1}
+def _dequantize_node(name: str, inputs: list[str], out: str, scale: np.ndarray, attrs: dict) -> list:
     dequant_out = out if scale.dtype == np.float32 else f"{name}.dequant_fp16"
     nodes = [helper.make_node("DequantizeLinear", inputs, [dequant_out], name=f"{name}.DequantizeLinear", **attrs)]
     if dequant_out != out:
         nodes.append(helper.make_node("Cast", [dequant_out], [out], name=f"{name}.Cast", to=TensorProto.FLOAT))
-    return nodes, initializers
+    return nodes
 
 
-def _gather_table_nodes(name: str, rows: list[_Column], out: str) -> tuple[list, list]:
+def _int_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
+    """Codes [K, N] -> DequantizeLinear (axis 0 blocks / axis 1 per-channel / per-tensor) -> out."""
+    dtype = (UNSIGNED if q.zero_points is not None else SIGNED)[container_bits(q.bits)]
+    scale = _by_column(q.scales, q.block_size)
+    initializers = [numpy_helper.from_array(np.ascontiguousarray(q.codes.numpy().T).astype(dtype), f"{name}.codes"),
+                    numpy_helper.from_array(scale, f"{name}.scale")]
+    inputs = [f"{name}.codes", f"{name}.scale"]
+    if q.zero_points is not None:
+        initializers.append(numpy_helper.from_array(_by_column(q.zero_points, q.block_size).astype(dtype),
+                                                    f"{name}.zero_point"))
+        inputs.append(f"{name}.zero_point")
+    attrs = {"axis": 0, "block_size": q.block_size} if q.block_size > 0 else \
+        {"axis": 1} if q.block_size == PER_CHANNEL else {}
+    return _dequantize_node(name, inputs, out, scale, attrs), initializers
+
+
+def _gather_table_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
     """An embedding table tied to a quantized Linear (e.g. an LM's lm_head): the table's rows are the weight's
     rows, so its codes [V, D] and scales [V, D / B] dequantize along axis 1 in front of the Gather."""
-    q = rows[0].quantized
     if q.codebook is not None or q.block_size == PER_TENSOR or q.offsets is not None:
         raise _Skip("tied table: only int codes with per-channel or block scales and integer zero points are "
                     "lowered")
     dtype = (UNSIGNED if q.zero_points is not None else SIGNED)[container_bits(q.bits)]
     per_channel = q.block_size == PER_CHANNEL
-    scale = _per_column(rows, "scales")
-    initializers = [numpy_helper.from_array(_per_column(rows, "codes").astype(dtype), f"{name}.codes"),
+    scale = q.scales.numpy()
+    initializers = [numpy_helper.from_array(q.codes.numpy().astype(dtype), f"{name}.codes"),
                     numpy_helper.from_array(scale[:, 0] if per_channel else scale, f"{name}.scale")]
     inputs = [f"{name}.codes", f"{name}.scale"]
     if q.zero_points is not None:
-        zero = _per_column(rows, "zero_points")
+        zero = q.zero_points.numpy()
         initializers.append(numpy_helper.from_array((zero[:, 0] if per_channel else zero).astype(dtype),
                                                     f"{name}.zero_point"))
         inputs.append(f"{name}.zero_point")
     attrs = {"axis": 0} if per_channel else {"axis": 1, "block_size": q.block_size}
-    dequant_out = out if scale.dtype == np.float32 else f"{name}.dequant_fp16"
-    nodes = [helper.make_node("DequantizeLinear", inputs, [dequant_out], name=f"{name}.DequantizeLinear", **attrs)]
-    if dequant_out != out:
-        nodes.append(helper.make_node("Cast", [dequant_out], [out], name=f"{name}.Cast", to=TensorProto.FLOAT))
-    return nodes, initializers
+    return _dequantize_node(name, inputs, out, scale, attrs), initializers
 
 
-def _tied_table_rows(table: np.ndarray, model: nn.Module) -> list[_Column] | None:
-    """The rows of the quantized Linear weight that `table` equals (a tied embedding), or None. Compared whole,
-    not row by row: identical rows (unused tokens) would otherwise point at each other."""
-    for module in model.modules():
-        q = getattr(module, "quantized", None)
-        if q is not None and tuple(module.weight.shape) == table.shape and np.array_equal(
-                module.weight.detach().float().numpy(), table):
-            return [_Column(q, row) for row in range(table.shape[0])]
-    return None
-
-
-def _offset_nodes(name: str, columns: list[_Column], x: str, block_sums: str | None, main_out: str,
+def _offset_nodes(name: str, q: Quantized, x: str, block_sums: str | None, main_out: str,
                   out: str) -> tuple[list, list]:
     """out = main_out + (x @ E) @ C_blocks: the float zero points' share of the product (see the module doc).
     `block_sums` names an x @ E already computed for the same input and block size (Q, K and V share one)."""
-    q = columns[0].quantized
-    offsets = np.ascontiguousarray(_per_column(columns, "offsets").T)  # [K/B, N]
+    offsets = np.ascontiguousarray(q.offsets.numpy().T)  # [K/B, N]
     nodes, initializers = [], [numpy_helper.from_array(offsets, f"{name}.offsets")]
     offsets_name = f"{name}.offsets"
     if offsets.dtype != np.float32:
@@ -157,9 +109,8 @@ def _offset_nodes(name: str, columns: list[_Column], x: str, block_sums: str | N
         offsets_name = f"{name}.offsets32"
     if block_sums is None:
         cols = q.codes.shape[1]
-        block_of = np.arange(cols) // q.block_size
         sums = np.zeros((cols, offsets.shape[0]), np.float32)
-        sums[np.arange(cols), block_of] = 1.0
+        sums[np.arange(cols), np.arange(cols) // q.block_size] = 1.0
         block_sums = f"{name}.block_sums"
         initializers.append(numpy_helper.from_array(sums, f"{name}.block_sum_matrix"))
         nodes.append(helper.make_node("MatMul", [x, f"{name}.block_sum_matrix"], [block_sums],
@@ -169,29 +120,27 @@ def _offset_nodes(name: str, columns: list[_Column], x: str, block_sums: str | N
     return nodes, initializers
 
 
-def _codebook_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, list]:
-    q = columns[0].quantized
-    indices = np.ascontiguousarray(_per_column(columns, "codes").T)  # [K, N]
+def _codebook_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
+    indices = np.ascontiguousarray(q.codes.numpy().T)  # [K, N]
     rows, cols = indices.shape
-    tables = [c.quantized.codebook if c.quantized.codebook.dim() == 1 else c.quantized.codebook[c.row]
-              for c in columns]
-    shared = all(t is tables[0] or np.array_equal(t.numpy(), tables[0].numpy()) for t in tables)
-    codebook = (tables[0].numpy() if shared else np.concatenate([t.numpy() for t in tables])).astype(np.float32)
+    codebook = q.codebook.numpy()
+    shared = codebook.ndim == 1 or all(np.array_equal(row, codebook[0]) for row in codebook)
+    if codebook.ndim == 2:  # one codebook per output row (= ONNX column), laid end to end when they differ
+        codebook = codebook[0] if shared else codebook.reshape(-1)
     initializers = [numpy_helper.from_array(indices.astype(UNSIGNED[container_bits(q.bits)]), f"{name}.indices"),
-                    numpy_helper.from_array(codebook, f"{name}.codebook")]
+                    numpy_helper.from_array(codebook.astype(np.float32), f"{name}.codebook")]
     nodes = [helper.make_node("Cast", [f"{name}.indices"], [f"{name}.index32"], name=f"{name}.Cast",
                               to=TensorProto.INT32)]
     index = f"{name}.index32"
-    if not shared:  # one codebook per column, laid end to end: column j's entries start at j * C
-        size = tables[0].shape[0]
-        offsets = (np.arange(cols, dtype=np.int32) * size)[None, :]
+    if not shared:  # column j's entries start at j * C
+        offsets = (np.arange(cols, dtype=np.int32) * q.codebook.shape[1])[None, :]
         initializers.append(numpy_helper.from_array(offsets, f"{name}.codebook_offsets"))
         nodes.append(helper.make_node("Add", [index, f"{name}.codebook_offsets"], [f"{name}.flat_index"],
                                       name=f"{name}.Add"))
         index = f"{name}.flat_index"
     nodes.append(helper.make_node("Gather", [f"{name}.codebook", index], [f"{name}.normalized"],
                                   name=f"{name}.Gather"))
-    scale = _scale_tensor(columns, q.block_size)
+    scale = _by_column(q.scales, q.block_size)
     scale_name = f"{name}.scale"
     initializers.append(numpy_helper.from_array(
         scale.reshape(rows // q.block_size, 1, cols) if q.block_size > 0 else scale, scale_name))
@@ -212,69 +161,97 @@ def _codebook_nodes(name: str, columns: list[_Column], out: str) -> tuple[list, 
     return nodes, initializers
 
 
-def lower_to_qdq(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelProto, dict]:
-    """Replace every MatMul weight that is a quantized Linear's (or several, concatenated) with k-bit storage.
-    Returns the new model and a record: which initializers were lowered, and which were left fp32 and why."""
-    index = _column_index(model)
+def _place(layer: QuantizedLayer, weight: np.ndarray, candidates: dict[str, np.ndarray], kind: str) -> list[str]:
+    """The initializers that hold `layer`'s weight (`weight`, laid out as they store it): by name first (a name
+    that matches must also hold the values), else every one equal in value; LoweringError when none does."""
+    named = [n for n in (layer.module, *layer.weight_names) if n in candidates]
+    for name in named:
+        if not np.array_equal(candidates[name], weight):
+            raise LoweringError(f"quantized layer {layer.module!r}: {kind} initializer {name!r} has its name but "
+                                f"not its dequantized values (shape {list(candidates[name].shape)})")
+    if named:
+        return named[:1]
+    return [n for n, array in candidates.items() if array.shape == weight.shape and np.array_equal(array, weight)]
+
+
+def _fp32_initializers(proto: onnx.ModelProto, op_type: str, position: int) -> dict[str, np.ndarray]:
+    """{name: array} of the 2-D fp32 initializers that `op_type` nodes read at input `position`."""
+    initializers = {init.name: init for init in proto.graph.initializer}
+    found = {}
+    for node in proto.graph.node:
+        if node.op_type == op_type and len(node.input) > position and node.input[position] in initializers:
+            init = initializers[node.input[position]]
+            if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and init.name not in found:
+                found[init.name] = numpy_helper.to_array(init)
+    return found
+
+
+def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> tuple[onnx.ModelProto, dict]:
+    """Replace the MatMul weight of every record in `layers` (and an embedding table tied to it) with k-bit
+    storage. Returns the new model and a record: which initializers were lowered, from which layer and how they
+    were found, and which tied tables stayed fp32 and why. LoweringError names a record with no MatMul weight."""
     graph = proto.graph
-    initializers = {init.name: init for init in graph.initializer}
-    new_nodes, new_inits, lowered, left = [], [], [], []
+    matmul_weights = _fp32_initializers(proto, "MatMul", 1)
+    gather_tables = _fp32_initializers(proto, "Gather", 0)
+    weight_of, table_of, lowered, left = {}, {}, [], []
+    for layer in layers.values():
+        weight = dequantize(layer.quantized).numpy()
+        places = _place(layer, np.ascontiguousarray(weight.T), matmul_weights, "MatMul weight")
+        if not places:
+            raise LoweringError(f"quantized layer {layer.module!r} ({list(weight.shape)}) matches no MatMul weight of "
+                                f"the exported graph (a Linear on 2-D input exports as Gemm, which is not lowered)")
+        by_name = places[0] in (layer.module, *layer.weight_names)
+        for name in places:
+            weight_of[name] = (layer, "name" if by_name else "value")
+        for name in _place(layer, weight, gather_tables, "Gather table") if gather_tables else []:
+            table_of[name] = layer
+    new_nodes, new_inits = [], []
     after: dict[int, list] = {}  # nodes that read the MatMul's input or output go right after it
     block_sums: dict[tuple[str, int], str] = {}
+    built: set[str] = set()
     for position, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in initializers:
+        if node.op_type != "MatMul" or node.input[1] not in weight_of:
             continue
         weight_name = node.input[1]
-        weight = numpy_helper.to_array(initializers[weight_name])
-        if weight.ndim != 2 or weight.dtype != np.float32:
-            continue
-        columns = [index.get(col.tobytes()) for col in np.ascontiguousarray(weight.T)]
-        if not any(columns):
-            continue
-        if not all(columns) or len({_kind(c.quantized) for c in columns}) != 1:
-            left.append({"initializer": weight_name, "reason": "mixes quantized and other columns"})
-            continue
-        name = f"{weight_name}.q"
-        out = f"{weight_name}.dequantized"
-        try:
-            build = _int_nodes if columns[0].quantized.codebook is None else _codebook_nodes
-            nodes, inits = build(name, columns, out)
-        except _Skip as exc:
-            left.append({"initializer": weight_name, "reason": str(exc)})
-            continue
-        new_nodes += nodes
-        new_inits += inits
+        layer, found_by = weight_of[weight_name]
+        q, name, out = layer.quantized, f"{weight_name}.q", f"{weight_name}.dequantized"
+        if weight_name not in built:  # a weight read by several MatMuls is stored once
+            build = _int_nodes if q.codebook is None else _codebook_nodes
+            nodes, inits = build(name, q, out)
+            new_nodes += nodes
+            new_inits += inits
+            built.add(weight_name)
+            lowered.append({"initializer": weight_name, "module": layer.module, "found_by": found_by,
+                            "shape": list(matmul_weights[weight_name].shape), "bits": q.bits,
+                            **({"float_zero_points": True} if q.offsets is not None else {})})
         node.input[1] = out
-        q = columns[0].quantized
         if q.offsets is not None:
             key = (node.input[0], q.block_size)
             final_out = node.output[0]
-            node.output[0] = f"{name}.main"
-            offset_nodes, offset_inits = _offset_nodes(name, columns, node.input[0], block_sums.get(key),
+            node.output[0] = f"{name}.main.{position}"
+            offset_nodes, offset_inits = _offset_nodes(f"{name}.{position}", q, node.input[0], block_sums.get(key),
                                                        node.output[0], final_out)
-            block_sums.setdefault(key, f"{name}.block_sums")
+            block_sums.setdefault(key, f"{name}.{position}.block_sums")
             after[position] = offset_nodes
             new_inits += offset_inits
-        lowered.append({"initializer": weight_name, "shape": list(weight.shape), "bits": q.bits,
-                        **({"float_zero_points": True} if q.offsets is not None else {})})
     for node in graph.node:  # embedding tables tied to a quantized Linear share its codes
-        if node.op_type != "Gather" or node.input[0] not in initializers:
+        if node.op_type != "Gather" or node.input[0] not in table_of:
             continue
-        table_name = node.input[0]
-        table = numpy_helper.to_array(initializers[table_name])
-        rows = _tied_table_rows(table, model) if table.ndim == 2 and table.dtype == np.float32 else None
-        if rows is None:
-            continue
-        try:
-            nodes, inits = _gather_table_nodes(f"{table_name}.q", rows, f"{table_name}.dequantized")
-        except _Skip as exc:
-            left.append({"initializer": table_name, "reason": str(exc)})
-            continue
-        new_nodes += nodes
-        new_inits += inits
+        table_name, layer = node.input[0], table_of[node.input[0]]
+        if table_name not in built:
+            try:
+                nodes, inits = _gather_table_nodes(f"{table_name}.q", layer.quantized, f"{table_name}.dequantized")
+            except _Skip as exc:
+                left.append({"initializer": table_name, "module": layer.module, "reason": str(exc)})
+                table_of = {k: v for k, v in table_of.items() if k != table_name}
+                continue
+            new_nodes += nodes
+            new_inits += inits
+            built.add(table_name)
+            lowered.append({"initializer": table_name, "module": layer.module, "found_by": "tied",
+                            "shape": list(gather_tables[table_name].shape), "bits": layer.quantized.bits,
+                            "tied_table": True})
         node.input[0] = f"{table_name}.dequantized"
-        lowered.append({"initializer": table_name, "shape": list(table.shape), "bits": rows[0].quantized.bits,
-                        "tied_table": True})
     still_used = {name for node in graph.node for name in node.input}
     kept = [init for init in graph.initializer if init.name in still_used]
     del graph.initializer[:]

@@ -9,10 +9,6 @@ weights are then dequantized to fp32 when the session starts.
 """
 from dataclasses import asdict, dataclass
 
-import onnx
-
-IR_VERSION = 10  # onnxruntime-gpu 1.31 rejects newer
-
 
 @dataclass(frozen=True)
 class FuseConfig:
@@ -38,21 +34,18 @@ def _layer_fusions(model) -> dict[str, int]:
     return counts
 
 
-def fuse_onnx(proto: onnx.ModelProto, config: FuseConfig) -> tuple[onnx.ModelProto, dict]:
-    """Returns the fused graph and the pass record (which fusions fired, how often)."""
-    import onnx_ir as ir
+def fuse_onnx(model, config: FuseConfig, calibration=None, progress: bool = False) -> dict:
+    """Fuse `model` (an onnx_ir Model, rewritten in place, as every graph pass does); returns the pass record
+    (which fusions fired, how often)."""
     from onnxscript import optimizer
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    model = ir.serde.deserialize_model(proto)
     if config.attention:
-        model, counts = optimize_for_ort(model)
+        fused, counts = optimize_for_ort(model)
+        if fused is not model:
+            raise RuntimeError("onnxscript's optimize_for_ort returned a new model instead of rewriting in place")
     else:
         counts = _layer_fusions(model)
         optimizer.remove_unused_nodes(model)
-    fused = ir.serde.serialize_model(model)
-    fused.ir_version = IR_VERSION
     fired = {name: int(count) for name, count in counts.items() if count}
-    nodes = {"before": len(proto.graph.node), "after": len(fused.graph.node)}
-    return fused, {"name": "fuse", "config": asdict(config), "label": config.label(), "fusions": fired,
-                   "nodes": nodes}
+    return {"name": "fuse", "config": asdict(config), "label": config.label(), "fusions": fired}

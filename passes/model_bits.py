@@ -39,17 +39,20 @@ def quantized_tensor_bits(q: Quantized) -> TensorBits:
     )
 
 
-def total_model_bits(model: torch.nn.Module) -> dict:
-    """Walks the model: a parameter whose module carries a `quantized` record counts as quantized."""
+def total_model_bits(model: torch.nn.Module, quantized: dict | None = None) -> dict:
+    """`quantized`: the quantize pass's records {module name: QuantizedLayer}; those modules' weights count at
+    their k-bit storage, every other parameter at 32 bits."""
     quantized_bits = quantized_params = 0
     quantized_ids = set()
-    for module in model.modules():
-        q = getattr(module, "quantized", None)
-        if q is not None:
-            quantized_bits += quantized_tensor_bits(q).total
-            quantized_params += module.weight.numel()
-            quantized_ids.add(id(module.weight))
+    modules = dict(model.named_modules())
+    for name, layer in (quantized or {}).items():
+        weight = modules[name].weight
+        quantized_bits += quantized_tensor_bits(layer.quantized).total
+        quantized_params += weight.numel()
+        quantized_ids.add(id(weight))
     params = sum(p.numel() for p in model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters")
     other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
     total = quantized_bits + other * UNQUANTIZED_BITS
     return {"total_model_bits": total, "bits_per_param": total / params, "params": params,

@@ -1,5 +1,6 @@
 """The k-bit weight quantization pass: nn.Linear weights -> k-bit codes of one data type, fake-quantized in
-place (module.weight = the exact dequantized values) with the codes kept on the module for the exporter."""
+place (module.weight = the exact dequantized values). What it chose per layer goes to the exporter as data: the
+record's `quantized` entry, {module name: QuantizedLayer}."""
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
@@ -21,6 +22,15 @@ SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ZERO_POINTS = ("int", "float")
 # what `overrides` may change for the layers it names; selection and calibration stay the pass's own
 NOT_OVERRIDABLE = ("targets", "ignore", "overrides", "sequential", "calibration_samples")
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """One quantized nn.Linear as the exporter needs it: the codes, scales, zero points / codebook (`quantized`,
+    for the weight [out, in]) and every name its weight parameter goes by (a tied embedding shares it)."""
+    module: str
+    weight_names: tuple[str, ...]
+    quantized: qp.Quantized
 
 
 @dataclass(frozen=True)
@@ -213,18 +223,22 @@ def _quantize_weight(weight: torch.Tensor, config: QuantizeConfig, hessian: torc
 
 def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[tuple] | None = None,
                    progress: bool = False) -> dict:
-    """Quantize the selected Linear weights of `model` in place; returns the pass record for the report."""
+    """Quantize the selected Linear weights of `model` in place; returns the pass record for the report, whose
+    `quantized` entry ({module name: QuantizedLayer}) the pipeline takes out and hands to the exporter."""
     if config.needs_calibration and not calibration:
         raise ValueError(f"{config.label()} needs calibration batches and none were given")
     chosen, skipped = quantizable(model, config)
-    layers = []
+    layers, quantized = [], {}
+    aliases: dict[int, list[str]] = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(param_name)
 
     def quantize_layer(name: str, module: nn.Linear, hessian: torch.Tensor | None) -> None:
         weight = module.weight.detach().float()
         q = _quantize_weight(weight, config.for_layer(name), hessian)
         approx = qp.dequantize(q)
         module.weight.data = approx.to(module.weight.dtype)
-        module.quantized = q
+        quantized[name] = QuantizedLayer(name, tuple(aliases.get(id(module.weight), [f"{name}.weight"])), q)
         layers.append({"module": name, "shape": list(weight.shape), "bits": q.bits,
                        "relative_mse": qp.relative_mse(weight, approx)})
 
@@ -245,6 +259,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
     bar.close()
     order = {name: i for i, (name, _) in enumerate(chosen)}
     layers.sort(key=lambda entry: order[entry["module"]])  # report in model order, however they were visited
+    quantized = {name: quantized[name] for name, _ in chosen}
     unmatched = [p for p in config.overrides or {} if not any(matches(name, (p,)) for name, _ in chosen)]
     return {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
-            "skipped": skipped, "overrides_unmatched": unmatched, **total_model_bits(model)}
+            "skipped": skipped, "overrides_unmatched": unmatched, **total_model_bits(model, quantized),
+            "quantized": quantized}

@@ -1,10 +1,76 @@
+"""Shared test helpers: the shipped samples, the CLI as a user runs it, quantized-artifact builders."""
+import os
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
+import onnx
 import pytest
 
 from samples.registry import SHIPPED_DIR
+
+REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="session")
 def shipped() -> Path:
     return SHIPPED_DIR
+
+
+def run_compress(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The `compress` command in a child process, as a user runs it (real exit code, real stderr)."""
+    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="session")
+def compress():
+    return run_compress
+
+
+def _quantized_artifact(shipped: Path, tmp_path: Path, config, name: str = "gpt-xs"):
+    """A shipped sample quantized with `config` (QuantizeConfig), exported and lowered to QDQ: returns
+    (checkpoint, task, held-out data, quantize record, lowering record, artifact path)."""
+    from compressor.artifact import save_onnx
+    from compressor.inputs.checkpoint import load_checkpoint
+    from compressor.tasks import TASKS
+    from exporters.onnx_export import export_onnx, finalize
+    from exporters.qdq import lower_to_qdq
+    from passes.quantize import quantize_model
+
+    checkpoint = load_checkpoint(shipped / name)
+    task = TASKS[checkpoint.family]
+    calibration = task.calibration_data(checkpoint.config, 32) if config.needs_calibration else None
+    record = quantize_model(checkpoint.model, config, calibration)
+    data = task.heldout_data(checkpoint.config, 32)
+    proto = export_onnx(checkpoint.model, task.parity_inputs(data), task.dynamic_axes(checkpoint.config),
+                        task.OUTPUT_NAME)
+    proto, lowering = lower_to_qdq(proto, record["quantized"])
+    path = tmp_path / f"{config.label()}.onnx"
+    save_onnx(finalize(proto, {}), path)
+    return checkpoint, task, data, record, lowering, path
+
+
+@pytest.fixture(scope="session")
+def quantized_artifact():
+    return _quantized_artifact
+
+
+def _optimized_ops(path: Path, tmp_path: Path) -> tuple[Counter, list]:
+    """Op counts of ONNX Runtime's optimized CPU graph of `path`, and the bits of each MatMulNBits."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in optimized.graph.node
+            if n.op_type == "MatMulNBits"]
+    return Counter(n.op_type for n in optimized.graph.node), bits
+
+
+@pytest.fixture(scope="session")
+def optimized_ops():
+    return _optimized_ops

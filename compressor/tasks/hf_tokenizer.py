@@ -4,6 +4,6 @@ from functools import lru_cache
 
 @lru_cache(maxsize=4)
 def load_tokenizer(folder: str):
-    from compressor.hf_checkpoint import _transformers
+    from compressor.hf_offline import offline_transformers
 
-    return _transformers().AutoTokenizer.from_pretrained(folder)
+    return offline_transformers().AutoTokenizer.from_pretrained(folder)

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from compressor.checkpoint import load_checkpoint
+from compressor.inputs.checkpoint import load_checkpoint
 from compressor.tasks import TASKS
 from compressor.validate import torch_logits_fn
 from passes.blockwise import quantize_blockwise, transformer_blocks

@@ -26,12 +26,6 @@ def _get(report: dict, dotted: str):
     return value
 
 
-def _compress(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it (real exit code, real stderr)."""
-    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-
-
 def test_help_lists_the_commands():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
@@ -125,7 +119,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("case", ["corrupt", "pickle", "missing"])
-def test_bad_checkpoints_fail_with_one_line(tmp_path, shipped, case):
+def test_bad_checkpoints_fail_with_one_line(compress, tmp_path, shipped, case):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text((shipped / "gpt-xs" / "config.json").read_text())
@@ -138,7 +132,7 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, shipped, case):
     else:
         ckpt = tmp_path / "does-not-exist"
         needle = "not found"
-    result = _compress("run", str(ckpt), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    result = compress("run", str(ckpt), "--out", str(tmp_path / "out"), cwd=tmp_path)
     _assert_clean_failure(result, tmp_path / "out", needle)
     assert not (tmp_path / "pwned").exists()
 

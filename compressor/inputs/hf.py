@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
-from compressor.checkpoint import Checkpoint, sha256_file
+from compressor.atomic import sha256_file
 from compressor.errors import UserError
-from compressor.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
+from compressor.hf_offline import offline_transformers
+from compressor.inputs.source import Checkpoint, Source
+from compressor.inputs.torch_source import torch_source
+from compressor.inputs.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
 
 # Architectures we know how to feed and evaluate: encoders become sentence embedders, decoders LMs.
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2")
@@ -42,19 +45,6 @@ def is_hf_checkpoint(path: Path) -> bool:
     return isinstance(record, dict) and "model_type" in record
 
 
-def _transformers():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("Hugging Face checkpoints need transformers: pip install 'compressor[hf]'") from None
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
 def _cache_root() -> Path:
     return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
 
@@ -70,7 +60,7 @@ def _gguf_file(path: Path) -> Path:
 
 def dequantized_gguf_folder(gguf: Path, progress: bool = False) -> Path:
     """A transformers folder (fp32 safetensors + config + tokenizer) made from `gguf` once, then reused."""
-    transformers = _transformers()
+    transformers = offline_transformers()
     digest = sha256_file(gguf)
     folder = _cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if (folder / "model.safetensors").is_file():
@@ -149,7 +139,7 @@ def hf_model_skeleton(path: Path) -> torch.nn.Module | None:
     path = Path(path)
     if path.suffix == ".gguf" or not path.is_dir() or list(path.glob("*.gguf")):
         return None
-    transformers = _transformers()
+    transformers = offline_transformers()
     record = _read_hf_config(path)
     family, auto = _family_and_auto(path, record, transformers)
     try:
@@ -166,7 +156,7 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    transformers = _transformers()
+    transformers = offline_transformers()
     gguf = None
     if path.suffix == ".gguf" or (path.is_dir() and list(path.glob("*.gguf"))):
         gguf = _gguf_file(path)
@@ -207,3 +197,11 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
     return Checkpoint(name=name, family=family, config=config,
                       model=model, weights_path=source, weights_sha256=sha256_file(source),
                       metadata={"hf_config": hf_config})
+
+
+def hf_source(path: Path, progress: bool = False) -> Source:
+    return torch_source(load_hf_checkpoint(path, progress), path, "gguf" if _is_gguf(path) else "hugging-face")
+
+
+def _is_gguf(path: Path) -> bool:
+    return Path(path).suffix == ".gguf" or (Path(path).is_dir() and bool(list(Path(path).glob("*.gguf"))))

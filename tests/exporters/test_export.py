@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from compressor.checkpoint import load_checkpoint
+from compressor.inputs.checkpoint import load_checkpoint
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import TASKS
 from compressor.validate import parity, torch_logits_fn
-from exporters.onnx_export import IR_VERSION, OPSET, export_onnx, finalize, save_onnx
+from exporters.onnx_export import IR_VERSION, OPSET, export_onnx, finalize
+from compressor.artifact import save_onnx
 
 TOLERANCE = 1e-4
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from compressor.checkpoint import save_checkpoint
+from compressor.inputs.checkpoint import save_checkpoint
 from samples import reverse_task, wiki_corpus
 from samples.registry import SAMPLES, SampleSpec, build_model, count_params
 from samples.seq2seq import PAD_ID

@@ -3,56 +3,23 @@ and every data type's artifact computes exactly what the fake-quantized torch mo
 
 Exact comparisons use session.qdq_matmulnbits_accuracy_level=0 (levels <= 3 are exact; the default 4 quantizes
 activations to int8), so the fp32 tolerance of 1e-4 normwise relative applies."""
-from collections import Counter
-
 import onnx
 import pytest
 
-from compressor.checkpoint import load_checkpoint
 from compressor.ort_runtime import create_session, logits_fn
-from compressor.tasks import TASKS
 from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
-from exporters.onnx_export import export_onnx, finalize, save_onnx
-from exporters.qdq import lower_to_qdq
-from passes.quantize import QuantizeConfig, quantize_model
+from passes.quantize import QuantizeConfig
 
 EXACT_TOLERANCE = 1e-4
 
 
-def _quantized_artifact(shipped, tmp_path, config: QuantizeConfig, name="gpt-xs"):
-    checkpoint = load_checkpoint(shipped / name)
-    task = TASKS[checkpoint.family]
-    calibration = task.calibration_data(checkpoint.config, 32) if config.needs_calibration else None
-    record = quantize_model(checkpoint.model, config, calibration)
-    data = task.heldout_data(checkpoint.config, 32)
-    proto = export_onnx(checkpoint.model, task.parity_inputs(data), task.dynamic_axes(checkpoint.config),
-                        task.OUTPUT_NAME)
-    proto, lowering = lower_to_qdq(proto, checkpoint.model)
-    path = tmp_path / f"{config.label()}.onnx"
-    save_onnx(finalize(proto, {}), path)
-    return checkpoint, task, data, record, lowering, path
-
-
-def _optimized_ops(path, tmp_path) -> tuple[Counter, list]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(tmp_path / "optimized.onnx")
-    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in optimized.graph.node
-            if n.op_type == "MatMulNBits"]
-    return Counter(n.op_type for n in optimized.graph.node), bits
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_int_weights_fuse_into_matmulnbits(shipped, tmp_path, bits):
-    checkpoint, task, data, record, lowering, path = _quantized_artifact(
+def test_int_weights_fuse_into_matmulnbits(quantized_artifact, optimized_ops, shipped, tmp_path, bits):
+    checkpoint, task, data, record, lowering, path = quantized_artifact(
         shipped, tmp_path, QuantizeConfig(bits=bits, block_size=32, full_range=bits == 4))
     linears = len(record["layers"])
     assert len(lowering["lowered"]) == linears and not lowering["left_fp32"]
-    ops, fused_bits = _optimized_ops(path, tmp_path)
+    ops, fused_bits = optimized_ops(path, tmp_path)
     assert ops["MatMulNBits"] == linears, ops  # every quantized Linear runs in the k-bit kernel
     assert set(fused_bits) == {bits}
     assert ops["DequantizeLinear"] == 0
@@ -76,8 +43,8 @@ def test_int_weights_fuse_into_matmulnbits(shipped, tmp_path, bits):
     QuantizeConfig(dtype="int", bits=3, block_size=64, method="gptq", full_range=True),
     QuantizeConfig(dtype="int", bits=2, block_size=0, full_range=True),
 ], ids=lambda c: f"{c.label()}-{c.scale_dtype}-{c.codebook_scope}")
-def test_every_data_type_exports_exactly(shipped, tmp_path, config):
-    checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)
+def test_every_data_type_exports_exactly(quantized_artifact, shipped, tmp_path, config):
+    checkpoint, task, data, record, lowering, path = quantized_artifact(shipped, tmp_path, config)
     assert len(lowering["lowered"]) == len(record["layers"]) > 0 and not lowering["left_fp32"]
     inputs = task.parity_inputs(data)
     ort_logits = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
@@ -91,15 +58,15 @@ def test_every_data_type_exports_exactly(shipped, tmp_path, config):
                    overrides={"lm_head": {"bits": 8, "symmetric": True, "zero_point": "int"}}),
     QuantizeConfig(bits=3, block_size=64, symmetric=False, zero_point="float", scale_dtype="float16"),
 ], ids=lambda c: f"{c.label()}-{c.scale_dtype}")
-def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(shipped, tmp_path, config):
+def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(quantized_artifact, optimized_ops, shipped, tmp_path, config):
     """w = S * (q - z) + c: DequantizeLinear for S * (q - z) plus the block-sum MatMuls for the rests c. With fp32
     scales ORT still fuses every weight into MatMulNBits (fp16 scales: DequantizeLinear + Cast, exact, unfused)."""
-    checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)
+    checkpoint, task, data, record, lowering, path = quantized_artifact(shipped, tmp_path, config)
     linears = len(record["layers"])
     assert len(lowering["lowered"]) == linears and not lowering["left_fp32"]
     bits = {layer["module"]: layer["bits"] for layer in record["layers"]}
     assert bits["lm_head"] == (8 if config.overrides else config.bits)
-    ops, _ = _optimized_ops(path, tmp_path)
+    ops, _ = optimized_ops(path, tmp_path)
     if config.scale_dtype == "float32":
         assert ops["MatMulNBits"] == linears and ops["DequantizeLinear"] == 0, ops
     inputs = task.parity_inputs(data)
@@ -108,22 +75,22 @@ def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(shipped, tmp_
     assert result["passed"], result
 
 
-def test_seq2seq_quantizes_and_exports(shipped, tmp_path):
-    checkpoint, task, data, record, lowering, path = _quantized_artifact(
+def test_seq2seq_quantizes_and_exports(quantized_artifact, optimized_ops, shipped, tmp_path):
+    checkpoint, task, data, record, lowering, path = quantized_artifact(
         shipped, tmp_path, QuantizeConfig(bits=4, block_size=32), name="seq2seq-reverse")
     assert len(lowering["lowered"]) == len(record["layers"])
-    ops, _ = _optimized_ops(path, tmp_path)
+    ops, _ = optimized_ops(path, tmp_path)
     assert ops["MatMulNBits"] == len(record["layers"])
     inputs = task.parity_inputs(data)
     exact = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
     assert parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), exact, EXACT_TOLERANCE)["passed"]
 
 
-def test_ignored_layers_stay_fp32(shipped, tmp_path):
+def test_ignored_layers_stay_fp32(quantized_artifact, optimized_ops, shipped, tmp_path):
     config = QuantizeConfig(bits=4, block_size=32, ignore=("lm_head", "re:mlp"))
-    checkpoint, task, data, record, lowering, path = _quantized_artifact(shipped, tmp_path, config)
+    checkpoint, task, data, record, lowering, path = quantized_artifact(shipped, tmp_path, config)
     names = {layer["module"] for layer in record["layers"]}
     assert "lm_head" not in names and not any("mlp" in n for n in names)
     assert {s["module"] for s in record["skipped"]} >= {"lm_head", "blocks.0.mlp.fc_in"}
-    ops, _ = _optimized_ops(path, tmp_path)
+    ops, _ = optimized_ops(path, tmp_path)
     assert ops["MatMulNBits"] == len(names) == 8  # q, k, v, out in each of 2 blocks

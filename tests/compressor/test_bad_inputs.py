@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from compressor.cli import main
 from samples.registry import SHIPPED_DIR
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 _SCRIPT = Path(sys.executable).with_name("compress")
 COMPRESS = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "compressor.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -1,11 +1,14 @@
 """An existing fp32 ONNX model as the input of `compress run`: loaded safely, and its MatMul weights quantized
-with the same quantizers and the same QDQ lowering as a torch model's Linear layers.
+with the same quantizers and the same QDQ lowering as a torch model's Linear layers (the `onnx` input adapter).
 
 Each MatMul whose second input is a 2-D fp32 initializer W [K, N] stands for a Linear layer with weight Wᵀ.
 We wrap those weights in weight-only nn.Linear shells, run the quantize pass on them (targets / ignore match the
 initializer names), write the dequantized values back (the "fake-quantized" fp32 graph, the reference the
-artifact is held to) and lower that graph with exporters.qdq, which finds each weight column by its bytes.
+artifact is held to) and lower that graph with exporters.qdq, which finds each shell's initializer by its name.
+The input graph in ONNX Runtime is the reference; the input must carry the task metadata `compress run` writes
+(compressor.family, compressor.model_config), so that its held-out data and metric are known.
 """
+import json
 import os
 from pathlib import Path
 
@@ -15,10 +18,15 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
+from compressor.atomic import sha256_file
 from compressor.errors import UserError
+from compressor.inputs.source import Source
+from compressor.ort_runtime import create_session, logits_fn
+from compressor.tasks import TASKS
+from passes.model_bits import UNQUANTIZED_BITS, total_model_bits
 
-# Passes that rewrite torch modules (shapes, factorizations, training) cannot run on a graph.
-GRAPH_PASSES = ("quantize", "fuse")
+# Passes that rewrite torch modules (shapes, factorizations, training) cannot run on a graph's weight shells.
+PASSES = ("quantize", "fuse")
 
 
 def is_onnx_input(path: Path) -> bool:
@@ -114,3 +122,40 @@ def write_back(proto: onnx.ModelProto, shells: WeightShells) -> onnx.ModelProto:
         if tensor.name in values:
             tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[tensor.name]), tensor.name))
     return fake
+
+
+def graph_bits(proto: onnx.ModelProto, shells: WeightShells, quantized: dict) -> dict:
+    """Total model bits of the graph: the shells' k-bit weights plus every other float initializer at 32 bits."""
+    shell_bits = total_model_bits(shells, quantized)
+    in_shells = set(shells.onnx_names.values())
+    other = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
+                if t.name not in in_shells and t.data_type == onnx.TensorProto.FLOAT)
+    params = shell_bits["params"] + other
+    total = shell_bits["total_model_bits"] + other * UNQUANTIZED_BITS
+    return {"total_model_bits": total, "bits_per_param": total / params, "params": params,
+            "quantized_params": shell_bits["quantized_params"], "unquantized_bits_per_param": UNQUANTIZED_BITS}
+
+
+def onnx_source(path: Path, progress: bool = False) -> Source:
+    proto = load_onnx_input(path)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if metadata.get("compressor.family") not in TASKS or "compressor.model_config" not in metadata:
+        raise UserError(f"{path} carries no compressor task metadata (compressor.family, compressor.model_config): "
+                        f"export the model with `compress run CHECKPOINT` (recipe fp32) to get one")
+    family, config = metadata["compressor.family"], json.loads(metadata["compressor.model_config"])
+    weights = matmul_weights(proto)
+    if not weights:
+        raise UserError(f"{path} has no MatMul with a 2-D fp32 weight: nothing to compress (already quantized?)")
+    shells = WeightShells(weights)
+    digest = sha256_file(path)
+    record = {"name": Path(path).stem, "family": family, "source": str(path), "source_sha256": digest,
+              "config": config, "input_format": "onnx"}
+
+    def fake_quantized_fn(model, quantized):  # the shells' current values, written back into the graph
+        return logits_fn(create_session(write_back(proto, model).SerializeToString()))
+
+    return Source(name=record["name"], task=TASKS[family], config=config, model=shells, record=record,
+                  metadata={**metadata, "compressor.source": str(path), "compressor.source_sha256": digest},
+                  logits_fn=fake_quantized_fn, export=lambda model, inputs, progress: write_back(proto, model),
+                  bits=lambda model, quantized: graph_bits(proto, model, quantized),
+                  reference_fn=logits_fn(create_session(path)))

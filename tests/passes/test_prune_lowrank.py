@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.checkpoint import load_checkpoint
+from compressor.inputs.checkpoint import load_checkpoint
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import TASKS
 from compressor.validate import parity, torch_logits_fn
-from exporters.onnx_export import export_onnx, finalize, save_onnx
+from exporters.onnx_export import export_onnx, finalize
+from compressor.artifact import save_onnx
 from passes import sparsity_primitives as sp
 from passes.lowrank import LowRankConfig, LowRankLinear, lowrank_model
 from passes.prune import PruneConfig, prune_model

@@ -5,29 +5,33 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.validate import EXACT_MATMULNBITS, parity
-from exporters.onnx_export import finalize, save_onnx
+from exporters.onnx_export import finalize
+from compressor.artifact import save_onnx
 from passes.fuse import FuseConfig, fuse_onnx
 from passes.quantize import QuantizeConfig
-from tests.test_qdq_export import _optimized_ops, _quantized_artifact
 
 
-def test_layer_fusions_on_a_quantized_gpt(shipped, tmp_path):
-    checkpoint, task, data, record, _, path = _quantized_artifact(shipped, tmp_path, QuantizeConfig(bits=4))
-    fused, fuse_record = fuse_onnx(onnx.load(str(path)), FuseConfig())
+def test_layer_fusions_on_a_quantized_gpt(quantized_artifact, optimized_ops, shipped, tmp_path):
+    checkpoint, task, data, record, _, path = quantized_artifact(shipped, tmp_path, QuantizeConfig(bits=4))
+    model = ir.serde.deserialize_model(onnx.load(str(path)))
+    nodes_before = len(model.graph)
+    fuse_record = fuse_onnx(model, FuseConfig())
+    fused = ir.serde.serialize_model(model)
     layers = checkpoint.config["layers"]
     # per block: two residual LayerNorms -> SkipLayerNormalization; the FFN's bias + GELU -> BiasGelu
     assert fuse_record["fusions"] == {"skip_layer_normalization": 2 * layers, "bias_gelu": layers}
-    assert fuse_record["nodes"]["after"] < fuse_record["nodes"]["before"]
+    assert len(fused.graph.node) < nodes_before
     before = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     after = Counter(n.op_type for n in fused.graph.node)
     assert after["MatMul"] == before["MatMul"] and after["DequantizeLinear"] == before["DequantizeLinear"]
     fused_path = tmp_path / "fused.onnx"
     save_onnx(finalize(fused, {}), fused_path)
-    ops, _ = _optimized_ops(fused_path, tmp_path)
+    ops, _ = optimized_ops(fused_path, tmp_path)
     assert ops["MatMulNBits"] == len(record["layers"])  # k-bit weights still reach the k-bit kernel
     inputs = task.parity_inputs(data)
     unfused = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
@@ -45,6 +49,7 @@ def test_layernorm_without_residual_is_not_fused(tmp_path):
                               "g", [x], [y], [scale, bias])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    fused, record = fuse_onnx(model, FuseConfig())
+    graph = ir.serde.deserialize_model(model)
+    record = fuse_onnx(graph, FuseConfig())
     assert record["fusions"] == {}
-    assert [n.op_type for n in fused.graph.node] == ["LayerNormalization"]
+    assert [n.op_type for n in graph.graph] == ["LayerNormalization"]

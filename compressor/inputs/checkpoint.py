@@ -4,10 +4,8 @@ Loading never unpickles code: safetensors, or torch.load(weights_only=True). Eve
 wrong becomes a UserError naming the file and the problem.
 """
 import contextlib
-import hashlib
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,25 +13,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compressor.atomic import atomic_path, atomic_write_text
+from compressor.atomic import atomic_path, atomic_write_text, sha256_file
 from compressor.errors import UserError
-from samples.registry import build_model
+from compressor.inputs.source import Checkpoint, Source
+from compressor.inputs.torch_source import torch_source
+from samples.registry import SAMPLES, SHIPPED_DIR, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TORCH_WEIGHT_NAMES = ("model.pt", "model.pth", "pytorch_model.bin")
 FORMAT = "compressor-checkpoint"
-
-
-@dataclass
-class Checkpoint:
-    name: str
-    family: str
-    config: dict
-    model: nn.Module
-    weights_path: Path
-    weights_sha256: str
-    metadata: dict  # the whole config.json (training record etc.)
 
 
 def save_checkpoint(folder: Path, name: str, family: str, model: nn.Module, extra: dict | None = None,
@@ -158,9 +147,18 @@ def load_checkpoint(path: Path) -> Checkpoint:
     )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def resolve_sample(path: Path) -> Path:
+    """A path as given, or the name of a shipped sample (e.g. `gpt-s`) when no such path exists."""
+    if not path.exists() and str(path) in SAMPLES and (SHIPPED_DIR / str(path)).is_dir():
+        return SHIPPED_DIR / str(path)
+    return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Our own checkpoints are what is left once the other adapters have declined: their loader says what is
+    wrong with anything else."""
+    return True
+
+
+def checkpoint_source(path: Path, progress: bool = False) -> Source:
+    return torch_source(load_checkpoint(path), path, "compressor-checkpoint")

@@ -203,7 +203,8 @@ def test_total_model_bits_counts_every_stored_bit():
     others = (64 + 64 + 64) * 32  # bias, LayerNorm weight and bias
     assert record["total_model_bits"] == codes + scales + zero_points + others
     assert record["bits_per_param"] == pytest.approx(record["total_model_bits"] / (128 * 64 + 192))
-    assert total_model_bits(model)["quantized_params"] == 128 * 64
+    assert total_model_bits(model, record["quantized"])["quantized_params"] == 128 * 64
+    assert total_model_bits(model)["quantized_params"] == 0
 
 
 def test_total_model_bits_counts_float_zero_points_and_overrides():
@@ -215,5 +216,6 @@ def test_total_model_bits_counts_float_zero_points_and_overrides():
     second = 32 * 64 * 8 + 32 * 1 * 32  # int8 codes, one fp32 scale per row (one block of 64)
     assert record["total_model_bits"] == first + second
     assert [layer["bits"] for layer in record["layers"]] == [4, 8]
-    assert model[0].quantized.offsets is not None and model[1].quantized.offsets is None
+    quantized = record["quantized"]
+    assert quantized["0"].quantized.offsets is not None and quantized["1"].quantized.offsets is None
     assert record["label"] == "int4-B64-asym-fzp (1: int8-B64)"

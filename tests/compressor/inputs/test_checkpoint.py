@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.checkpoint import load_checkpoint, save_checkpoint
+from compressor.inputs.checkpoint import load_checkpoint, save_checkpoint
 from compressor.errors import UserError
 from samples.gpt import GPT, GPTConfig
 

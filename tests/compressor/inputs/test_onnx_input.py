@@ -14,11 +14,6 @@ from onnx import numpy_helper
 FAST = ("--eval-limit", "16", "--bench-runs", "2", "--quiet")
 
 
-def _compress(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True, env=env)
-
-
 def _one_line_error(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -27,16 +22,16 @@ def _one_line_error(done: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(tmp_path_factory) -> Path:
+def fp32_onnx(compress, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fp32")
-    assert _compress("run", "gpt-xs", "--out", str(out), *FAST).returncode == 0
+    assert compress("run", "gpt-xs", "--out", str(out), *FAST).returncode == 0
     return out / "model.onnx"
 
 
-def test_onnx_input_int4_matches_the_checkpoint_path(fp32_onnx, tmp_path):
+def test_onnx_input_int4_matches_the_checkpoint_path(compress, fp32_onnx, tmp_path):
     from_graph, from_torch = tmp_path / "graph", tmp_path / "torch"
-    assert _compress("run", str(fp32_onnx), "--out", str(from_graph), "--recipe", "int4", *FAST).returncode == 0
-    assert _compress("run", "gpt-xs", "--out", str(from_torch), "--recipe", "int4", *FAST).returncode == 0
+    assert compress("run", str(fp32_onnx), "--out", str(from_graph), "--recipe", "int4", *FAST).returncode == 0
+    assert compress("run", "gpt-xs", "--out", str(from_torch), "--recipe", "int4", *FAST).returncode == 0
     graph, torch_run = (json.loads((d / "report.json").read_text()) for d in (from_graph, from_torch))
     assert graph["model"]["input_format"] == "onnx"
     assert graph["accuracy"]["reference"] == pytest.approx(torch_run["accuracy"]["reference"], rel=1e-5)
@@ -49,10 +44,10 @@ def test_onnx_input_int4_matches_the_checkpoint_path(fp32_onnx, tmp_path):
     assert codes and all(t.data_type == onnx.TensorProto.INT4 for t in codes)
 
 
-def test_onnx_input_refuses_torch_only_passes(fp32_onnx, tmp_path):
-    line = _one_line_error(_compress("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe", "prune50"))
+def test_onnx_input_refuses_torch_only_passes(compress, fp32_onnx, tmp_path):
+    line = _one_line_error(compress("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe", "prune50"))
     assert "needs the torch model" in line
-    line = _one_line_error(_compress("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe", "int4-gptq"))
+    line = _one_line_error(compress("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe", "int4-gptq"))
     assert "calibration" in line
     assert not (tmp_path / "o" / "model.onnx").exists()
 
@@ -75,7 +70,7 @@ def _with_external_data(source: Path, folder: Path, location: str) -> Path:
 
 
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../escape.bin"])
-def test_external_data_outside_the_folder_is_refused(fp32_onnx, tmp_path, location):
+def test_external_data_outside_the_folder_is_refused(compress, fp32_onnx, tmp_path, location):
     model = _with_external_data(fp32_onnx, tmp_path / "m", location if not location.startswith("/") else "x.bin")
     if location.startswith("/"):  # rewrite the location after the fact: an absolute path
         proto = onnx.load(str(model), load_external_data=False)
@@ -84,19 +79,19 @@ def test_external_data_outside_the_folder_is_refused(fp32_onnx, tmp_path, locati
                 if entry.key == "location":
                     entry.value = location
         model.write_bytes(proto.SerializeToString())
-    line = _one_line_error(_compress("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int4"))
+    line = _one_line_error(compress("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int4"))
     assert "outside the model's folder" in line
     assert not (tmp_path / "o" / "model.onnx").exists()
 
 
-def test_external_data_inside_the_folder_is_accepted(fp32_onnx, tmp_path):
+def test_external_data_inside_the_folder_is_accepted(compress, fp32_onnx, tmp_path):
     model = _with_external_data(fp32_onnx, tmp_path / "m", "weights.bin")
-    done = _compress("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int8", *FAST)
+    done = compress("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int8", *FAST)
     assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("case", ["truncated", "garbage", "no-metadata", "nan"])
-def test_bad_onnx_inputs(fp32_onnx, tmp_path, case):
+def test_bad_onnx_inputs(compress, fp32_onnx, tmp_path, case):
     path = tmp_path / "bad.onnx"
     raw = fp32_onnx.read_bytes()
     if case == "truncated":
@@ -113,5 +108,5 @@ def test_bad_onnx_inputs(fp32_onnx, tmp_path, case):
             values.flat[0] = np.nan
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
         path.write_bytes(model.SerializeToString())
-    _one_line_error(_compress("run", str(path), "--out", str(tmp_path / "o"), "--recipe", "int4"))
+    _one_line_error(compress("run", str(path), "--out", str(tmp_path / "o"), "--recipe", "int4"))
     assert not (tmp_path / "o" / "model.onnx").exists()

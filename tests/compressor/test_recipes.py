@@ -2,7 +2,7 @@
 import pytest
 from click.testing import CliRunner
 
-from compressor.checkpoint import model_skeleton
+from compressor.inputs.checkpoint import model_skeleton
 from compressor.cli import main
 from compressor.errors import UserError
 from compressor.recipes import PRESETS, check_recipe_fits, resolve_recipe

@@ -14,14 +14,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from compressor.hf_checkpoint import load_hf_checkpoint  # noqa: E402
+from compressor.inputs.hf import load_hf_checkpoint  # noqa: E402
 from compressor.tasks import hf_language_modeling, sentence_embedding  # noqa: E402
 from samples import wiki_corpus  # noqa: E402
-
-
-def _compress(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True, env=env)
 
 
 def _bpe_tokenizer(folder: Path):
@@ -83,8 +78,8 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return _save(transformers.GPT2LMHeadModel(config), folder)
 
 
-def test_encoder_folder_int8_end_to_end(tiny_bert, tmp_path):
-    done = _compress("run", str(tiny_bert), "--out", str(tmp_path / "out"), "--recipe", "int8",
+def test_encoder_folder_int8_end_to_end(compress, tiny_bert, tmp_path):
+    done = compress("run", str(tiny_bert), "--out", str(tmp_path / "out"), "--recipe", "int8",
                      "--eval-limit", "96", "--bench-runs", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -99,7 +94,7 @@ def test_encoder_folder_int8_end_to_end(tiny_bert, tmp_path):
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert "compressor.task_state" in {p.key for p in model.metadata_props}  # the probe, for compress check
-    check = _compress("check", str(tmp_path / "out" / "model.onnx"), "--baseline",
+    check = compress("check", str(tmp_path / "out" / "model.onnx"), "--baseline",
                       str(tmp_path / "out" / "report.json"), "--tolerance", "0")
     assert check.returncode == 0 and check.stdout.startswith("ok: probe_accuracy"), check.stdout + check.stderr
 
@@ -114,10 +109,10 @@ def test_encoder_embeddings_are_mean_pooled(tiny_bert):
     torch.testing.assert_close(pooled[0], hidden[0, :4].mean(0))
 
 
-def test_decoder_folder_int4_partial_blocks_and_check(tiny_llama, tmp_path):
+def test_decoder_folder_int4_partial_blocks_and_check(compress, tiny_llama, tmp_path):
     """Hidden 96 is not a multiple of 64: the last block of each row is shorter, every Linear still quantized."""
     out = tmp_path / "out"
-    done = _compress("run", str(tiny_llama), "--out", str(out), "--recipe", "int4", "--eval-limit", "8",
+    done = compress("run", str(tiny_llama), "--out", str(out), "--recipe", "int4", "--eval-limit", "8",
                      "--bench-runs", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
@@ -134,15 +129,15 @@ def test_decoder_folder_int4_partial_blocks_and_check(tiny_llama, tmp_path):
     gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith(".dequantized"))
     assert gather.input[0] == f"{tied[0]['initializer']}.dequantized"
     assert tied[0]["initializer"] not in {t.name for t in graph.initializer}
-    check = _compress("check", str(out / "model.onnx"), "--baseline", str(out / "report.json"))
+    check = compress("check", str(out / "model.onnx"), "--baseline", str(out / "report.json"))
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(tiny_llama, tmp_path):
+def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(compress, tiny_llama, tmp_path):
     """The q4_1 preset at B = 64 (hidden 96: a short last block): float zero points on every projection, the tied
     lm_head at 8 bits stored once as the embedding's codes; exact-kernel parity with the torch model."""
     out = tmp_path / "out"
-    done = _compress("run", str(tiny_llama), "--out", str(out), "--recipe", "q4_1", "--set",
+    done = compress("run", str(tiny_llama), "--out", str(out), "--recipe", "q4_1", "--set",
                      "quantize.block_size=64", "--eval-limit", "8", "--bench-runs", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
@@ -157,14 +152,14 @@ def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(tiny_llama, tmp_pat
     assert report["accuracy"]["agreement"]["cpu"]["passed"]
 
 
-def test_gpt2_conv1d_becomes_linear_and_quantizes(tiny_gpt2, tmp_path):
+def test_gpt2_conv1d_becomes_linear_and_quantizes(compress, tiny_gpt2, tmp_path):
     checkpoint = load_hf_checkpoint(tiny_gpt2)
     assert not any(type(m).__name__ == "Conv1D" for m in checkpoint.model.modules())
     reference = transformers.GPT2LMHeadModel.from_pretrained(str(tiny_gpt2)).eval()
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(checkpoint.model(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
-    done = _compress("run", str(tiny_gpt2), "--out", str(tmp_path / "out"), "--recipe", "int4", "--eval-limit", "8",
+    done = compress("run", str(tiny_gpt2), "--out", str(tmp_path / "out"), "--recipe", "int4", "--eval-limit", "8",
                      "--bench-runs", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -195,19 +190,19 @@ def test_probe_is_fitted_on_train_split_and_scores_heldout(tiny_bert):
     assert sentence_embedding.evaluate(fn, data) == pytest.approx(1 - metrics["probe_accuracy"])
 
 
-def test_recipe_is_checked_against_the_hf_config_before_weights_load(tiny_llama, tmp_path):
+def test_recipe_is_checked_against_the_hf_config_before_weights_load(compress, tiny_llama, tmp_path):
     import shutil
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama, folder)
     (folder / "model.safetensors").write_bytes(b"truncated")  # never read: the recipe fails first
-    done = _compress("run", str(folder), "--out", str(tmp_path / "out"), "--recipe", "kmeans4",
+    done = compress("run", str(folder), "--out", str(tmp_path / "out"), "--recipe", "kmeans4",
                      "--set", "quantize.block_size=1024", "--quiet")
     assert done.returncode == 2 and "does not fit the model" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("case", ["no-tokenizer", "no-weights", "nan-weights", "wrong-shapes", "unknown-type"])
-def test_bad_hf_folders_fail_with_one_line(tiny_llama, tmp_path, case):
+def test_bad_hf_folders_fail_with_one_line(compress, tiny_llama, tmp_path, case):
     import shutil
 
     folder = tmp_path / "model"
@@ -231,7 +226,7 @@ def test_bad_hf_folders_fail_with_one_line(tiny_llama, tmp_path, case):
         config = json.loads((folder / "config.json").read_text())
         config["model_type"] = "t5"
         (folder / "config.json").write_text(json.dumps(config))
-    done = _compress("run", str(folder), "--out", str(tmp_path / "out"), "--quiet")
+    done = compress("run", str(folder), "--out", str(tmp_path / "out"), "--quiet")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in done.stderr, done.stderr
@@ -256,7 +251,7 @@ def test_unreadable_gguf_fails_with_one_line(tmp_path, content):
     (tmp_path / "model.gguf").write_bytes(content)
     done = subprocess.run([sys.executable, "-m", "compressor.cli", "run", str(tmp_path / "model.gguf"), "--out",
                            str(tmp_path / "out"), "--quiet"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3]),
                                "COMPRESSOR_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.strip().splitlines() if "GGUF tensors" not in line]

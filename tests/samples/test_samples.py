@@ -1,7 +1,7 @@
 """The shipped samples are trained for real: held-out quality, measured here, not copied from training logs."""
 import numpy as np
 
-from compressor.checkpoint import load_checkpoint
+from compressor.inputs.checkpoint import load_checkpoint
 from compressor.tasks import TASKS
 from compressor.validate import torch_logits_fn
 from samples import reverse_task, wiki_corpus

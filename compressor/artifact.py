@@ -1,0 +1,98 @@
+"""The out folder: checked before any work, the artifact written atomically, the report assembled."""
+from pathlib import Path
+
+import onnx
+
+from compressor.atomic import atomic_path, sha256_file
+from compressor.errors import UserError
+from compressor.gates import evaluate_gates
+from compressor.report import SCHEMA_VERSION, environment, tool_record
+from passes.registry import GRAPH, PASSES
+
+ARTIFACT_NAME = "model.onnx"
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """What can be said of --out without touching it: run first, before minutes of loading."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a folder")
+    if (out_dir / ARTIFACT_NAME).exists() and not force:
+        raise UserError(f"{out_dir / ARTIFACT_NAME} already exists (pass --force to overwrite)")
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    check_out_dir(out_dir, force)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.partial"):  # left by a run killed mid-write (SIGKILL skips cleanup)
+            stale.unlink()
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    """Serialize in one file, atomically (a killed run leaves no half-written model)."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+
+
+def summarize(report: dict, input_bits: dict) -> dict:
+    """How much was gained: the input model's total model bits and fp32 parameter bytes over the artifact's, and
+    the artifact's ONNX Runtime metric against the input model's (relative; positive = better, negative = worse)."""
+    accuracy = report["accuracy"]
+    provider = "cpu" if "cpu" in accuracy["onnxruntime"] else next(iter(accuracy["onnxruntime"]))
+    measured, reference = accuracy["onnxruntime"][provider], accuracy["reference"]
+    change = (measured - reference) / abs(reference) if reference else 0.0
+    improvement = change if accuracy["higher_is_better"] else -change
+    return {"bits_ratio": input_bits["total_model_bits"] / report["total_model_bits"],
+            "bytes_ratio": input_bits["params"] * 4 / report["artifact"]["bytes"],
+            "metric_change": improvement, "metric": accuracy["metric"], "measured_by": f"onnxruntime-{provider}",
+            "verdict": "better" if improvement > 0 else "worse" if improvement < 0 else "unchanged"}
+
+
+def summary_line(summary: dict) -> str:
+    return (f"summary: {summary['bits_ratio']:.2f}x fewer model bits, {summary['bytes_ratio']:.2f}x fewer bytes "
+            f"than the fp32 input; {summary['metric']} {abs(summary['metric_change']):.2%} {summary['verdict']} "
+            f"({summary['measured_by']})")
+
+
+def assemble_report(model_record: dict, recipe, artifact: Path, graph_facts: dict, lowering, bits: dict,
+                    input_bits: dict, pass_records: list, reference_metrics: dict, results: dict,
+                    baseline_latency: dict | None) -> dict:
+    """report.json's content (docs/report-schema.md), gates evaluated."""
+    accuracy_report = results.pop("accuracy")
+    metric = accuracy_report.pop("metric")
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": tool_record(),
+        "summary": None,
+        "model": model_record,
+        "recipe": recipe.to_dict(),
+        "artifact": {"path": str(artifact), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact),
+                     **graph_facts, "lowering": lowering},
+        "total_model_bits": bits["total_model_bits"],
+        "bits_per_param": bits["bits_per_param"],
+        "passes": pass_records,
+        "accuracy": {"metric": metric, "reference": reference_metrics[metric],
+                     "reference_metrics": reference_metrics, **accuracy_report},
+        **results,
+        "baseline_latency": baseline_latency,
+        "environment": environment(),
+    }
+    _fill_graph_pass_metrics(report)
+    report["summary"] = summarize(report, input_bits)
+    report["gates"] = evaluate_gates(recipe.gates, report, baseline_latency)
+    return report
+
+
+def _fill_graph_pass_metrics(report: dict) -> None:
+    """Graph passes have no torch model to score: their entry takes the artifact's ONNX Runtime metric."""
+    accuracy = report["accuracy"]
+    measured = next(iter(accuracy["onnxruntime"].values()), None)
+    for entry in report["passes"]:
+        if PASSES[entry["name"]].rewrites == GRAPH and measured is not None:
+            entry[accuracy["metric"]] = measured
+            entry["measured_by"] = "onnxruntime-" + next(iter(accuracy["onnxruntime"]))

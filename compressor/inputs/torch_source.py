@@ -1,0 +1,25 @@
+"""A loaded torch checkpoint (ours or Hugging Face's) as a Source: scored by its forward, exported by
+torch.onnx.export, bits counted on its parameters."""
+from pathlib import Path
+
+from compressor.inputs.source import Checkpoint, Source
+from compressor.tasks import TASKS
+from compressor.validate import torch_logits_fn
+from exporters.onnx_export import export_onnx
+from passes.model_bits import total_model_bits
+
+
+def torch_source(checkpoint: Checkpoint, path: Path, input_format: str) -> Source:
+    task = TASKS[checkpoint.family]
+    config = checkpoint.config
+
+    def export(model, sample_inputs: dict, progress: bool):
+        return export_onnx(model, sample_inputs, task.dynamic_axes(config), task.OUTPUT_NAME, progress=progress)
+
+    record = {"name": checkpoint.name, "family": checkpoint.family, "source": str(path),
+              "source_sha256": checkpoint.weights_sha256, "config": config, "input_format": input_format}
+    return Source(name=checkpoint.name, task=task, config=config, model=checkpoint.model, record=record,
+                  metadata={"compressor.source": checkpoint.name,
+                            "compressor.source_sha256": checkpoint.weights_sha256},
+                  logits_fn=lambda model, quantized: torch_logits_fn(model, task.INPUT_NAMES),
+                  export=export, bits=total_model_bits)
