@@ -3,81 +3,71 @@ against total model bits, for every data type x bits x block size; plus ONNX Run
 (RTN, block 32 and 128, accuracy level 4) on our fp32 export, and CPU latency of the headline artifacts.
 
     python benchmarks/kbit_grid.py [--models gpt-xs,gpt-s,gpt-m,gpt-l] [--windows 300] [--latency-models gpt-l]
+                                   [--dtypes int,nf] [--bits 3,4] [--blocks 64,0]
 
-Writes benchmarks/results/kbit_grid.json, kbit_grid.md and kbit_grid.png. Perplexity is per byte on the first
---windows held-out windows of 128 bytes (the same windows for every row of a model).
+Every grid point, the fp32 baseline included, goes through `compress run`'s pipeline (compressor.pipeline.run:
+the fp32 recipe plus `--set quantize.*` overrides), each into its own folder; the numbers are read from its
+report.json. Writes benchmarks/results/kbit_grid.json, kbit_grid.md and kbit_grid.png (or under --out).
+Perplexity is per byte on the first --windows held-out windows of 128 bytes (the same windows for every row of a
+model).
 """
 import argparse
-import copy
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressor.inputs.checkpoint import load_checkpoint  # noqa: E402
 from compressor.ort_runtime import create_session, logits_fn  # noqa: E402
+from compressor.pipeline import RunOptions, run  # noqa: E402
+from compressor.recipes import resolve_recipe  # noqa: E402
 from compressor.tasks import TASKS  # noqa: E402
-from compressor.validate import BenchmarkSettings, run_benchmark, torch_logits_fn  # noqa: E402
-from exporters.onnx_export import export_onnx, finalize
-from compressor.artifact import save_onnx  # noqa: E402
-from exporters.qdq import lower_to_qdq  # noqa: E402
-from passes.model_bits import total_model_bits  # noqa: E402
-from passes.quantize import QuantizeConfig, quantize_model  # noqa: E402
-from samples.registry import SHIPPED_DIR  # noqa: E402
+from compressor.validate import BenchmarkSettings, run_benchmark  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-# (row name, QuantizeConfig fields): "int" is the paper's absmax ±(2^(k-1)-1); "int-full" adds level -2^(k-1)
+# (row name, quantize overrides): "int" is the paper's absmax ±(2^(k-1)-1); "int-full" adds level -2^(k-1)
 VARIANTS = (("int", {"dtype": "int"}), ("int-full", {"dtype": "int", "full_range": True}), ("nf", {"dtype": "nf"}),
             ("float", {"dtype": "float"}), ("quantile", {"dtype": "quantile"}), ("kmeans", {"dtype": "kmeans"}),
             ("log2", {"dtype": "log2"}))
 BITS = (2, 3, 4, 8)
-BLOCKS = (32, 64, 128, 0)
+BLOCKS = (32, 64, 128, 0)  # 0: per output channel
+# artifacts whose CPU latency is measured (on --latency-models); the other runs benchmark once, unreported
+WANTED_LATENCY = {"fp32", "int8-B32-full", "int4-B32-full", "int4-B64-full", "int4-B128-full", "int3-B64-full",
+                  "int2-B64-full", "nf4-B64", "kmeans4-B64", "ort-MatMulNBitsQuantizer-B32",
+                  "ort-MatMulNBitsQuantizer-B128"}
+NO_LATENCY = BenchmarkSettings(warmup=0, runs=1)
 
 
-def swap_weights(proto: onnx.ModelProto, original: dict[bytes, np.ndarray]) -> onnx.ModelProto:
-    """The fp32 export with each Linear weight column replaced by its fake-quantized version, matched by the
-    bytes of the original column: one export serves every grid point (torch.onnx.export takes ~6 s)."""
-    proto = copy.deepcopy(proto)
-    for init in proto.graph.initializer:
-        array = numpy_helper.to_array(init)
-        if array.ndim != 2 or array.dtype != np.float32:
-            continue
-        columns = np.ascontiguousarray(array.T)
-        replaced = [original.get(col.tobytes()) for col in columns]
-        if all(r is not None for r in replaced):
-            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.stack(replaced).T), init.name))
-    return proto
-
-
-def column_map(reference_model, quantized_model) -> dict[bytes, np.ndarray]:
-    mapping = {}
-    for (name, ref), (_, new) in zip(reference_model.named_modules(), quantized_model.named_modules()):
-        if getattr(new, "quantized", None) is not None:
-            for row_ref, row_new in zip(ref.weight.detach().numpy(), new.weight.detach().numpy()):
-                mapping[row_ref.tobytes()] = row_new
-    return mapping
+def _overrides(fields: dict) -> tuple[str, ...]:
+    return tuple(f"quantize.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                 for key, value in fields.items())
 
 
 def ort_perplexity(path: Path, task, windows, options: dict | None = None) -> float:
     return task.evaluate(logits_fn(create_session(path, options=options)), windows)
 
 
-def grid_configs():
+def grid_configs(dtypes=tuple(v for v, _ in VARIANTS), bits_list=BITS, blocks=BLOCKS):
+    """(row dtype, quantize fields) for each grid point, then the GPTQ and weighted k-means rows (block 64) whose
+    dtype and bits are in the grid and when 64 is one of its block sizes."""
     for variant, fields in VARIANTS:
-        for bits in BITS:
-            for block in BLOCKS:
-                yield variant, QuantizeConfig(bits=bits, block_size=block, **fields)
+        if variant not in dtypes:
+            continue
+        for bits in bits_list:
+            for block in blocks:
+                yield variant, {**fields, "bits": bits, "block_size": block}
+    if 64 not in blocks:
+        return
     for bits in (3, 4):
-        yield "int-full", QuantizeConfig(dtype="int", bits=bits, block_size=64, method="gptq", full_range=True)
+        if "int-full" in dtypes and bits in bits_list:
+            yield "int-full", {"dtype": "int", "bits": bits, "block_size": 64, "method": "gptq", "full_range": True}
     for bits in (3, 4):
-        yield "kmeans", QuantizeConfig(dtype="kmeans", bits=bits, block_size=64, activation_weighted=True)
+        if "kmeans" in dtypes and bits in bits_list:
+            yield "kmeans", {"dtype": "kmeans", "bits": bits, "block_size": 64, "activation_weighted": True}
 
 
 def ort_matmulnbits(fp32_path: Path, out: Path, block_size: int) -> Path:
@@ -93,61 +83,82 @@ def ort_matmulnbits(fp32_path: Path, out: Path, block_size: int) -> Path:
     return out
 
 
-def run_model(name: str, windows_count: int, scratch: Path, latency: bool, runs: int) -> list[dict]:
-    checkpoint = load_checkpoint(SHIPPED_DIR / name)
-    task = TASKS["gpt"]
-    windows = task.heldout_data(checkpoint.config, windows_count)
-    calibration = task.calibration_data(checkpoint.config, 64)
-    fp32_proto = export_onnx(checkpoint.model, task.parity_inputs(windows), task.dynamic_axes(checkpoint.config),
-                             task.OUTPUT_NAME)
-    fp32_path = scratch / f"{name}-fp32.onnx"
-    save_onnx(finalize(copy.deepcopy(fp32_proto), {}), fp32_path)
-    bits = total_model_bits(checkpoint.model)
-    rows = [{"model": name, "params": bits["params"], "label": "fp32", "dtype": "fp32", "bits": 32,
-             "block_size": None, "method": "-", "total_model_bits": bits["total_model_bits"],
-             "bits_per_param": bits["bits_per_param"], "artifact_bytes": fp32_path.stat().st_size,
-             "ppl_torch": task.evaluate(torch_logits_fn(checkpoint.model, task.INPUT_NAMES), windows),
-             "ppl_ort": ort_perplexity(fp32_path, task, windows), "path": fp32_path}]
-    print(f"{name}: fp32 ppl {rows[0]['ppl_ort']:.4f}", flush=True)
-    for variant, config in grid_configs():
+def _latency_fields(report: dict) -> dict:
+    measured = report["latency"]["cpu"]
+    return {"latency_cpu": {k: v for k, v in measured.items() if k.startswith("batch")},
+            "peak_rss_bytes": report["memory"]["cpu"]["peak_rss_bytes"]}
+
+
+def _print_latency(name: str, row: dict) -> None:
+    print(f"{name}: latency {row['label']:<30} b1 {row['latency_cpu']['batch1']['p50_ms']:.3f} ms "
+          f"b16 {row['latency_cpu']['batch16']['p50_ms']:.2f} ms", flush=True)
+
+
+def compress(name: str, out_dir: Path, overrides: tuple[str, ...], windows_count: int, bench: BenchmarkSettings):
+    """One grid point through `compress run`'s pipeline: the fp32 recipe plus the quantize overrides."""
+    options = RunOptions(recipe="fp32", overrides=overrides, eval_limit=windows_count, force=True, bench=bench,
+                         progress=False)
+    return run(Path(name), out_dir, options, log=lambda _: None)
+
+
+def run_model(name: str, windows_count: int, scratch: Path, latency: bool, runs: int,
+              grid: dict | None = None) -> list[dict]:
+    grid = grid or {}
+    timed = BenchmarkSettings(warmup=10, runs=runs)
+    scratch = scratch / name
+    started = time.perf_counter()
+    fp32 = compress(name, scratch / "fp32", (), windows_count,
+                    timed if latency and "fp32" in WANTED_LATENCY else NO_LATENCY)
+    fp32_path = Path(fp32["artifact"]["path"])  # <out>/model.onnx of the fp32 run
+    rows = [{"model": name, "params": fp32["model"]["params"], "label": "fp32", "dtype": "fp32", "bits": 32,
+             "block_size": None, "method": "-", "total_model_bits": fp32["total_model_bits"],
+             "bits_per_param": fp32["bits_per_param"], "artifact_bytes": fp32["artifact"]["bytes"],
+             "ppl_torch": fp32["accuracy"]["torch"], "ppl_ort": fp32["accuracy"]["onnxruntime"]["cpu"]}]
+    if latency and "fp32" in WANTED_LATENCY:
+        rows[0].update(_latency_fields(fp32))
+    print(f"{name}: fp32 ppl {rows[0]['ppl_ort']:.4f} ({time.perf_counter() - started:.1f} s)", flush=True)
+    if "latency_cpu" in rows[0]:
+        _print_latency(name, rows[0])
+    for variant, fields in grid_configs(**grid):
         started = time.perf_counter()
-        model = copy.deepcopy(checkpoint.model)
-        record = quantize_model(model, config, calibration if config.needs_calibration else None)
-        proto, lowering = lower_to_qdq(swap_weights(fp32_proto, column_map(checkpoint.model, model)), model)
-        path = scratch / f"{name}-{config.label()}.onnx"
-        save_onnx(finalize(proto, {}), path)
-        row = {"model": name, "params": record["params"], "label": config.label(), "dtype": variant,
-               "activation_weighted": config.activation_weighted,
-               "bits": config.bits, "block_size": config.block_size, "method": config.method,
-               "total_model_bits": record["total_model_bits"], "bits_per_param": record["bits_per_param"],
-               "artifact_bytes": path.stat().st_size, "lowered": len(lowering["lowered"]),
-               "skipped_layers": len(record["skipped"]),
-               "ppl_torch": task.evaluate(torch_logits_fn(model, task.INPUT_NAMES), windows),
-               "ppl_ort": ort_perplexity(path, task, windows), "path": path}
+        overrides = _overrides(fields)
+        label = resolve_recipe("fp32", overrides).passes[0][1].label()
+        measure = latency and label in WANTED_LATENCY
+        report = compress(name, scratch / label, overrides, windows_count, timed if measure else NO_LATENCY)
+        quantize = report["passes"][0]
+        row = {"model": name, "params": report["model"]["params"], "label": quantize["label"], "dtype": variant,
+               "activation_weighted": quantize["config"]["activation_weighted"],
+               "bits": quantize["config"]["bits"], "block_size": quantize["config"]["block_size"],
+               "method": quantize["config"]["method"],
+               "total_model_bits": report["total_model_bits"], "bits_per_param": report["bits_per_param"],
+               "artifact_bytes": report["artifact"]["bytes"],
+               "lowered": len((report["artifact"]["lowering"] or {}).get("lowered", [])),
+               "skipped_layers": len(quantize["skipped"]),
+               "ppl_torch": report["accuracy"]["torch"], "ppl_ort": report["accuracy"]["onnxruntime"]["cpu"]}
+        if measure:
+            row.update(_latency_fields(report))
         rows.append(row)
-        print(f"{name}: {config.label():<22} ppl ort {row['ppl_ort']:.4f} torch {row['ppl_torch']:.4f} "
+        print(f"{name}: {row['label']:<22} ppl ort {row['ppl_ort']:.4f} torch {row['ppl_torch']:.4f} "
               f"{row['bits_per_param']:.3f} b/p ({time.perf_counter() - started:.1f} s)", flush=True)
+        if measure:
+            _print_latency(name, row)
+    task = TASKS["gpt"]
+    config = fp32["model"]["config"]
+    windows = task.heldout_data(config, windows_count)
     for block in (32, 128):
-        path = ort_matmulnbits(fp32_path, scratch / f"{name}-ort-mnb-B{block}.onnx", block)
-        rows.append({"model": name, "params": bits["params"], "label": f"ort-MatMulNBitsQuantizer-B{block}",
-                     "dtype": "int (ORT)", "bits": 4, "block_size": block, "method": "ort-rtn",
-                     "total_model_bits": None, "bits_per_param": None, "artifact_bytes": path.stat().st_size,
-                     "ppl_torch": None, "ppl_ort": ort_perplexity(path, task, windows), "path": path})
-        print(f"{name}: {rows[-1]['label']:<22} ppl ort {rows[-1]['ppl_ort']:.4f}", flush=True)
-    if latency:
-        wanted = {"fp32", "int8-B32-full", "int4-B32-full", "int4-B64-full", "int4-B128-full", "int3-B64-full",
-                  "int2-B64-full", "nf4-B64", "kmeans4-B64", "ort-MatMulNBitsQuantizer-B32",
-                  "ort-MatMulNBitsQuantizer-B128"}
-        settings = BenchmarkSettings(warmup=10, runs=runs)
-        for row in rows:
-            if row["label"] in wanted:
-                measured = run_benchmark(row["path"], task, checkpoint.config, "cpu", settings)
-                row["latency_cpu"] = {k: v for k, v in measured.items() if k.startswith("batch")}
-                row["peak_rss_bytes"] = measured["memory"]["peak_rss_bytes"]
-                print(f"{name}: latency {row['label']:<30} b1 {row['latency_cpu']['batch1']['p50_ms']:.3f} ms "
-                      f"b16 {row['latency_cpu']['batch16']['p50_ms']:.2f} ms", flush=True)
-    for row in rows:
-        row.pop("path")
+        label = f"ort-MatMulNBitsQuantizer-B{block}"
+        path = ort_matmulnbits(fp32_path, scratch / f"ort-mnb-B{block}.onnx", block)
+        row = {"model": name, "params": fp32["model"]["params"], "label": label,
+               "dtype": "int (ORT)", "bits": 4, "block_size": block, "method": "ort-rtn",
+               "total_model_bits": None, "bits_per_param": None, "artifact_bytes": path.stat().st_size,
+               "ppl_torch": None, "ppl_ort": ort_perplexity(path, task, windows)}
+        rows.append(row)
+        print(f"{name}: {label:<22} ppl ort {row['ppl_ort']:.4f}", flush=True)
+        if latency and label in WANTED_LATENCY:
+            measured = run_benchmark(path, task, config, "cpu", timed)
+            row["latency_cpu"] = {k: v for k, v in measured.items() if k.startswith("batch")}
+            row["peak_rss_bytes"] = measured["memory"]["peak_rss_bytes"]
+            _print_latency(name, row)
     return rows
 
 
@@ -155,11 +166,19 @@ def _block_name(block) -> str:
     return {0: "channel", -1: "tensor", None: "-"}.get(block, str(block))
 
 
+def _grid(meta: dict) -> tuple[list[str], list[int], list[int]]:
+    grid = meta.get("grid", {})
+    return (list(grid.get("dtypes", [v for v, _ in VARIANTS])), list(grid.get("bits", BITS)),
+            list(grid.get("blocks", BLOCKS)))
+
+
 def render_markdown(rows: list[dict], meta: dict) -> str:
+    dtypes, bits_list, blocks = _grid(meta)
     lines = ["# k-bit grid on the GPT samples", "",
              f"Held-out perplexity per byte through ONNX Runtime {meta['onnxruntime']} (CPU EP, default session) on "
              f"the first {meta['windows']} held-out windows of 128 bytes; bits/param = total model bits / params "
              "(codes at k bits, scales fp32, zero points and codebooks as stored, unquantized tensors at 32 bits). "
+             "Each row is one `compress run` (fp32 recipe + `--set quantize.*`), read from its report.json. "
              f"Machine: {meta['machine']}. Generated by `python benchmarks/kbit_grid.py` in {meta['seconds']:.0f} s.",
              ""]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -168,14 +187,15 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         lines += [f"## {model} ({fp32['params']:,} params): fp32 perplexity {fp32['ppl_ort']:.4f} "
                   f"(torch {fp32['ppl_torch']:.4f}), {fp32['artifact_bytes']:,} bytes", "",
                   "perplexity (bits/param) by block size B:", "",
-                  "| dtype | k | " + " | ".join(f"B={_block_name(b)}" for b in BLOCKS) + " |",
-                  "|---|---|" + "---|" * len(BLOCKS)]
-        for dtype, _ in VARIANTS:
-            for bits in BITS:
+                  "| dtype | k | " + " | ".join(f"B={_block_name(b)}" for b in blocks) + " |",
+                  "|---|---|" + "---|" * len(blocks)]
+        for dtype in dtypes:
+            for bits in bits_list:
                 cells = []
-                for block in BLOCKS:
+                for block in blocks:
                     row = next(r for r in mine if r["dtype"] == dtype and r["bits"] == bits
-                               and r["block_size"] == block and r["method"] == "rtn")
+                               and r["block_size"] == block and r["method"] == "rtn"
+                               and not r.get("activation_weighted"))
                     partial = "*" if row["skipped_layers"] else ""
                     cells.append(f"{row['ppl_ort']:.3f}{partial} ({row['bits_per_param']:.2f})")
                 lines.append(f"| {dtype} | {bits} | " + " | ".join(cells) + " |")
@@ -204,17 +224,18 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, dtypes=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    dtypes = list(dtypes or [v for v, _ in VARIANTS])
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model and r["total_model_bits"]]
-        for dtype, _ in VARIANTS:
+        for dtype in dtypes:
             points = sorted((r["total_model_bits"], r["ppl_ort"]) for r in mine
                             if r["dtype"] == dtype and r["method"] == "rtn" and r["bits"] > 2)
             ax.plot([p[0] for p in points], [p[1] for p in points], "o", ms=3, label=dtype)
@@ -229,30 +250,49 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 def main() -> None:
     import os
     import platform
 
     import onnxruntime
 
+    variants = [v for v, _ in VARIANTS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt-s,gpt-m,gpt-l")
     parser.add_argument("--windows", type=int, default=300)
     parser.add_argument("--latency-models", default="gpt-s,gpt-l")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--dtypes", default=",".join(variants),
+                        help=f"comma list of grid rows among {', '.join(variants)} (the GPTQ rows come with "
+                             "int-full, the activation-weighted k-means rows with kmeans)")
+    parser.add_argument("--bits", default=",".join(map(str, BITS)), help="comma list of bit widths")
+    parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)),
+                        help="comma list of block sizes; 0 = per output channel")
     args = parser.parse_args()
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    unknown = [d for d in dtypes if d not in variants]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)} (known: {', '.join(variants)})")
+    grid = {"dtypes": dtypes, "bits_list": _int_list(args.bits), "blocks": _int_list(args.blocks)}
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models.split(","):
-            rows += run_model(name, args.windows, Path(scratch), name in args.latency_models.split(","), args.runs)
+            rows += run_model(name, args.windows, Path(scratch), name in args.latency_models.split(","), args.runs,
+                              grid)
     meta = {"onnxruntime": onnxruntime.__version__, "windows": args.windows, "cpu_count": os.cpu_count(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seconds": time.perf_counter() - started}
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seconds": time.perf_counter() - started,
+            "grid": {"dtypes": list(grid["dtypes"]), "bits": list(grid["bits_list"]),
+                     "blocks": list(grid["blocks"])}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kbit_grid.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (args.out / "kbit_grid.md").write_text(render_markdown(rows, meta))
-    plot(rows, args.out / "kbit_grid.png")
+    plot(rows, args.out / "kbit_grid.png", grid["dtypes"])
     print(f"wrote {args.out / 'kbit_grid.md'}")
 
 
