@@ -53,12 +53,6 @@ def summarize(report: dict, input_bits: dict) -> dict:
             "verdict": "better" if improvement > 0 else "worse" if improvement < 0 else "unchanged"}
 
 
-def summary_line(summary: dict) -> str:
-    return (f"summary: {summary['bits_ratio']:.2f}x fewer model bits, {summary['bytes_ratio']:.2f}x fewer bytes "
-            f"than the fp32 input; {summary['metric']} {abs(summary['metric_change']):.2%} {summary['verdict']} "
-            f"({summary['measured_by']})")
-
-
 def assemble_report(model_record: dict, recipe, artifact: Path, graph_facts: dict, lowering, bits: dict,
                     input_bits: dict, pass_records: list, reference_metrics: dict, results: dict,
                     baseline_latency: dict | None) -> dict:

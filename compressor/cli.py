@@ -72,7 +72,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
 
     CHECKPOINT is a checkpoint folder (config.json + model.safetensors), a weights file with config.json beside
     it, or the name of a shipped sample (see `compress sample list`)."""
-    from compressor.artifact import summary_line
+    from compressor.report import summary_text
     from compressor.pipeline import RunOptions, run
     from compressor.validate import BenchmarkSettings
 
@@ -96,7 +96,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
     failed = [c for c in report["gates"]["checks"] if not c["passed"]]
     for check in failed:
         click.echo(f"gate failed: {check['gate']} {check['value']:.4g} (threshold {check['threshold']:.4g})", err=True)
-    click.echo(summary_line(report["summary"]))
+    click.echo(f"summary: {summary_text(report['summary'])}")
     if failed:
         sys.exit(1)
 

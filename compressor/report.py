@@ -42,6 +42,8 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# compressor report: {model['name']}",
         "",
+        f"**Summary:** {summary_text(report['summary'])}",
+        "",
         f"- source: `{model['source']}` ({model['family']}, {model['params']:,} parameters)",
         f"- recipe: `{report['recipe']['name']}`",
         f"- artifact: `{artifact['path']}`, {artifact['bytes']:,} bytes, opset {artifact['opset']}, "
@@ -88,6 +90,9 @@ def render_markdown(report: dict) -> str:
             if key.startswith("batch"):
                 lines.append(f"| {provider} | {key[5:]} | {_fmt(stats['p50_ms'])} | {_fmt(stats['p90_ms'])} | "
                              f"{rss:.0f} |")
+    if "compress_peak_rss_mb" in report["memory"]:
+        lines += ["", f"Peak RSS of `compress run` itself (load, passes, export, validation): "
+                  f"{report['memory']['compress_peak_rss_mb']:.0f} MiB"]
     if report.get("plots"):
         lines += ["", "## Plots"]
         for name in report["plots"]:
@@ -96,6 +101,12 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"_compressor {report['tool']['version']}, torch {env['torch']}, onnxruntime {env['onnxruntime']},"
               f" {env['cpu_count']} CPUs_", ""]
     return "\n".join(lines)
+
+
+def summary_text(summary: dict) -> str:
+    return (f"{summary['bits_ratio']:.2f}x fewer total model bits and {summary['bytes_ratio']:.2f}x fewer bytes than "
+            f"the fp32 input; {summary['metric']} {abs(summary['metric_change']):.2%} {summary['verdict']} "
+            f"({summary['measured_by']})")
 
 
 def tool_record() -> dict:

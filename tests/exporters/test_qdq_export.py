@@ -3,12 +3,18 @@ and every data type's artifact computes exactly what the fake-quantized torch mo
 
 Exact comparisons use session.qdq_matmulnbits_accuracy_level=0 (levels <= 3 are exact; the default 4 quantizes
 activations to int8), so the fp32 tolerance of 1e-4 normwise relative applies."""
+import dataclasses
+
 import onnx
 import pytest
 
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
-from passes.quantize import QuantizeConfig
+from compressor.inputs.checkpoint import load_checkpoint
+from compressor.tasks import TASKS
+from exporters.onnx_export import export_onnx
+from exporters.qdq import LoweringError, lower_to_qdq
+from passes.quantize import QuantizeConfig, quantize_model
 
 EXACT_TOLERANCE = 1e-4
 
@@ -94,3 +100,51 @@ def test_ignored_layers_stay_fp32(quantized_artifact, optimized_ops, shipped, tm
     assert {s["module"] for s in record["skipped"]} >= {"lm_head", "blocks.0.mlp.fc_in"}
     ops, _ = optimized_ops(path, tmp_path)
     assert ops["MatMulNBits"] == len(names) == 8  # q, k, v, out in each of 2 blocks
+
+
+def _exported_int4(shipped):
+    checkpoint = load_checkpoint(shipped / "gpt-xs")
+    task = TASKS[checkpoint.family]
+    record = quantize_model(checkpoint.model, QuantizeConfig(bits=4, block_size=32))
+    data = task.heldout_data(checkpoint.config, 4)
+    proto = export_onnx(checkpoint.model, task.parity_inputs(data), task.dynamic_axes(checkpoint.config),
+                        task.OUTPUT_NAME)
+    return proto, record["quantized"]
+
+
+def test_records_are_placed_by_module_name(shipped):
+    proto, quantized = _exported_int4(shipped)
+    _, lowering = lower_to_qdq(proto, quantized)
+    placed = {entry["module"]: entry for entry in lowering["lowered"]}
+    assert set(placed) == set(quantized)  # every record lowered, each once
+    assert all(e["found_by"] == "name" and e["initializer"] == f"{e['module']}.weight" for e in placed.values())
+
+
+def test_an_unnamed_weight_is_found_by_its_values(shipped):
+    proto, quantized = _exported_int4(shipped)
+    target = next(init for init in proto.graph.initializer if init.name == "blocks.0.mlp.fc_in.weight")
+    for node in proto.graph.node:
+        node.input[:] = ["anonymous" if name == target.name else name for name in node.input]
+    target.name = "anonymous"
+    _, lowering = lower_to_qdq(proto, quantized)
+    entry = next(e for e in lowering["lowered"] if e["module"] == "blocks.0.mlp.fc_in")
+    assert entry["initializer"] == "anonymous" and entry["found_by"] == "value"
+
+
+def test_a_record_with_no_initializer_is_an_error_naming_the_layer(shipped):
+    proto, quantized = _exported_int4(shipped)
+    layer = quantized["blocks.1.attn.q_proj"]
+    codes = layer.quantized.codes.clone()
+    codes[0, 0] = (codes[0, 0] + 1) % 8  # values no initializer holds, under a name no initializer has
+    stray = dataclasses.replace(layer, module="blocks.9.attn.q_proj", weight_names=("blocks.9.attn.q_proj.weight",),
+                                quantized=dataclasses.replace(layer.quantized, codes=codes))
+    with pytest.raises(LoweringError, match="'blocks.9.attn.q_proj'.*matches no MatMul weight"):
+        lower_to_qdq(proto, {**quantized, stray.module: stray})
+
+
+def test_a_name_that_holds_other_values_is_an_error(shipped):
+    proto, quantized = _exported_int4(shipped)
+    wrong = dataclasses.replace(quantized["blocks.0.attn.k_proj"], module="blocks.0.attn.q_proj",
+                                weight_names=("blocks.0.attn.q_proj.weight",))
+    with pytest.raises(LoweringError, match="'blocks.0.attn.q_proj'.*not its dequantized values"):
+        lower_to_qdq(proto, {"blocks.0.attn.q_proj": wrong})

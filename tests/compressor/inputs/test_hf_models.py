@@ -190,6 +190,30 @@ def test_probe_is_fitted_on_train_split_and_scores_heldout(tiny_bert):
     assert sentence_embedding.evaluate(fn, data) == pytest.approx(1 - metrics["probe_accuracy"])
 
 
+def test_structured_prune_of_an_unknown_family_is_refused_before_weights_load(compress, tiny_gpt2, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, folder)
+    (folder / "model.safetensors").write_bytes(b"truncated")  # never read: the recipe fails first
+    done = compress("run", str(folder), "--out", str(tmp_path / "out"), "--recipe", "structured25", "--quiet")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "structured_prune" in done.stderr and "GPT2LMHeadModel" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_structured_prune_shrinks_a_llama_folder_end_to_end(compress, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    done = compress("run", str(tiny_llama), "--out", str(out), "--recipe", "structured25", "--set",
+                    "structured_prune.heads=0.5", "--eval-limit", "4", "--bench-runs", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    kinds = [(layer["kind"], layer["before"], layer["after"]) for layer in report["passes"][0]["layers"]]
+    assert kinds == [("heads", 4, 2)] * 2 + [("ffn_neurons", 192, 144)] * 2  # one of 2 KV groups, 1/4 of 192
+    assert report["model"]["params"] < report["model"]["input_params"]
+    assert report["parity"]["passed"]  # the shrunken graph computes what the shrunken torch model does
+
+
 def test_recipe_is_checked_against_the_hf_config_before_weights_load(compress, tiny_llama, tmp_path):
     import shutil
 
