@@ -50,7 +50,7 @@ def summarize(report: dict, input_bits: dict) -> dict:
     return {"bits_ratio": input_bits["total_model_bits"] / report["total_model_bits"],
             "bytes_ratio": input_bits["params"] * 4 / report["artifact"]["bytes"],
             "metric_change": improvement, "metric": accuracy["metric"], "measured_by": f"onnxruntime-{provider}",
-            "verdict": "better" if improvement > 0 else "worse" if improvement < 0 else "unchanged"}
+            "verdict": "unchanged" if abs(improvement) < 1e-6 else "better" if improvement > 0 else "worse"}
 
 
 def assemble_report(model_record: dict, recipe, artifact: Path, graph_facts: dict, lowering, bits: dict,

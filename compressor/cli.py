@@ -1,4 +1,5 @@
 """The `compress` command: parses, calls the library, prints. User-fixable errors: one line, exit 2."""
+import os
 import sys
 from pathlib import Path
 
@@ -8,9 +9,30 @@ from compressor import __version__
 from compressor.errors import UserError
 
 
+EXIT_OK, EXIT_GATE, EXIT_USER_ERROR, EXIT_BUG = 0, 1, 2, 3
+
+
 def _fail(message: str):
     click.echo(f"error: {' '.join(message.splitlines())}", err=True)
-    sys.exit(2)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _bug(exc: BaseException):
+    """An exception nobody anticipated: the traceback goes to a log file, the terminal gets one line."""
+    import tempfile
+    import time
+    import traceback
+
+    log = Path(tempfile.gettempdir()) / f"compress-bug-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+        where = f"traceback saved to {log}"
+    except OSError:
+        where = "the traceback could not be saved"
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    click.echo(f"bug: unexpected {type(exc).__name__}{': ' + first if first else ''} ({where}; please report it)",
+               err=True)
+    sys.exit(EXIT_BUG)
 
 
 def _usage_error(exc: click.UsageError):
@@ -41,12 +63,18 @@ class _Group(click.Group):
             _fail("interrupted (no partial artifact was left)")
         except OSError as exc:  # e.g. disk full or permission denied mid-run: the environment, not a bug
             _fail(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc))
+        except Exception as exc:  # noqa: BLE001  (anything else is ours to fix)
+            _bug(exc)
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="compress")
 def main():
-    """Compress trained Transformers into QDQ ONNX validated under ONNX Runtime."""
+    """Compress trained Transformers into QDQ ONNX validated under ONNX Runtime.
+
+    \b
+    Exit codes: 0 ok; 1 a gate failed or `compress check` found a regression;
+    2 a user error (one line naming the problem); 3 a bug (one line, traceback saved to a log file)."""
 
 
 @main.command("run")
@@ -98,7 +126,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
         click.echo(f"gate failed: {check['gate']} {check['value']:.4g} (threshold {check['threshold']:.4g})", err=True)
     click.echo(f"summary: {summary_text(report['summary'])}")
     if failed:
-        sys.exit(1)
+        sys.exit(EXIT_GATE)
 
 
 @main.command("check")
@@ -113,7 +141,7 @@ def check_command(artifact, baseline, tolerance):
     result = check_artifact(artifact, baseline, tolerance)
     click.echo(result.line())
     if not result.passed:
-        sys.exit(1)
+        sys.exit(EXIT_GATE)
 
 
 @main.command("passes")

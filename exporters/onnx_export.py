@@ -1,14 +1,15 @@
-"""Lower a torch model to a checked, simplified ONNX file that stock ONNX Runtime (CPU and CUDA 1.31) loads.
+"""Lower a torch model to a checked ONNX graph that stock ONNX Runtime (CPU and CUDA 1.31) loads.
 
 Choices (see ../shared/notes/ort-facts.md): the dynamo exporter at opset 21 (QuantizeLinear/DequantizeLinear
-with block_size need 21; 26 exports silently broken files), IR version 10 (onnxruntime-gpu 1.31 rejects newer),
-weights embedded in the file (no .onnx.data beside it), onnx.checker then onnxsim. Each MatMul weight that is an
-nn.Linear's is named `<module>.weight` (the exporter calls its transposed copy `val_N`), so that the QDQ
-lowering finds a layer's initializer by name. Exporters hand protos up; the caller writes files.
+with block_size need 21; 26 exports silently broken files) with its onnxscript optimizer (constant folding),
+IR version 10 (onnxruntime-gpu 1.31 rejects newer), weights embedded (no .onnx.data beside it), onnx.checker.
+Each nn.Linear's MatMul weight becomes an initializer named `<module>.weight` (the exporter calls its transposed
+copy `val_N`, and leaves a tied weight, e.g. an LM head sharing the embedding table, as Transpose(table)), so the
+QDQ lowering finds a layer's initializer by name. Exporters hand protos up; the caller writes files.
 
-onnxsim runs constant folding and shape inference only (perform_optimization=False): its graph optimizer
-rewrites 3-D MatMul+Add into Reshape -> Gemm -> Reshape, and ONNX Runtime never fuses a Gemm weight into its
-k-bit MatMulNBits kernel (ort-facts), so quantized artifacts would silently fall back to slow paths.
+No onnxsim pass: on every graph we export (GPT and seq2seq samples, Llama, BERT, GPT-2) it changed nothing
+but that tied-weight Transpose, which is folded here, and its serialization round trips took 3.4 GB of RSS
+on SmolLM2-135M (0.54 GB of weights).
 """
 import ast
 import contextlib
@@ -18,6 +19,7 @@ import warnings
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -27,14 +29,13 @@ IR_VERSION = 10
 
 
 class ExportError(RuntimeError):
-    """torch.onnx.export or onnxsim failed; the message is the first line of their own error."""
+    """torch.onnx.export failed; the message is the first line of its own error."""
 
 
 def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic_axes: dict, output_name: str,
-                simplify: bool = True, progress: bool = False) -> onnx.ModelProto:
+                progress: bool = False) -> onnx.ModelProto:
     """Export `model` called as model(*example_inputs.values()); dynamic_axes = {input: {axis: (name, max)}}.
-    Returns the simplified fp32 graph; finalize() completes it. With `progress`, a stage
-    bar on stderr names the step running (torch.onnx.export, then onnxsim)."""
+    Returns the fp32 graph; finalize() completes it. With `progress`, a bar on stderr while torch.onnx.export runs."""
     model = model.eval()
     args = tuple(torch.from_numpy(v) for v in example_inputs.values())
     dims: dict[str, torch.export.Dim] = {}
@@ -44,7 +45,7 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
         for axis, (dim_name, upper) in axes.items():
             dims.setdefault(dim_name, torch.export.Dim(dim_name, min=1, max=upper))
             dynamic_shapes[input_name][axis] = dims[dim_name]
-    with tqdm(total=2 if simplify else 1, desc="ONNX export", unit="step", disable=not progress, leave=False) as stages:
+    with tqdm(total=1, desc="ONNX export", unit="step", disable=not progress, leave=False) as stages:
         stages.set_postfix_str("torch.onnx.export")
         try:
             with _quiet():
@@ -58,10 +59,6 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
         proto = program.model_proto
         name_linear_weights(proto)
         stages.update()
-        if simplify:
-            stages.set_postfix_str("onnxsim")
-            proto = _simplify(proto)
-            stages.update()
     proto.ir_version = IR_VERSION
     return proto
 
@@ -76,46 +73,55 @@ def finalize(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProt
 
 
 def name_linear_weights(proto: onnx.ModelProto) -> int:
-    """Rename each MatMul weight initializer that an nn.Linear exported (the dynamo exporter's node metadata
-    names the module: pkg.torch.onnx.name_scopes ends in [..., module, op]) to `<module>.weight`, unless that
-    name is taken. Must run before onnxsim, which drops node metadata. Returns how many were renamed."""
-    taken = {init.name for init in proto.graph.initializer} | {i.name for i in proto.graph.input}
-    initializers = {init.name: init for init in proto.graph.initializer}
-    renames = {}
-    for node in proto.graph.node:
+    """Give each nn.Linear's MatMul weight the initializer name `<module>.weight` (the dynamo exporter's node
+    metadata names the module: pkg.torch.onnx.name_scopes ends in [..., module, op]); a weight read through
+    Transpose(initializer) (a tied weight) is folded into its own transposed initializer first. Names already
+    taken are left alone. Returns how many weights were named."""
+    graph = proto.graph
+    taken = {init.name for init in graph.initializer} | {i.name for i in graph.input}
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    renames, folded = {}, []
+    for node in graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
-        if node.op_type != "MatMul" or node.input[1] not in initializers or "aten.linear" not in meta.get(
-                "pkg.torch.onnx.fx_node", "") or node.input[1] in renames:
+        if node.op_type != "MatMul" or "aten.linear" not in meta.get("pkg.torch.onnx.fx_node", ""):
             continue
         try:
             scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
         except (ValueError, SyntaxError):
             continue
-        if len(scopes) >= 2 and scopes[-2] and f"{scopes[-2]}.weight" not in taken:
-            renames[node.input[1]] = f"{scopes[-2]}.weight"
-            taken.add(renames[node.input[1]])
-    for init in proto.graph.initializer:
+        name = f"{scopes[-2]}.weight" if len(scopes) >= 2 and scopes[-2] else None
+        weight = node.input[1]
+        if name is None or name in taken or weight in renames:
+            continue
+        transpose = producer.get(weight)
+        if weight in initializers:
+            renames[weight] = name
+        elif (transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in initializers
+              and len(initializers[transpose.input[0]].dims) == 2
+              and [list(a.ints) for a in transpose.attribute if a.name == "perm"] in ([], [[1, 0]])):
+            table = numpy_helper.to_array(initializers[transpose.input[0]])
+            folded.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
+            node.input[1] = name
+        else:
+            continue
+        taken.add(name)
+    for init in graph.initializer:
         init.name = renames.get(init.name, init.name)
-    for node in proto.graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-    return len(renames)
-
-
-def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxsim
-
-    with _quiet():
-        simplified, ok = onnxsim.simplify(proto, perform_optimization=False)
-    if not ok:
-        raise ExportError("onnxsim could not validate the simplified model against the original")
-    return simplified
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    graph.initializer.extend(folded)
+    if folded:  # a Transpose whose output no node reads any more
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        alive = [n for n in graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
+        del graph.node[:]
+        graph.node.extend(alive)
+    return len(renames) + len(folded)
 
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporter and onnxsim talk a lot on stdout/logging; the CLI shows its own progress instead."""
+    """The exporter talks a lot on stdout/logging; the CLI shows its own progress instead."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]

@@ -7,7 +7,7 @@ group per row (per-channel) and B = -1 one group for the whole tensor (per-tenso
 Every quantizer returns a `Quantized`: integer codes of the same shape as W plus what dequantizes them;
 dequantize(q) gives the exact fp32 values the exported artifact computes with.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,7 +16,7 @@ PER_CHANNEL, PER_TENSOR = 0, -1
 
 @dataclass
 class Quantized:
-    codes: torch.Tensor  # [N, K] int64 codes (int types: signed or unsigned levels; codebook types: indices)
+    codes: torch.Tensor  # [N, K] integer codes, int64 (int16 once handed over; int types: signed or unsigned levels; codebook types: indices)
     scales: torch.Tensor  # [N, groups] (per-tensor: [1, 1]) in the stored scale dtype
     zero_points: torch.Tensor | None  # [N, groups] int64, asymmetric int only
     codebook: torch.Tensor | None  # [C] or [N, C] normalized values (codebook types)
@@ -263,6 +263,8 @@ def normalized_groups(weight: torch.Tensor, block_size: int, scale_dtype: torch.
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
+    if q.codes.dtype != torch.int64:  # compact codes (e.g. int16 in the quantize pass's records)
+        q = replace(q, codes=q.codes.long())
     shape = tuple(q.codes.shape)
     scale = _expand(q.scales.float(), shape, q.block_size)
     if q.codebook is not None:

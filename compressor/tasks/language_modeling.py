@@ -22,11 +22,15 @@ def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
 
 
 def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    logits = logits.astype(np.float64)
-    peak = logits.max(-1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(-1)) + peak[..., 0]
-    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return float((log_norm - picked).sum())
+    """Summed in float64 one window at a time: a whole batch in float64 is 8x a 49k-token vocabulary's logits."""
+    total = 0.0
+    for row_logits, row_targets in zip(logits, targets):
+        row = row_logits.astype(np.float64)
+        peak = row.max(-1, keepdims=True)
+        log_norm = np.log(np.exp(row - peak).sum(-1)) + peak[..., 0]
+        picked = np.take_along_axis(row, row_targets[..., None], -1)[..., 0]
+        total += float((log_norm - picked).sum())
+    return total
 
 
 def evaluate(logits_fn, windows: np.ndarray, progress: bool = False, batch_size: int = EVAL_BATCH) -> float:

@@ -149,3 +149,20 @@ def test_parity_gates_the_exact_kernel_not_the_approximate_default():
     assert summary["passed"] and summary["max_rel"] == 5e-6 and summary["tolerance_max_rel"] == 1e-4
     assert not summarize_parity({"cpu": approximate, "cpu_exact": entry(2e-3, 1e-4)})["passed"]
     assert not summarize_parity({"cpu": entry(2e-3, 1e-4)})["passed"]  # fp32 artifacts: the default is exact
+
+
+def test_an_unexpected_exception_is_a_one_line_bug_with_its_own_exit_code(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("a key nobody expected")
+
+    monkeypatch.setattr("compressor.pipeline.run", broken)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    result = CliRunner().invoke(main, ["run", "gpt-xs", "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 3, result.output
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("bug: unexpected KeyError") and "traceback saved to" in line
+    log = Path(line.split("traceback saved to ", 1)[1].split(";", 1)[0])
+    assert log.parent == tmp_path and "a key nobody expected" in log.read_text() and "Traceback" in log.read_text()
