@@ -33,10 +33,13 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
 
 
-def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
-    """Serialize in one file, atomically (a killed run leaves no half-written model)."""
+def save_onnx(model: onnx.ModelProto | bytes, path: Path) -> None:
+    """Serialize in one file, atomically (a killed run leaves no half-written model), after the full ONNX checker
+    passed on the written temp file. Pass the serialized bytes to let the caller free the proto first."""
     with atomic_path(Path(path)) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
+        tmp.write_bytes(model if isinstance(model, bytes) else model.SerializeToString())
+        del model
+        onnx.checker.check_model(str(tmp), full_check=True)
 
 
 def summarize(report: dict, input_bits: dict) -> dict:

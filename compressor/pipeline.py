@@ -1,5 +1,6 @@
 """`compress run`, the one place that knows the order of the stages: recipe checks, input adapter, held-out
 reference, torch passes, export, QDQ lowering, graph passes, artifact, validation, report."""
+import gc
 import json
 import resource
 import tempfile
@@ -107,6 +108,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         proto = source.export(model, parity_batch, progress)
         del model  # from here on the artifact and the logits above stand for it
         source.model = None
+        gc.collect()  # Hugging Face modules hold reference cycles
         lowering = None
         if recipe.passes:
             proto, lowering = lower_to_qdq(proto, quantized)
@@ -125,11 +127,13 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         metadata["compressor.task_state"] = json.dumps(task.task_state(heldout), sort_keys=True)
 
     artifact = out_dir / ARTIFACT_NAME
+    graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
+                   "ir_version": proto.ir_version}
+    serialized = finalize(proto, metadata).SerializeToString()
+    del proto  # the file's bytes stand for the graph now: one copy in memory, not two
     with removed_on_failure(artifact, out_dir / "recipe.yaml"):
-        save_onnx(finalize(proto, metadata), artifact)
-        graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
-                       "ir_version": proto.ir_version}
-        del proto
+        save_onnx(serialized, artifact)
+        del serialized
         atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
         log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
         int_weights = bool(lowering and lowering["lowered"])

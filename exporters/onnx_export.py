@@ -4,12 +4,12 @@ Choices (see ../shared/notes/ort-facts.md): the dynamo exporter at opset 21 (Qua
 with block_size need 21; 26 exports silently broken files) with its onnxscript optimizer (constant folding),
 IR version 10 (onnxruntime-gpu 1.31 rejects newer), weights embedded (no .onnx.data beside it), onnx.checker.
 Each nn.Linear's MatMul weight becomes an initializer named `<module>.weight` (the exporter calls its transposed
-copy `val_N`, and leaves a tied weight, e.g. an LM head sharing the embedding table, as Transpose(table)), so the
-QDQ lowering finds a layer's initializer by name. Exporters hand protos up; the caller writes files.
+copy `val_N`), so the QDQ lowering finds a layer's initializer by name; a tied weight (an LM head sharing the
+embedding table) stays Transpose(table), stored once. Exporters hand protos up; the caller writes files.
 
 No onnxsim pass: on every graph we export (GPT and seq2seq samples, Llama, BERT, GPT-2) it changed nothing
-but that tied-weight Transpose, which is folded here, and its serialization round trips took 3.4 GB of RSS
-on SmolLM2-135M (0.54 GB of weights).
+but folding that tied-weight Transpose into a second copy of the table (113 MB more file on SmolLM2-135M), and
+its serialization round trips took 3.4 GB of RSS there (0.54 GB of weights).
 """
 import ast
 import contextlib
@@ -19,7 +19,6 @@ import warnings
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -64,59 +63,39 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
 
 
 def finalize(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Describe the artifact (source, tool version, recipe) in metadata_props and run the full checker."""
+    """Describe the artifact (source, tool version, recipe) in metadata_props; compressor.artifact.save_onnx
+    runs the full checker on the file it writes."""
     del proto.metadata_props[:]
     for key, value in sorted(metadata.items()):
         proto.metadata_props.add(key=key, value=str(value))
-    onnx.checker.check_model(proto, full_check=True)
     return proto
 
 
 def name_linear_weights(proto: onnx.ModelProto) -> int:
-    """Give each nn.Linear's MatMul weight the initializer name `<module>.weight` (the dynamo exporter's node
-    metadata names the module: pkg.torch.onnx.name_scopes ends in [..., module, op]); a weight read through
-    Transpose(initializer) (a tied weight) is folded into its own transposed initializer first. Names already
-    taken are left alone. Returns how many weights were named."""
-    graph = proto.graph
-    taken = {init.name for init in graph.initializer} | {i.name for i in graph.input}
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    renames, folded = {}, []
-    for node in graph.node:
+    """Rename each MatMul weight initializer that an nn.Linear exported (the dynamo exporter's node metadata
+    names the module: pkg.torch.onnx.name_scopes ends in [..., module, op]) to `<module>.weight`, unless that
+    name is taken. A tied weight is read as Transpose(table) and keeps the table's name (the QDQ lowering looks
+    through the Transpose). Returns how many were renamed."""
+    taken = {init.name for init in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    initializers = {init.name: init for init in proto.graph.initializer}
+    renames = {}
+    for node in proto.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
-        if node.op_type != "MatMul" or "aten.linear" not in meta.get("pkg.torch.onnx.fx_node", ""):
+        if node.op_type != "MatMul" or node.input[1] not in initializers or "aten.linear" not in meta.get(
+                "pkg.torch.onnx.fx_node", "") or node.input[1] in renames:
             continue
         try:
             scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
         except (ValueError, SyntaxError):
             continue
-        name = f"{scopes[-2]}.weight" if len(scopes) >= 2 and scopes[-2] else None
-        weight = node.input[1]
-        if name is None or name in taken or weight in renames:
-            continue
-        transpose = producer.get(weight)
-        if weight in initializers:
-            renames[weight] = name
-        elif (transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in initializers
-              and len(initializers[transpose.input[0]].dims) == 2
-              and [list(a.ints) for a in transpose.attribute if a.name == "perm"] in ([], [[1, 0]])):
-            table = numpy_helper.to_array(initializers[transpose.input[0]])
-            folded.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
-            node.input[1] = name
-        else:
-            continue
-        taken.add(name)
-    for init in graph.initializer:
+        if len(scopes) >= 2 and scopes[-2] and f"{scopes[-2]}.weight" not in taken:
+            renames[node.input[1]] = f"{scopes[-2]}.weight"
+            taken.add(renames[node.input[1]])
+    for init in proto.graph.initializer:
         init.name = renames.get(init.name, init.name)
-    for node in graph.node:
+    for node in proto.graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
-    graph.initializer.extend(folded)
-    if folded:  # a Transpose whose output no node reads any more
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        alive = [n for n in graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
-        del graph.node[:]
-        graph.node.extend(alive)
-    return len(renames) + len(folded)
+    return len(renames)
 
 
 @contextlib.contextmanager

@@ -186,12 +186,29 @@ def _fp32_initializers(proto: onnx.ModelProto, op_type: str, position: int) -> d
     return found
 
 
+def _matmul_weights(proto: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """{name: W [K, N]} of the MatMul weights: 2-D fp32 initializers read directly, and those read through a
+    Transpose (the exporter's form of a tied weight, e.g. an LM head sharing the embedding table [V, D]: listed
+    under the table's name, transposed). Also {Transpose output: table name} for the second kind."""
+    weights = _fp32_initializers(proto, "MatMul", 1)
+    tables = {t.name: t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    matmul_inputs = {node.input[1] for node in proto.graph.node if node.op_type == "MatMul"}
+    through = {}
+    for node in proto.graph.node:
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if (node.op_type == "Transpose" and node.input[0] in tables and node.output[0] in matmul_inputs
+                and perm in ([], [[1, 0]]) and node.input[0] not in weights):
+            through[node.output[0]] = node.input[0]
+            weights[node.input[0]] = np.ascontiguousarray(numpy_helper.to_array(tables[node.input[0]]).T)
+    return weights, through
+
+
 def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> tuple[onnx.ModelProto, dict]:
     """Replace the MatMul weight of every record in `layers` (and an embedding table tied to it) with k-bit
     storage. Returns the new model and a record: which initializers were lowered, from which layer and how they
     were found, and which tied tables stayed fp32 and why. LoweringError names a record with no MatMul weight."""
     graph = proto.graph
-    matmul_weights = _fp32_initializers(proto, "MatMul", 1)
+    matmul_weights, through_transpose = _matmul_weights(proto)
     gather_tables = _fp32_initializers(proto, "Gather", 0)
     weight_of, table_of, lowered, left = {}, {}, [], []
     for layer in layers.values():
@@ -208,11 +225,11 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     new_nodes, new_inits = [], []
     after: dict[int, list] = {}  # nodes that read the MatMul's input or output go right after it
     block_sums: dict[tuple[str, int], str] = {}
-    built: set[str] = set()
+    built, tables_built = set(), set()
     for position, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in weight_of:
+        weight_name = through_transpose.get(node.input[1], node.input[1]) if node.op_type == "MatMul" else None
+        if weight_name not in weight_of:
             continue
-        weight_name = node.input[1]
         layer, found_by = weight_of[weight_name]
         q, name, out = layer.quantized, f"{weight_name}.q", f"{weight_name}.dequantized"
         if weight_name not in built:  # a weight read by several MatMuls is stored once
@@ -238,25 +255,29 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
         if node.op_type != "Gather" or node.input[0] not in table_of:
             continue
         table_name, layer = node.input[0], table_of[node.input[0]]
-        if table_name not in built:
+        if table_name not in tables_built:
             try:
-                nodes, inits = _gather_table_nodes(f"{table_name}.q", layer.quantized, f"{table_name}.dequantized")
+                nodes, inits = _gather_table_nodes(f"{table_name}.table_q", layer.quantized,
+                                                   f"{table_name}.table_dequantized")
             except _Skip as exc:
                 left.append({"initializer": table_name, "module": layer.module, "reason": str(exc)})
                 table_of = {k: v for k, v in table_of.items() if k != table_name}
                 continue
             new_nodes += nodes
             new_inits += inits
-            built.add(table_name)
+            tables_built.add(table_name)
             lowered.append({"initializer": table_name, "module": layer.module, "found_by": "tied",
                             "shape": list(gather_tables[table_name].shape), "bits": layer.quantized.bits,
                             "tied_table": True})
-        node.input[0] = f"{table_name}.dequantized"
-    still_used = {name for node in graph.node for name in node.input}
+        node.input[0] = f"{table_name}.table_dequantized"
+    nodes = [n for position, node in enumerate(graph.node) for n in [node] + after.get(position, [])]
+    read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+    dead = {out for out in through_transpose if out not in read}  # a tied weight's Transpose, bypassed above
+    nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in dead)]
+    still_used = {name for node in nodes for name in node.input}
     kept = [init for init in graph.initializer if init.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
-    nodes = [n for position, node in enumerate(graph.node) for n in [node] + after.get(position, [])]
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)  # new nodes read only initializers: first is topologically safe
     if any(container_bits(entry["bits"]) == 2 for entry in lowered):

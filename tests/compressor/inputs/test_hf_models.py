@@ -126,9 +126,14 @@ def test_decoder_folder_int4_partial_blocks_and_check(compress, tiny_llama, tmp_
     # the embedding table tied to lm_head is stored as lm_head's k-bit codes too (no fp32 copy left)
     tied = [e for e in report["artifact"]["lowering"]["lowered"] if e.get("tied_table")]
     assert len(tied) == 1
-    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith(".dequantized"))
-    assert gather.input[0] == f"{tied[0]['initializer']}.dequantized"
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith("dequantized"))
+    assert gather.input[0] == f"{tied[0]['initializer']}.table_dequantized"
     assert tied[0]["initializer"] not in {t.name for t in graph.initializer}
+    # lm_head reads the same table through Transpose in the fp32 export: lowered by the table's name, no Transpose
+    head = next(e for e in report["artifact"]["lowering"]["lowered"] if e["module"] == "decoder.lm_head"
+                and not e.get("tied_table"))
+    assert head["initializer"] == tied[0]["initializer"] and head["found_by"] == "name"
+    assert "Transpose" not in {n.op_type for n in graph.node if tied[0]["initializer"] in "".join(n.input)}
     check = compress("check", str(out / "model.onnx"), "--baseline", str(out / "report.json"))
     assert check.returncode == 0, check.stdout + check.stderr
 
