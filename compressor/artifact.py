@@ -1,4 +1,9 @@
-"""The out folder: checked before any work, the artifact written atomically, the report assembled."""
+"""The out folder: checked before any work, locked for the whole run, written into a staging folder whose
+files (artifact, report, plots, recipe) are moved in together at the end; the report assembled."""
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -6,10 +11,15 @@ import onnx
 from compressor.atomic import atomic_path, sha256_file
 from compressor.errors import UserError
 from compressor.gates import evaluate_gates
+from compressor.plots import PLOTS
 from compressor.report import SCHEMA_VERSION, environment, tool_record
 from passes.registry import GRAPH, PASSES
 
 ARTIFACT_NAME = "model.onnx"
+LOCK_NAME = ".compress.lock"
+STAGE_PREFIX = ".stage-"
+# what a run writes; the artifact moves in last, so its presence means the rest is there too
+OUTPUTS = ("recipe.yaml", *PLOTS, "report.md", "report.json", ARTIFACT_NAME)
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -20,17 +30,70 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"{out_dir / ARTIFACT_NAME} already exists (pass --force to overwrite)")
 
 
-def prepare_out_dir(out_dir: Path, force: bool) -> None:
-    check_out_dir(out_dir, force)
+@contextmanager
+def locked_out_dir(out_dir: Path):
+    """Hold --out for the whole run: a second run into it is refused, naming the holder. A folder this run
+    created is removed again if the run fails before writing anything into it."""
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.partial"):  # left by a run killed mid-write (SIGKILL skips cleanup)
+        handle = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
+    failed = True
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()[:20] or "unknown"
+            raise UserError(f"--out {out_dir} is in use by another compress run (pid {holder}): wait for it or "
+                            f"choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+        failed = False
+    finally:
+        if failed and created and {p.name for p in out_dir.iterdir()} <= {LOCK_NAME}:
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            out_dir.rmdir()
+        handle.close()
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    """Called with the folder locked: clears what killed runs left (SIGKILL skips cleanup)."""
+    check_out_dir(out_dir, force)
+    try:
+        for stale in out_dir.glob(".*.partial"):
             stale.unlink()
+        for stale in out_dir.glob(f"{STAGE_PREFIX}*"):
+            shutil.rmtree(stale)
         probe = out_dir / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def staged(out_dir: Path):
+    """A staging folder inside --out for the run's files; on success they replace the folder's earlier outputs
+    (the artifact last), on failure the staging folder goes and the earlier outputs stay as they were."""
+    stage = out_dir / f"{STAGE_PREFIX}{os.getpid()}"
+    stage.mkdir()
+    try:
+        yield stage
+        for name in OUTPUTS:  # an earlier run's file that this run does not write (e.g. a plot) must not stay
+            if not (stage / name).exists():
+                (out_dir / name).unlink(missing_ok=True)
+        for name in sorted(p.name for p in stage.iterdir()):
+            if name != ARTIFACT_NAME:
+                os.replace(stage / name, out_dir / name)
+        os.replace(stage / ARTIFACT_NAME, out_dir / ARTIFACT_NAME)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def save_onnx(model: onnx.ModelProto | bytes, path: Path) -> None:
@@ -56,10 +119,11 @@ def summarize(report: dict, input_bits: dict) -> dict:
             "verdict": "unchanged" if abs(improvement) < 1e-6 else "better" if improvement > 0 else "worse"}
 
 
-def assemble_report(model_record: dict, recipe, artifact: Path, graph_facts: dict, lowering, bits: dict,
-                    input_bits: dict, pass_records: list, reference_metrics: dict, results: dict,
+def assemble_report(model_record: dict, recipe, artifact: Path, final_path: Path, graph_facts: dict, lowering,
+                    bits: dict, input_bits: dict, pass_records: list, reference_metrics: dict, results: dict,
                     baseline_latency: dict | None) -> dict:
-    """report.json's content (docs/report-schema.md), gates evaluated."""
+    """report.json's content (docs/report-schema.md), gates evaluated; `artifact` is the staged file that
+    will be moved to `final_path`."""
     accuracy_report = results.pop("accuracy")
     metric = accuracy_report.pop("metric")
     report = {
@@ -68,7 +132,7 @@ def assemble_report(model_record: dict, recipe, artifact: Path, graph_facts: dic
         "summary": None,
         "model": model_record,
         "recipe": recipe.to_dict(),
-        "artifact": {"path": str(artifact), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact),
+        "artifact": {"path": str(final_path), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact),
                      **graph_facts, "lowering": lowering},
         "total_model_bits": bits["total_model_bits"],
         "bits_per_param": bits["bits_per_param"],

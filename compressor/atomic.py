@@ -48,18 +48,6 @@ def _umask() -> int:
     return mask
 
 
-@contextmanager
-def removed_on_failure(*paths: Path):
-    """Files written in this block are removed again if it fails (an artifact without its report is half a run)."""
-    try:
-        yield
-    except BaseException:
-        for path in paths:
-            Path(path).unlink(missing_ok=True)
-        raise
-
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -1,5 +1,6 @@
 """The `compress` command: parses, calls the library, prints. User-fixable errors: one line, exit 2."""
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def _usage_error(exc: click.UsageError):
     _fail(exc.format_message() + hint)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class _Group(click.Group):
     """Turns a UserError (or a usage error, an interrupt, an OSError) anywhere below into one line on stderr and
     exit code 2."""
@@ -53,6 +58,9 @@ class _Group(click.Group):
             _usage_error(exc)
 
     def invoke(self, ctx):
+        for name in ("SIGTERM", "SIGHUP"):  # ended by a scheduler or a closed terminal: clean up as for Ctrl-C
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _interrupt)
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:

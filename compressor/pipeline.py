@@ -10,8 +10,9 @@ from pathlib import Path
 import onnx
 
 from compressor import __version__
-from compressor.artifact import ARTIFACT_NAME, assemble_report, check_out_dir, prepare_out_dir, save_onnx
-from compressor.atomic import atomic_write_text, removed_on_failure
+from compressor.artifact import (ARTIFACT_NAME, assemble_report, check_out_dir, locked_out_dir, prepare_out_dir,
+                                 save_onnx, staged)
+from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
 from compressor.inputs import InputAdapter, Source, adapter_for
 from compressor.ort_runtime import check_providers
@@ -46,14 +47,15 @@ def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log
     skeleton = adapter.skeleton(path)  # shapes from the config alone, before any weights
     if skeleton is not None:
         check_recipe_fits(recipe, skeleton)
-    source = adapter.load(path, options.progress)
-    if skeleton is None:
-        check_recipe_fits(recipe, source.model)
-    prepare_out_dir(out_dir, options.force)
-    try:
-        return _compress(source, recipe, out_dir, options, log)
-    finally:
-        source.model = None  # what the passes left of the model is not the caller's to keep
+    with locked_out_dir(out_dir):
+        prepare_out_dir(out_dir, options.force)
+        source = adapter.load(path, options.progress)
+        if skeleton is None:
+            check_recipe_fits(recipe, source.model)
+        try:
+            return _compress(source, recipe, out_dir, options, log)
+        finally:
+            source.model = None  # what the passes left of the model is not the caller's to keep
 
 
 def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
@@ -126,15 +128,15 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     if hasattr(task, "task_state"):  # what `compress check` needs to score the artifact later (e.g. a probe)
         metadata["compressor.task_state"] = json.dumps(task.task_state(heldout), sort_keys=True)
 
-    artifact = out_dir / ARTIFACT_NAME
     graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
                    "ir_version": proto.ir_version}
     serialized = finalize(proto, metadata).SerializeToString()
     del proto  # the file's bytes stand for the graph now: one copy in memory, not two
-    with removed_on_failure(artifact, out_dir / "recipe.yaml"):
+    with staged(out_dir) as stage:
+        artifact = stage / ARTIFACT_NAME
         save_onnx(serialized, artifact)
         del serialized
-        atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+        atomic_write_text(stage / "recipe.yaml", recipe.to_yaml() + f"# calibration sampling seed: --seed {options.seed}\n")
         log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
         int_weights = bool(lowering and lowering["lowered"])
         results = validate(task, source.config, artifact, heldout, list(options.providers),
@@ -142,9 +144,11 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
                            tolerances=Tolerances.for_artifact(int_weights), bench=options.bench, progress=progress)
         results["memory"]["compress_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         model_record = {**source.record, "params": bits["params"], "input_params": input_bits["params"]}
-        report = assemble_report(model_record, recipe, artifact, graph_facts, lowering, bits, input_bits,
-                                 pass_records, reference_metrics, results, baseline_latency)
-        write_reports(out_dir, report)
+        report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts, lowering,
+                                 bits, input_bits, pass_records, reference_metrics, results, baseline_latency)
+        report["run"] = {"seed": options.seed, "eval_limit": options.eval_limit, "providers": list(options.providers),
+                         "bench_warmup": options.bench.warmup, "bench_runs": options.bench.runs}
+        write_reports(stage, report)
     return report
 
 

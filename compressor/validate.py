@@ -104,12 +104,16 @@ def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
               subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True) as child,
               tqdm(total=total, desc=f"benchmark {provider}", unit="run", disable=not progress, leave=False) as bar):
             stderr_lines = []
-            for line in child.stderr:
-                if line.rstrip("\n") == PROGRESS_LINE:
-                    bar.update()
-                else:
-                    stderr_lines.append(line)
-            returncode = child.wait()
+            try:
+                for line in child.stderr:
+                    if line.rstrip("\n") == PROGRESS_LINE:
+                        bar.update()
+                    else:
+                        stderr_lines.append(line)
+                returncode = child.wait()
+            except BaseException:  # interrupted or terminated: the child must not outlive us
+                child.kill()
+                raise
             stdout.seek(0)
             output = stdout.read()
     if returncode != 0:

@@ -57,6 +57,9 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
             raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
         proto = program.model_proto
         name_linear_weights(proto)
+        for node in proto.graph.node:  # source paths and stack traces: bytes that differ by checkout, not model
+            del node.metadata_props[:]
+            node.doc_string = ""
         stages.update()
     proto.ir_version = IR_VERSION
     return proto

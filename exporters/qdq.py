@@ -161,46 +161,65 @@ def _codebook_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
     return nodes, initializers
 
 
-def _place(layer: QuantizedLayer, weight: np.ndarray, candidates: dict[str, np.ndarray], kind: str) -> list[str]:
+class _Weights:
+    """2-D fp32 initializers by name, read into arrays only when compared (a model's weights are not copied
+    wholesale); `transposed` names those the graph reads through Transpose (a tied weight, see below)."""
+
+    def __init__(self, tensors: dict[str, onnx.TensorProto], transposed: set[str] = frozenset()):
+        self.tensors, self.transposed = tensors, set(transposed)
+
+    def shape(self, name: str) -> list[int]:
+        dims = list(self.tensors[name].dims)
+        return dims[::-1] if name in self.transposed else dims
+
+    def array(self, name: str) -> np.ndarray:
+        array = numpy_helper.to_array(self.tensors[name])
+        return array.T if name in self.transposed else array
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+
+def _place(layer: QuantizedLayer, weight: np.ndarray, candidates: _Weights, kind: str) -> list[str]:
     """The initializers that hold `layer`'s weight (`weight`, laid out as they store it): by name first (a name
-    that matches must also hold the values), else every one equal in value; LoweringError when none does."""
+    that matches must also hold the values), else every one equal in value (the checked fallback)."""
     named = [n for n in (layer.module, *layer.weight_names) if n in candidates]
     for name in named:
-        if not np.array_equal(candidates[name], weight):
+        if not np.array_equal(candidates.array(name), weight):
             raise LoweringError(f"quantized layer {layer.module!r}: {kind} initializer {name!r} has its name but "
-                                f"not its dequantized values (shape {list(candidates[name].shape)})")
+                                f"not its dequantized values (shape {candidates.shape(name)})")
     if named:
         return named[:1]
-    return [n for n, array in candidates.items() if array.shape == weight.shape and np.array_equal(array, weight)]
+    return [n for n in candidates.tensors if candidates.shape(n) == list(weight.shape)
+            and np.array_equal(candidates.array(n), weight)]
 
 
-def _fp32_initializers(proto: onnx.ModelProto, op_type: str, position: int) -> dict[str, np.ndarray]:
-    """{name: array} of the 2-D fp32 initializers that `op_type` nodes read at input `position`."""
+def _fp32_initializers(proto: onnx.ModelProto, op_type: str, position: int) -> dict[str, onnx.TensorProto]:
+    """The 2-D fp32 initializers that `op_type` nodes read at input `position`, by name."""
     initializers = {init.name: init for init in proto.graph.initializer}
     found = {}
     for node in proto.graph.node:
         if node.op_type == op_type and len(node.input) > position and node.input[position] in initializers:
             init = initializers[node.input[position]]
-            if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and init.name not in found:
-                found[init.name] = numpy_helper.to_array(init)
+            if init.data_type == TensorProto.FLOAT and len(init.dims) == 2:
+                found[init.name] = init
     return found
 
 
-def _matmul_weights(proto: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """{name: W [K, N]} of the MatMul weights: 2-D fp32 initializers read directly, and those read through a
-    Transpose (the exporter's form of a tied weight, e.g. an LM head sharing the embedding table [V, D]: listed
-    under the table's name, transposed). Also {Transpose output: table name} for the second kind."""
-    weights = _fp32_initializers(proto, "MatMul", 1)
+def _matmul_weights(proto: onnx.ModelProto) -> tuple[_Weights, dict[str, str]]:
+    """The MatMul weights [K, N]: 2-D fp32 initializers read directly, and those read through a Transpose (the
+    exporter's form of a tied weight, e.g. an LM head sharing the embedding table [V, D]: listed under the
+    table's name). Also {Transpose output: table name} for the second kind."""
+    direct = _fp32_initializers(proto, "MatMul", 1)
     tables = {t.name: t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
     matmul_inputs = {node.input[1] for node in proto.graph.node if node.op_type == "MatMul"}
     through = {}
     for node in proto.graph.node:
         perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
         if (node.op_type == "Transpose" and node.input[0] in tables and node.output[0] in matmul_inputs
-                and perm in ([], [[1, 0]]) and node.input[0] not in weights):
+                and perm in ([], [[1, 0]]) and node.input[0] not in direct):
             through[node.output[0]] = node.input[0]
-            weights[node.input[0]] = np.ascontiguousarray(numpy_helper.to_array(tables[node.input[0]]).T)
-    return weights, through
+    return _Weights({**direct, **{name: tables[name] for name in through.values()}}, set(through.values())), through
 
 
 def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> tuple[onnx.ModelProto, dict]:
@@ -209,7 +228,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     were found, and which tied tables stayed fp32 and why. LoweringError names a record with no MatMul weight."""
     graph = proto.graph
     matmul_weights, through_transpose = _matmul_weights(proto)
-    gather_tables = _fp32_initializers(proto, "Gather", 0)
+    gather_tables = _Weights(_fp32_initializers(proto, "Gather", 0))
     weight_of, table_of, lowered, left = {}, {}, [], []
     for layer in layers.values():
         weight = dequantize(layer.quantized).numpy()
@@ -220,7 +239,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
         by_name = places[0] in (layer.module, *layer.weight_names)
         for name in places:
             weight_of[name] = (layer, "name" if by_name else "value")
-        for name in _place(layer, weight, gather_tables, "Gather table") if gather_tables else []:
+        for name in _place(layer, weight, gather_tables, "Gather table"):
             table_of[name] = layer
     new_nodes, new_inits = [], []
     after: dict[int, list] = {}  # nodes that read the MatMul's input or output go right after it
@@ -239,7 +258,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
             new_inits += inits
             built.add(weight_name)
             lowered.append({"initializer": weight_name, "module": layer.module, "found_by": found_by,
-                            "shape": list(matmul_weights[weight_name].shape), "bits": q.bits,
+                            "shape": matmul_weights.shape(weight_name), "bits": q.bits,
                             **({"float_zero_points": True} if q.offsets is not None else {})})
         node.input[1] = out
         if q.offsets is not None:
@@ -267,7 +286,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
             new_inits += inits
             tables_built.add(table_name)
             lowered.append({"initializer": table_name, "module": layer.module, "found_by": "tied",
-                            "shape": list(gather_tables[table_name].shape), "bits": layer.quantized.bits,
+                            "shape": gather_tables.shape(table_name), "bits": layer.quantized.bits,
                             "tied_table": True})
         node.input[0] = f"{table_name}.table_dequantized"
     nodes = [n for position, node in enumerate(graph.node) for n in [node] + after.get(position, [])]

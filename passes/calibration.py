@@ -1,9 +1,14 @@
 """Statistics of the inputs that Linear layers see on calibration batches (training distribution only), and the
 targets / ignore module selection every pass shares."""
 import re
+import reprlib
 
 import torch
 from torch import nn
+
+# Upper bounds of config counts, so that a typo (10**12 samples, 10**9 steps) is a recipe error before any model
+# loads rather than a 7 TiB allocation or a week of compute. Each is far beyond what the passes need.
+MAX_CALIBRATION_SAMPLES = 100_000  # windows drawn up front: 100k x 256 int64 tokens = 200 MB for HF LMs
 
 
 @torch.no_grad()
@@ -28,22 +33,65 @@ def input_second_moments(model: nn.Module, modules: list[nn.Linear], calibration
     return moments
 
 
+class _Excerpt(reprlib.Repr):
+    """repr() with bounded work and output: long strings, containers and deep nesting are elided, and integers
+    too long for repr() (over 4300 digits raise ValueError) are described instead of printed."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.maxstring = self.maxother = max(limit, 12)
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset, self.maxfrozenset = 3, 4, 6, 6, 6, 6
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 200:
+            return f"<an integer of {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+def excerpt(value, limit: int = 60) -> str:
+    """A user value as error messages quote it: repr-like, on one line, at most about `limit` characters (a
+    message must stay one short line whatever the user gave: a 1 MB string, a huge integer, a deep mapping)."""
+    try:
+        text = _Excerpt(limit).repr(value)
+    except Exception:  # noqa: BLE001  (a message must never fail to format)
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.splitlines())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if isinstance(value, str) and len(value) > limit:
+        text += f" ({len(value):,} characters)"
+    return text
+
+
+def check_int(name: str, value, low: int, high: int) -> None:
+    """An int config field in [low, high] (bool refused: true is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {excerpt(value)}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low:,}, not {excerpt(value)}")
+    if value > high:
+        raise ValueError(f"{name} must be at most {high:,}, not {excerpt(value)}")
+
+
 def check_patterns(pass_name: str, **fields: tuple[str, ...]) -> None:
     """A config's module patterns (targets, ignore, ...): "re:" patterns must compile (a recipe error, not a crash
     mid-run)."""
     for field, patterns in fields.items():
         for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise ValueError(f"{pass_name}.{field}: {excerpt(pattern)} is not a module name or re: pattern")
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(f"{pass_name}.{field}: {pattern!r} is not a valid regular expression "
-                                     f"({exc})") from None
+                except (re.error, RecursionError, OverflowError, ValueError, MemoryError) as exc:
+                    # RecursionError: thousands of nested groups; OverflowError: a{99999999999}
+                    reason = " ".join(str(exc).split())[:100] or type(exc).__name__
+                    raise ValueError(f"{pass_name}.{field}: {excerpt(pattern)} is not a valid regular expression "
+                                     f"({reason})") from None
 
 
 def check_calibration_samples(pass_name: str, samples: int) -> None:
-    if samples < 1:
-        raise ValueError(f"{pass_name}.calibration_samples must be at least 1, not {samples!r}")
+    check_int(f"{pass_name}.calibration_samples", samples, 1, MAX_CALIBRATION_SAMPLES)
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:

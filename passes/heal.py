@@ -11,8 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from passes.calibration import MAX_CALIBRATION_SAMPLES, check_int, excerpt
+
 
 BATCH = 16  # calibration batches come in 16s (compressor.tasks)
+# each step draws a fresh batch of BATCH calibration windows, all drawn up front: the calibration limit bounds steps
+MAX_STEPS = MAX_CALIBRATION_SAMPLES // BATCH  # 6,250
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -22,8 +27,10 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or not 0 < self.learning_rate < math.inf:  # also refuses NaN
-            raise ValueError("heal.steps must be >= 1 and heal.learning_rate > 0")
+        check_int("heal.steps", self.steps, 1, MAX_STEPS)
+        if isinstance(self.learning_rate, bool) or not 0 < self.learning_rate < math.inf:  # also refuses NaN
+            raise ValueError(f"heal.learning_rate must be a positive number, not {excerpt(self.learning_rate)}")
+        check_int("heal.seed", self.seed, 0, MAX_SEED)
 
     needs_calibration = True
 

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from passes import sparsity_primitives as sp
-from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, selected_linears,
-                                split_by_input_multiple)
+from passes.calibration import (check_calibration_samples, check_int, check_patterns, excerpt, input_second_moments,
+                                selected_linears, split_by_input_multiple)
+
+MAX_RANK_MULTIPLE = 1024  # the largest quantizer block size: a coarser rounding serves no block size
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,13 @@ class LowRankConfig:
         chosen = [v for v in (self.rank_ratio, self.energy, self.param_budget) if v is not None]
         if len(chosen) != 1:
             raise ValueError("lowrank: set exactly one of rank_ratio, energy, param_budget (the others null)")
-        if not 0 < chosen[0] <= 1:
-            raise ValueError(f"lowrank: rank_ratio / energy / param_budget must be in (0, 1], not {chosen[0]!r}")
-        if self.rank_multiple < 1:
-            raise ValueError("lowrank.rank_multiple must be at least 1")
-        if not 0 < self.damp < math.inf:  # also refuses NaN
-            raise ValueError(f"lowrank.damp must be a positive number, not {self.damp!r}")
+        if isinstance(chosen[0], bool) or not 0 < chosen[0] <= 1:
+            raise ValueError(f"lowrank: rank_ratio / energy / param_budget must be in (0, 1], not {excerpt(chosen[0])}")
+        check_int("lowrank.rank_multiple", self.rank_multiple, 1, MAX_RANK_MULTIPLE)
+        if not isinstance(self.activation_aware, bool):
+            raise ValueError(f"lowrank.activation_aware must be true or false, not {excerpt(self.activation_aware)}")
+        if isinstance(self.damp, bool) or not 0 < self.damp < math.inf:  # also refuses NaN
+            raise ValueError(f"lowrank.damp must be a positive number, not {excerpt(self.damp)}")
         check_calibration_samples("lowrank", self.calibration_samples)
         check_patterns("lowrank", targets=self.targets, ignore=self.ignore)
 

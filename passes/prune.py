@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from passes import sparsity_primitives as sp
-from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, selected_linears,
-                                split_by_input_multiple)
+from passes.calibration import (check_calibration_samples, check_patterns, excerpt, input_second_moments,
+                                selected_linears, split_by_input_multiple)
+
+
+MAX_GROUP = 65_536  # the M of N:M
 
 
 @dataclass(frozen=True)
@@ -25,18 +28,21 @@ class PruneConfig:
 
     def __post_init__(self):
         if self.method not in ("magnitude", "wanda"):
-            raise ValueError(f"prune.method must be magnitude or wanda, not {self.method!r}")
-        if not 0 <= self.sparsity < 1:
-            raise ValueError(f"prune.sparsity must be in [0, 1), not {self.sparsity!r}")
+            raise ValueError(f"prune.method must be magnitude or wanda, not {excerpt(self.method)}")
+        if isinstance(self.sparsity, bool) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"prune.sparsity must be in [0, 1), not {excerpt(self.sparsity)}")
         if self.scope not in ("layer", "row", "global"):
-            raise ValueError(f"prune.scope must be layer, row or global, not {self.scope!r}")
+            raise ValueError(f"prune.scope must be layer, row or global, not {excerpt(self.scope)}")
         if self.scope == "global" and self.method == "wanda":
             raise ValueError("prune.scope=global works with method=magnitude only (Wanda scores are not "
                              "comparable across layers)")
         if self.pattern != "unstructured":
             n, m = self.n_m
             if not 0 < n < m:
-                raise ValueError(f"prune.pattern {self.pattern!r}: need 0 < N < M")
+                raise ValueError(f"prune.pattern {excerpt(self.pattern)}: need 0 < N < M")
+            if m > MAX_GROUP:
+                raise ValueError(f"prune.pattern {excerpt(self.pattern)}: M must be at most {MAX_GROUP} (a group "
+                                 "runs along a layer's input width)")
         check_calibration_samples("prune", self.calibration_samples)
         check_patterns("prune", targets=self.targets, ignore=self.ignore)
 
@@ -45,7 +51,8 @@ class PruneConfig:
         try:
             n, m = (int(v) for v in self.pattern.split(":"))
         except ValueError:
-            raise ValueError(f"prune.pattern must be unstructured or N:M like 2:4, not {self.pattern!r}") from None
+            raise ValueError(f"prune.pattern must be unstructured or N:M like 2:4, not {excerpt(self.pattern)}") \
+                from None
         return n, m
 
     @property

@@ -10,8 +10,8 @@ from torch import nn
 from tqdm import tqdm
 
 from passes import quant_primitives as qp
-from passes.calibration import (check_calibration_samples, check_patterns, input_second_moments, matches,
-                                selected_linears, split_by_input_multiple)
+from passes.calibration import (check_calibration_samples, check_int, check_patterns, excerpt, input_second_moments,
+                                matches, selected_linears, split_by_input_multiple)
 from passes.blockwise import quantize_blockwise
 from passes.gptq import gptq_quantize
 from passes.model_bits import total_model_bits
@@ -22,6 +22,7 @@ SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ZERO_POINTS = ("int", "float")
 # what `overrides` may change for the layers it names; selection and calibration stay the pass's own
 NOT_OVERRIDABLE = ("targets", "ignore", "overrides", "sequential", "calibration_samples")
+MAX_KMEANS_ITERATIONS = 10_000  # Lloyd iterations converge in tens; 10k is already minutes per large layer
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,25 @@ class QuantizeConfig:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"quantize.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"quantize.bits must be an integer in 2..8, not {self.bits!r}")
-        if self.block_size not in (qp.PER_CHANNEL, qp.PER_TENSOR) and (
-                self.block_size < 16 or self.block_size > 1024 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"quantize.dtype must be one of {', '.join(DTYPES)}, not {excerpt(self.dtype)}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"quantize.bits must be an integer in 2..8, not {excerpt(self.bits)}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or (
+                self.block_size not in (qp.PER_CHANNEL, qp.PER_TENSOR) and (
+                self.block_size < 16 or self.block_size > 1024 or self.block_size & (self.block_size - 1))):
             raise ValueError(f"quantize.block_size must be a power of two in 16..1024, 0 (per-channel) or -1 "
-                             f"(per-tensor), not {self.block_size!r}")
+                             f"(per-tensor), not {excerpt(self.block_size)}")
         if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"quantize.scale_dtype must be float32 or float16, not {self.scale_dtype!r}")
+            raise ValueError(f"quantize.scale_dtype must be float32 or float16, not {excerpt(self.scale_dtype)}")
         if self.method not in ("rtn", "gptq"):
-            raise ValueError(f"quantize.method must be rtn or gptq, not {self.method!r}")
+            raise ValueError(f"quantize.method must be rtn or gptq, not {excerpt(self.method)}")
         if self.zero_point not in ZERO_POINTS:
-            raise ValueError(f"quantize.zero_point must be int or float, not {self.zero_point!r}")
+            raise ValueError(f"quantize.zero_point must be int or float, not {excerpt(self.zero_point)}")
+        for name in ("symmetric", "full_range", "activation_weighted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quantize.{name} must be true or false, not {excerpt(getattr(self, name))}")
+        if self.exponent_bits is not None:  # a float of 2..8 bits has 1 sign bit and 1..7 exponent bits
+            check_int("quantize.exponent_bits", self.exponent_bits, 1, 7)
         if self.zero_point == "float" and (self.dtype != "int" or self.symmetric or self.block_size <= 0):
             raise ValueError("quantize.zero_point=float needs dtype=int, symmetric=false and a block size")
         if self.zero_point == "float" and self.method != "rtn":
@@ -85,13 +92,13 @@ class QuantizeConfig:
         if self.dtype == "float":
             qp.float_codebook(self.bits, self.exponent_bits)  # raises on an impossible split
         if self.codebook_scope not in ("tensor", "row"):
-            raise ValueError(f"quantize.codebook_scope must be tensor or row, not {self.codebook_scope!r}")
-        if self.kmeans_iterations < 1:
-            raise ValueError(f"quantize.kmeans_iterations must be at least 1, not {self.kmeans_iterations!r}")
-        if not 0 < self.gptq_damp < math.inf:  # also refuses NaN
-            raise ValueError(f"quantize.gptq_damp must be a positive number, not {self.gptq_damp!r}")
+            raise ValueError(f"quantize.codebook_scope must be tensor or row, not {excerpt(self.codebook_scope)}")
+        check_int("quantize.kmeans_iterations", self.kmeans_iterations, 1, MAX_KMEANS_ITERATIONS)
+        if isinstance(self.gptq_damp, bool) or not 0 < self.gptq_damp < math.inf:  # also refuses NaN
+            raise ValueError(f"quantize.gptq_damp must be a positive number, not {excerpt(self.gptq_damp)}")
         if self.sequential not in SEQUENTIAL:
-            raise ValueError(f"quantize.sequential must be one of {', '.join(SEQUENTIAL)}, not {self.sequential!r}")
+            raise ValueError(f"quantize.sequential must be one of {', '.join(SEQUENTIAL)}, not "
+                             f"{excerpt(self.sequential)}")
         check_calibration_samples("quantize", self.calibration_samples)
         check_patterns("quantize", targets=self.targets, ignore=self.ignore)
         self._check_overrides()
@@ -102,18 +109,18 @@ class QuantizeConfig:
         if not isinstance(self.overrides, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) for k, v in self.overrides.items()):
             raise ValueError("quantize.overrides must map module names / re: patterns to {field: value} mappings, "
-                             f"not {self.overrides!r}")
+                             f"not {excerpt(self.overrides)}")
         check_patterns("quantize", overrides=tuple(self.overrides))
         known = {f.name for f in dataclasses.fields(self)}
         for pattern, fields in self.overrides.items():
             for key in fields:
                 if key in NOT_OVERRIDABLE or key not in known:
-                    raise ValueError(f"quantize.overrides[{pattern!r}]: {key!r} cannot be overridden per layer "
-                                     f"(allowed: {', '.join(sorted(known - set(NOT_OVERRIDABLE)))})")
+                    raise ValueError(f"quantize.overrides[{excerpt(pattern)}]: {excerpt(key)} cannot be overridden "
+                                     f"per layer (allowed: {', '.join(sorted(known - set(NOT_OVERRIDABLE)))})")
             try:
                 dataclasses.replace(self, overrides=None, **fields)
-            except ValueError as exc:
-                raise ValueError(f"quantize.overrides[{pattern!r}]: {exc}") from None
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"quantize.overrides[{excerpt(pattern)}]: {exc}") from None
 
     def for_layer(self, name: str) -> "QuantizeConfig":
         """This config with the first matching override applied (the pass's own config when none matches)."""

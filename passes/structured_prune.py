@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from passes.calibration import check_calibration_samples, input_second_moments
+from passes.calibration import check_calibration_samples, excerpt, input_second_moments
 from samples.layers import FeedForward, MultiHeadAttention
 
 # Hugging Face classes whose forwards were read and whose pruned models were run (transformers 5.24)
@@ -44,8 +44,8 @@ class StructuredPruneConfig:
 
     def __post_init__(self):
         for field, value in (("heads", self.heads), ("ffn", self.ffn)):
-            if not 0 <= value < 1:
-                raise ValueError(f"structured_prune.{field} must be in [0, 1), not {value!r}")
+            if isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"structured_prune.{field} must be in [0, 1), not {excerpt(value)}")
         check_calibration_samples("structured_prune", self.calibration_samples)
 
     needs_calibration = True
