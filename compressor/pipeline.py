@@ -136,7 +136,8 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         artifact = stage / ARTIFACT_NAME
         save_onnx(serialized, artifact)
         del serialized
-        atomic_write_text(stage / "recipe.yaml", recipe.to_yaml() + f"# calibration sampling seed: --seed {options.seed}\n")
+        seed_line = f"# calibration sampling seed: --seed {options.seed}\n"
+        atomic_write_text(stage / "recipe.yaml", recipe.to_yaml() + seed_line)
         log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
         int_weights = bool(lowering and lowering["lowered"])
         results = validate(task, source.config, artifact, heldout, list(options.providers),

@@ -16,7 +16,8 @@ PER_CHANNEL, PER_TENSOR = 0, -1
 
 @dataclass
 class Quantized:
-    codes: torch.Tensor  # [N, K] integer codes, int64 (int16 once handed over; int types: signed or unsigned levels; codebook types: indices)
+    # [N, K] integer codes, int64 (int16 once handed over): int types' signed or unsigned levels, or codebook indices
+    codes: torch.Tensor
     scales: torch.Tensor  # [N, groups] (per-tensor: [1, 1]) in the stored scale dtype
     zero_points: torch.Tensor | None  # [N, groups] int64, asymmetric int only
     codebook: torch.Tensor | None  # [C] or [N, C] normalized values (codebook types)

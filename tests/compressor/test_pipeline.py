@@ -25,13 +25,13 @@ def test_int4_fused_lowers_then_fuses(compress, tmp_path, optimized_ops):
     graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
     assert sum(n.op_type == "SkipLayerNormalization" for n in graph.node) == 4
     ops, _ = optimized_ops(tmp_path / "o" / "model.onnx", tmp_path)
-    assert ops["MatMulNBits"] == len(report["passes"][0]["layers"]) == 13  # 6 per block + lm_head
+    assert ops["MatMulNBits"] == len(report["passes"][0]["layers"]) == 13  # 6 Linears per block, lm_head
     assert report["gates"]["passed"]
 
 
 def test_chain_int4_runs_every_torch_stage(compress, tmp_path):
-    done = compress("run", "gpt-s", "--recipe", "chain-int4", "--set", "heal.steps=20", "--set", "lowrank.param_budget=0.5", "--out",
-                    str(tmp_path / "o"), *FAST)
+    done = compress("run", "gpt-s", "--recipe", "chain-int4", "--set", "heal.steps=20", "--set",
+                    "lowrank.param_budget=0.5", "--out", str(tmp_path / "o"), *FAST)
     assert done.returncode == 0, done.stderr
     report = _report(tmp_path / "o")
     assert [p["name"] for p in report["passes"]] == ["structured_prune", "lowrank", "heal", "quantize"]
@@ -68,6 +68,7 @@ def test_summary_block_is_the_last_cli_line_and_first_in_report_md(compress, tmp
     reference, measured = report["accuracy"]["reference"], report["accuracy"]["onnxruntime"]["cpu"]
     assert summary["metric_change"] == pytest.approx((reference - measured) / reference)  # lower perplexity = better
     assert summary["verdict"] == ("better" if measured < reference else "worse")
-    assert done.stdout.strip().splitlines()[-1].startswith(f"summary: {summary['bits_ratio']:.2f}x fewer total model bits")
+    last_line = done.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(f"summary: {summary['bits_ratio']:.2f}x fewer total model bits")
     assert (tmp_path / "o" / "report.md").read_text().splitlines()[2].startswith("**Summary:**")
     assert 100 < report["memory"]["compress_peak_rss_mb"] < 4096

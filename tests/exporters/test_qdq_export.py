@@ -64,7 +64,8 @@ def test_every_data_type_exports_exactly(quantized_artifact, shipped, tmp_path, 
                    overrides={"lm_head": {"bits": 8, "symmetric": True, "zero_point": "int"}}),
     QuantizeConfig(bits=3, block_size=64, symmetric=False, zero_point="float", scale_dtype="float16"),
 ], ids=lambda c: f"{c.label()}-{c.scale_dtype}")
-def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(quantized_artifact, optimized_ops, shipped, tmp_path, config):
+def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(quantized_artifact, optimized_ops, shipped,
+                                                                   tmp_path, config):
     """w = S * (q - z) + c: DequantizeLinear for S * (q - z) plus the block-sum MatMuls for the rests c. With fp32
     scales ORT still fuses every weight into MatMulNBits (fp16 scales: DequantizeLinear + Cast, exact, unfused)."""
     checkpoint, task, data, record, lowering, path = quantized_artifact(shipped, tmp_path, config)
