@@ -381,3 +381,53 @@ def test_sigint_is_one_line_exit_2_and_no_artifact(tmp_path):
     errors = [line for line in run.lines if line.startswith("error:")]
     assert errors == [run.lines[-1]] and "interrupted" in errors[0], run.lines
     assert not (tmp_path / "out" / "model.onnx").exists() and not list((tmp_path / "out").glob(".*.partial"))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().split(") ", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_during_the_benchmark_cleans_up_and_a_rerun_succeeds(tmp_path, signum):
+    out = tmp_path / "out"
+    run = _Watched(out)
+    run.wait_for("validating")
+    deadline = time.monotonic() + 90
+    while not (children := _children(run.process.pid)):  # the benchmark's child process has started
+        assert run.process.poll() is None and time.monotonic() < deadline, run.lines
+        time.sleep(0.01)
+    run.process.send_signal(signum)
+    assert run.finish() == 2
+    errors = [line for line in run.lines if line.startswith("error:")]
+    assert errors == [run.lines[-1]] and "interrupted" in errors[0], run.lines
+    assert not any("Traceback" in line for line in run.lines)
+    time.sleep(0.5)
+    assert not any(Path(f"/proc/{child}").exists() for child in children), "the benchmark child outlived the run"
+    assert not out.exists(), sorted(p.name for p in out.iterdir())  # the run created it: nothing of it stays
+    rerun = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(out)], capture_output=True, text=True, env=ENV,
+                           timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+
+
+def test_two_runs_into_one_folder_one_succeeds_the_other_is_refused(tmp_path):
+    out = tmp_path / "out"
+    first = _Watched(out)
+    first.wait_for("loaded")
+    second = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(out)], capture_output=True, text=True, env=ENV,
+                            timeout=120)
+    assert second.returncode == 2, second.stderr
+    line, = second.stderr.strip().splitlines()
+    assert f"pid {first.process.pid}" in line and "in use by another compress run" in line
+    assert first.finish() == 0, first.lines
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    report = json.loads((out / "report.json").read_text())
+    assert report["artifact"]["path"] == str(out / "model.onnx") and report["run"]["seed"] == 0
+    assert "--seed 0" in (out / "recipe.yaml").read_text()
+    assert not list(out.glob(".stage-*"))
