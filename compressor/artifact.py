@@ -28,6 +28,9 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"--out {out_dir} exists and is not a folder")
     if (out_dir / ARTIFACT_NAME).exists() and not force:
         raise UserError(f"{out_dir / ARTIFACT_NAME} already exists (pass --force to overwrite)")
+    for name in OUTPUTS:
+        if (out_dir / name).is_dir():
+            raise UserError(f"{out_dir / name} is a folder: the run writes a file of that name (move it away)")
 
 
 @contextmanager

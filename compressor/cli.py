@@ -194,7 +194,7 @@ def sample_list():
 @sample_group.command("train")
 @click.argument("name")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=2**32 - 1))
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the sample's step count.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -205,10 +205,24 @@ def sample_train(name, out_dir, seed, steps, device, quiet):
 
     if name not in SAMPLES:
         raise UserError(f"unknown sample {name!r} (available: {', '.join(SAMPLES)})")
+    _check_device(device)
     record = train_sample(name, out_dir, seed=seed, steps=steps, device=device, progress=not quiet)
     metric = {k: v for k, v in record.items() if k.startswith("heldout_") and isinstance(v, float)}
     click.echo(f"trained {name} ({record['params']:,} params, {record['steps']} steps, "
                f"{record['train_seconds']} s): {metric} -> {out_dir}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device[:40]!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this torch build or machine has no CUDA device")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device[:40]!r}: training runs on cpu or cuda")
 
 
 if __name__ == "__main__":

@@ -36,12 +36,14 @@ def is_hf_checkpoint(path: Path) -> bool:
         return True
     if not path.is_dir():
         return False
-    if list(path.glob("*.gguf")):
-        return True
     try:
         record = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        record = None
+    if isinstance(record, dict) and record.get("format") == "compressor-checkpoint":
+        return False  # our own checkpoint, whatever else lies in its folder (e.g. a stray .gguf)
+    if list(path.glob("*.gguf")):
+        return True
     return isinstance(record, dict) and "model_type" in record
 
 
@@ -126,7 +128,9 @@ def _family_and_auto(folder: Path, record: dict, transformers):
     model_type = record["model_type"]
     if model_type in ENCODER_TYPES:
         return "hf-encoder", transformers.AutoModel
-    if model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in record.get("architectures") or []):
+    architectures = record.get("architectures")
+    architectures = architectures if isinstance(architectures, list) else []
+    if model_type in DECODER_TYPES or any(str(a).endswith("ForCausalLM") for a in architectures):
         return "hf-causal-lm", transformers.AutoModelForCausalLM
     raise UserError(f"{folder}: model_type {model_type!r} is not supported "
                     f"(encoders: {', '.join(ENCODER_TYPES)}; decoder LMs: {', '.join(DECODER_TYPES)})")

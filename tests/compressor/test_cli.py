@@ -166,3 +166,32 @@ def test_an_unexpected_exception_is_a_one_line_bug_with_its_own_exit_code(tmp_pa
     assert line.startswith("bug: unexpected KeyError") and "traceback saved to" in line
     log = Path(line.split("traceback saved to ", 1)[1].split(";", 1)[0])
     assert log.parent == tmp_path and "a key nobody expected" in log.read_text() and "Traceback" in log.read_text()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--device", "bogus"], "is not a torch device"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "mps"], "--device"),
+    (["--seed", "-1"], "--seed"),
+])
+def test_sample_train_refuses_bad_options_in_one_line(compress, tmp_path, args, needle):
+    done = compress("sample", "train", "gpt-xs", "--out", str(tmp_path / "ckpt"), *args)
+    assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_stray_gguf_does_not_reroute_our_checkpoint(compress, shipped, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(shipped / "gpt-xs", folder)
+    (folder / "notes.gguf").write_bytes(b"GGUF but not a model")
+    done = compress("run", str(folder), "--out", str(tmp_path / "o"), "--eval-limit", "4", "--bench-runs", "2",
+                    "--quiet")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_folder_named_like_an_output_is_refused_before_work(compress, tmp_path):
+    (tmp_path / "o" / "report.json").mkdir(parents=True)
+    done = compress("run", "gpt-xs", "--out", str(tmp_path / "o"), "--quiet")
+    assert done.returncode == 2 and "report.json is a folder" in done.stderr, done.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.json"]
