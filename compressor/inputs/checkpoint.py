@@ -94,11 +94,46 @@ def _build(record: dict, config_path: Path, device: str | None = None) -> nn.Mod
         raise UserError(f"{config_path}: invalid model config ({reason})") from None
 
 
+def expected_params(build, config: dict, layer_keys: list[str]) -> int:
+    """Parameters a config implies, from two small models built on the meta device (every layer count at 1, then
+    each at 2 in turn): no model of the config's own depth is built, so an absurd depth costs nothing."""
+    def count(overrides: dict) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build({**config, **overrides}).parameters())
+
+    base = {key: 1 for key in layer_keys}
+    one = count(base)
+    return one + sum((count({**base, key: 2}) - one) * (int(config[key]) - 1) for key in layer_keys)
+
+
+def check_plausible_size(params: int, weights: list[Path], where: Path) -> None:
+    """A config that implies more parameters than the weights files could hold at 16 bits is refused before
+    anything of that size is built."""
+    stored = sum(w.stat().st_size for w in weights if w.is_file())
+    if params * 2 > stored * 1.05 + (1 << 20):
+        raise UserError(f"{where} implies {params:,} parameters ({params * 2 / 2**30:.2f} GiB at 16 bits) but the "
+                        f"weights hold {stored:,} bytes: the config does not describe these weights")
+
+
+def _check_size(record: dict, config_path: Path, weights: Path) -> None:
+    config = record["config"]
+    if not isinstance(config, dict):
+        return  # _build says what is wrong with it
+    layer_keys = [k for k, v in config.items() if k.endswith("layers") and isinstance(v, int) and v > 0]
+    try:
+        params = expected_params(lambda c: build_model(record["family"], c), config, layer_keys)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError):
+        return  # _build says what is wrong with the config
+    check_plausible_size(params, [weights], config_path)
+
+
 def model_skeleton(path: Path) -> nn.Module:
     """The checkpoint's model built on the meta device from config.json alone: its layer shapes without memory
     or weights, so that a recipe can be checked against it before the weights are read."""
-    config_path, _ = _find_files(Path(path))
-    return _build(_read_config(config_path), config_path, "meta")
+    config_path, weights = _find_files(Path(path))
+    record = _read_config(config_path)
+    _check_size(record, config_path, weights)
+    return _build(record, config_path, "meta")
 
 
 def _check_against_config(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path,
@@ -134,6 +169,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     config_path, weights = _find_files(path)
     record = _read_config(config_path)
+    _check_size(record, config_path, weights)
     skeleton = _build(record, config_path, "meta")  # a config that does not fit the weights allocates nothing
     state = _read_state_dict(weights)
     expected = skeleton.state_dict()

@@ -5,6 +5,7 @@ Never touches the network (offline mode before transformers is imported). Weight
 transformers' own loader with weights_only unpickling. A GGUF file is dequantized once into a cached
 safetensors folder (COMPRESSOR_CACHE, keyed by the file's sha256), so later runs start from plain fp32 weights.
 """
+import copy
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import torch
 from compressor.atomic import sha256_file
 from compressor.errors import UserError
 from compressor.hf_offline import offline_transformers
+from compressor.inputs.checkpoint import check_plausible_size, expected_params
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
 from compressor.inputs.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
@@ -136,6 +138,23 @@ def _family_and_auto(folder: Path, record: dict, transformers):
                     f"(encoders: {', '.join(ENCODER_TYPES)}; decoder LMs: {', '.join(DECODER_TYPES)})")
 
 
+def _check_size(config, auto, folder: Path) -> None:
+    """The parameters config.json implies against the bytes of the folder's weights files, before a model of
+    the config's depth is built (num_hidden_layers: 1000000000 would otherwise hang the meta-device build)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        return
+
+    def build(values: dict):
+        small = copy.deepcopy(config)
+        small.num_hidden_layers = values["num_hidden_layers"]
+        return auto.from_config(small)
+
+    params = expected_params(build, {"num_hidden_layers": layers}, ["num_hidden_layers"])
+    weights = [p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in folder.glob(pattern)]
+    check_plausible_size(params, weights, folder / "config.json")
+
+
 def hf_model_skeleton(path: Path) -> torch.nn.Module | None:
     """The folder's model built on the meta device from config.json alone (layer shapes, no weights), wrapped as
     it will be exported, so a recipe can be checked before the weights load; None for GGUF inputs, whose config
@@ -148,6 +167,7 @@ def hf_model_skeleton(path: Path) -> torch.nn.Module | None:
     family, auto = _family_and_auto(path, record, transformers)
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
+        _check_size(config, auto, path)
         with torch.device("meta"):
             inner = auto.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:

@@ -195,3 +195,18 @@ def test_a_folder_named_like_an_output_is_refused_before_work(compress, tmp_path
     done = compress("run", "gpt-xs", "--out", str(tmp_path / "o"), "--quiet")
     assert done.returncode == 2 and "report.json is a folder" in done.stderr, done.stderr
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.json"]
+
+
+def test_a_config_far_larger_than_its_weights_is_refused_at_once(compress, shipped, tmp_path):
+    import shutil
+    import time
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(shipped / "gpt-xs", folder)
+    record = json.loads((folder / "config.json").read_text())
+    record["config"]["layers"] = 10**9
+    (folder / "config.json").write_text(json.dumps(record))
+    started = time.monotonic()
+    done = compress("run", str(folder), "--out", str(tmp_path / "o"), "--quiet")
+    assert done.returncode == 2 and "implies 49,984,000,041,088 parameters" in done.stderr, done.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "o").exists()

@@ -219,6 +219,19 @@ def test_structured_prune_shrinks_a_llama_folder_end_to_end(compress, tiny_llama
     assert report["parity"]["passed"]  # the shrunken graph computes what the shrunken torch model does
 
 
+def test_an_hf_config_deeper_than_its_weights_is_refused_before_building(compress, tiny_llama, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 10**9
+    (folder / "config.json").write_text(json.dumps(config))
+    done = compress("run", str(folder), "--out", str(tmp_path / "out"), "--quiet")
+    assert done.returncode == 2 and "does not describe these weights" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_recipe_is_checked_against_the_hf_config_before_weights_load(compress, tiny_llama, tmp_path):
     import shutil
 
