@@ -11,7 +11,12 @@ import yaml
 from torch import nn
 
 from compressor.errors import UserError
+from passes.calibration import excerpt as _excerpt
+from passes.quantize import NOT_OVERRIDABLE
 from passes.registry import PASSES, STAGE_ORDER
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is not one
+MAX_YAML_DEPTH = 16  # a recipe nests 6 levels (passes > pass > quantize > overrides > pattern > field)
 
 PRESETS: dict[str, dict[str, dict]] = {
     "fp32": {},
@@ -54,12 +59,20 @@ class Gates:
 
     def __post_init__(self):
         if not isinstance(self.require_parity, bool):
-            raise ValueError(f"gates.require_parity must be true or false, not {self.require_parity!r}")
+            raise ValueError(f"gates.require_parity must be true or false, not {_excerpt(self.require_parity)}")
         for name in ("min_recovery", "min_speedup"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0 < value < math.inf):  # also refuses NaN
-                raise ValueError(f"gates.{name} must be a positive number, not {value!r}")
+                                      or not 0 < value < math.inf or not _fits_a_float(value)):  # also refuses NaN
+                raise ValueError(f"gates.{name} must be a positive number, not {_excerpt(value)}")
+
+
+def _fits_a_float(value) -> bool:
+    """An int a float can hold (10**400 cannot: float() and JSON reports would fail on it later)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -88,94 +101,174 @@ class _Raw(str):
     """An override's value as typed on the command line, read according to the field it sets."""
 
 
+def _where(path) -> str:
+    """A path as messages print it: as is when short and printable, else a bounded excerpt."""
+    text = str(path)
+    return text if len(text) <= 160 and text.isprintable() else _excerpt(text, 160)
+
+
+def _read_yaml(text: str, what: str, invalid: str | None = None):
+    """yaml.safe_load, minus what makes YAML hostile: aliases and anchors (a 500-byte "billion laughs" file
+    expands to gigabytes; recipes never need them) and deep nesting (the composer recurses), both refused by
+    scanning the parser's events before anything is built. `what` starts the messages; `invalid`, if given, is
+    the message for text that is not YAML."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise UserError(f"{what}: YAML anchors and aliases (&name, *name) are not allowed in recipes")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise UserError(f"{what}: nested deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(invalid or f"{what} is not valid YAML ({_yaml_problem(exc)})") from None
+    except (ValueError, OverflowError, RecursionError, MemoryError) as exc:
+        # e.g. an integer of over 4300 digits: int() refuses to read it
+        raise UserError(f"{what}: cannot read a value ({type(exc).__name__}: {_one_line(exc, 100)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, and where, on one short line (its own message spans several and quotes the text)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem:
+        return _one_line((str(exc).strip().splitlines() or [type(exc).__name__])[0], 120)
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return _one_line(f"{context}, {problem}" if context else problem, 160) + where
+
+
 def _parse_override(text: str) -> tuple[str, str, _Raw]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise UserError(f"--set {text!r}: expected PASS.KEY=VALUE, e.g. quantize.bits=3")
+        raise UserError(f"--set {_excerpt(text)}: expected PASS.KEY=VALUE, e.g. quantize.bits=3")
     target, raw = text.split("=", 1)
     pass_name, key = target.split(".", 1)
     return pass_name, key, _Raw(raw)
 
 
-def _coerce(pass_name: str, field: dataclasses.Field, value):
+def _read_override(label: str, value: _Raw):
+    """The YAML value of a --set VALUE (empty: null)."""
+    if not value.strip():
+        return None
+    return _read_yaml(str(value), label, invalid=f"{label}: cannot read {_excerpt(str(value))}")
+
+
+def _coerce(label: str, field: dataclasses.Field, value):
     """Raw override text -> the field's type (YAML would read 2:4 as the base-60 number 124); then a type check
-    so that `bits=four` or `symmetric=maybe` fail here with the field's name."""
+    so that `bits=four` or `symmetric=maybe` fail here with the field's name (`label`, e.g. quantize.bits)."""
     kind = field.type
     if isinstance(value, _Raw):
         if kind is str:
             return str(value)
         if kind == tuple[str, ...]:
             return tuple(v.strip() for v in value.split(",") if v.strip())
-        try:
-            value = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            raise UserError(f"{pass_name}.{field.name}: cannot read {str(value)!r}") from None
+        value = _read_override(label, value)
     if isinstance(value, list):
         value = tuple(value)
     if kind == tuple[str, ...]:  # from a YAML file: one string or a list of strings
         value = (value,) if isinstance(value, str) else value
         if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{pass_name}.{field.name} must be a list of module names / re: patterns, not {value!r}")
+            raise UserError(f"{label} must be a list of module names / re: patterns, not {_excerpt(value)}")
     allowed = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(kind)
     if kind == float | None:
         allowed = (int, float, type(None))
     elif kind == int | None:
         allowed = (int, type(None))
     if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
-        raise UserError(f"{pass_name}.{field.name} must be {getattr(kind, '__name__', kind)}, not {value!r}")
+        raise UserError(f"{label} must be {getattr(kind, '__name__', kind)}, not {_excerpt(value)}")
+    if allowed and float in allowed and isinstance(value, int) and not _fits_a_float(value):
+        raise UserError(f"{label} must be a number a float can hold, not {_excerpt(value)}")
     return value
+
+
+def _coerce_overrides(pass_name: str, known: dict[str, dataclasses.Field], overrides):
+    """Per-layer overrides ({pattern: {field: value}}) get the type checks of the fields they set. Whatever is not
+    of that shape (or names a field that cannot be overridden) is left to the config's own checks to refuse."""
+    if not isinstance(overrides, dict):
+        return overrides
+    checked = {}
+    for pattern, fields in overrides.items():
+        if isinstance(fields, dict):
+            fields = {key: _coerce(f"{pass_name}.overrides[{_excerpt(pattern)}].{key}", known[key], value)
+                      if isinstance(key, str) and key in known and key not in NOT_OVERRIDABLE else value
+                      for key, value in fields.items()}
+        checked[pattern] = fields
+    return checked
 
 
 def _build(pass_name: str, fields: dict):
     config_type = PASSES[pass_name].config
     known = {f.name: f for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(fields) - set(known))
+    unknown = sorted((key for key in fields if key not in known), key=_excerpt)  # keys of any type: 1, null, zz
     if unknown:
-        raise UserError(f"{pass_name}: unknown key {unknown[0]!r} ({_did_you_mean(str(unknown[0]), known)})")
-    values = {key: _coerce(pass_name, known[key], value) for key, value in fields.items()}
+        raise UserError(f"{pass_name}: unknown key {_excerpt(unknown[0])} ({_did_you_mean(unknown[0], known)})")
+    values = {key: _coerce(f"{pass_name}.{key}", known[key], value) for key, value in fields.items()}
+    if "overrides" in values:
+        values["overrides"] = _coerce_overrides(pass_name, known, values["overrides"])
     try:
         return config_type(**values)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"{pass_name}: {exc}") from None
+        raise UserError(f"{pass_name}: {_one_line(exc)}") from None
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
+def _one_line(message, limit: int = 300) -> str:
+    """An exception's message (or any text) on one line of at most `limit` characters."""
+    text = " ".join(str(message).split()) or type(message).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _did_you_mean(word, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1) if isinstance(word, str) and len(word) <= 100 else []
     return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(choices)}"
 
 
 def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict]:
     """A YAML recipe: `passes:` a list of one-key mappings {pass: {field: value}} in stage order, and optional
     `gates:`. Returns (passes in file order, gates)."""
+    where = _where(path)
     try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        path = Path(path)
+        if not path.is_file():  # a folder, a FIFO (reading it would wait forever), a device
+            reason = "not a file" if path.exists() else "No such file or directory"
+            raise UserError(f"cannot read recipe {where}: {reason}")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"recipe {where} is {path.stat().st_size:,} bytes: not a recipe (at most "
+                            f"{MAX_RECIPE_BYTES:,})")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise UserError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"cannot read recipe {where}: {exc.strerror or _one_line(exc)}") from None
+    except ValueError as exc:  # UnicodeDecodeError; a NUL in the path
+        raise UserError(f"cannot read recipe {where}: {_one_line(exc, 120)}") from None
+    document = _read_yaml(text, f"recipe {where}")
     if not isinstance(document, dict):
-        raise UserError(f"recipe {path}: expected a mapping with 'passes' (and optionally 'gates')")
+        raise UserError(f"recipe {where}: expected a mapping with 'passes' (and optionally 'gates')")
     for key in document:
         if key not in ("passes", "gates"):
-            raise UserError(f"recipe {path}: unknown key {key!r} ({_did_you_mean(str(key), ['passes', 'gates'])})")
-    entries = document.get("passes") or []
+            raise UserError(f"recipe {where}: unknown key {_excerpt(key)} ({_did_you_mean(key, ['passes', 'gates'])})")
+    entries = document.get("passes")
+    entries = [] if entries is None else entries
     if not isinstance(entries, list) or not all(isinstance(e, dict) and len(e) == 1 for e in entries):
-        raise UserError(f"recipe {path}: 'passes' must be a list of one-key mappings, e.g. - quantize: {{bits: 4}}")
+        raise UserError(f"recipe {where}: 'passes' must be a list of one-key mappings, e.g. - quantize: {{bits: 4}}")
     passes: dict[str, dict] = {}
     for entry in entries:
         (pass_name, fields), = entry.items()
         if pass_name not in PASSES:
-            raise UserError(f"recipe {path}: unknown pass {pass_name!r} ({_did_you_mean(str(pass_name), PASSES)})")
+            raise UserError(f"recipe {where}: unknown pass {_excerpt(pass_name)} ({_did_you_mean(pass_name, PASSES)})")
         if pass_name in passes:
-            raise UserError(f"recipe {path}: pass {pass_name!r} is listed twice")
+            raise UserError(f"recipe {where}: pass {pass_name!r} is listed twice")
         if fields is not None and not isinstance(fields, dict):
-            raise UserError(f"recipe {path}: the fields of {pass_name!r} must be a mapping")
+            raise UserError(f"recipe {where}: the fields of {pass_name!r} must be a mapping")
         if passes and PASSES[pass_name].stage < max(PASSES[p].stage for p in passes):
-            raise UserError(f"recipe {path}: {pass_name!r} comes after {list(passes)[-1]!r}; the stage order is "
+            raise UserError(f"recipe {where}: {pass_name!r} comes after {list(passes)[-1]!r}; the stage order is "
                             f"{STAGE_ORDER}")
         passes[pass_name] = dict(fields or {})
-    gates = document.get("gates") or {}
+    gates = document.get("gates")
+    gates = {} if gates is None else gates
     if not isinstance(gates, dict):
-        raise UserError(f"recipe {path}: 'gates' must be a mapping")
+        raise UserError(f"recipe {where}: 'gates' must be a mapping")
     return passes, gates
 
 
@@ -183,33 +276,38 @@ def _build_gates(fields: dict) -> Gates:
     known = {f.name for f in dataclasses.fields(Gates)}
     for key in fields:
         if key not in known:
-            raise UserError(f"gates: unknown key {key!r} ({_did_you_mean(str(key), known)})")
+            raise UserError(f"gates: unknown key {_excerpt(key)} ({_did_you_mean(key, known)})")
     try:
         return Gates(**fields)
     except (TypeError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(_one_line(exc)) from None
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # a name too long for the file system; a NUL byte
+        return False
 
 
 def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
     """A preset name or a YAML file path, then the --set overrides (gates.KEY=VALUE included)."""
-    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
+    if name.endswith((".yaml", ".yml")) or _is_file(name):
         file_passes, gate_fields = load_recipe_file(Path(name))
         passes = file_passes
     elif name in PRESETS:
         passes = {pass_name: dict(fields) for pass_name, fields in PRESETS[name].items()}
         gate_fields = {}
     else:
-        raise UserError(f"unknown recipe {name!r} (presets: {', '.join(PRESETS)}; or a .yaml file)")
+        raise UserError(f"unknown recipe {_excerpt(name)} (presets: {', '.join(PRESETS)}; or a .yaml file)")
     for text in overrides:
         pass_name, key, value = _parse_override(text)
         if pass_name == "gates":
-            try:
-                gate_fields[key] = yaml.safe_load(value) if value.strip() else None
-            except yaml.YAMLError:
-                raise UserError(f"--set {text!r}: cannot read {str(value)!r}") from None
+            gate_fields[key] = _read_override(f"--set {_excerpt(text)}", value)
             continue
         if pass_name not in PASSES:
-            raise UserError(f"--set {text!r}: unknown pass {pass_name!r} ({_did_you_mean(pass_name, PASSES)})")
+            raise UserError(f"--set {_excerpt(text)}: unknown pass {_excerpt(pass_name)} "
+                            f"({_did_you_mean(pass_name, PASSES)})")
         passes.setdefault(pass_name, {})[key] = value
     order = sorted(passes, key=lambda p: PASSES[p].stage)  # a pass added by --set takes its stage's place
     built = tuple((pass_name, _build(pass_name, passes[pass_name])) for pass_name in order)
@@ -227,6 +325,7 @@ def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:
             try:
                 spec.select(model, config)
             except ValueError as exc:
-                raise UserError(f"recipe {recipe.name!r} does not fit the model: {pass_name}: {exc}") from None
+                raise UserError(f"recipe {_excerpt(recipe.name)} does not fit the model: {pass_name}: "
+                                f"{_one_line(exc)}") from None
         if spec.reshapes:
             return

@@ -10,6 +10,7 @@ The input graph in ONNX Runtime is the reference; the input must carry the task 
 """
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +22,129 @@ from torch import nn
 from compressor.atomic import sha256_file
 from compressor.errors import UserError
 from compressor.inputs.source import Source
-from compressor.ort_runtime import create_session, logits_fn
+from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
+from passes.calibration import excerpt
 from passes.model_bits import UNQUANTIZED_BITS, total_model_bits
 
 # Passes that rewrite torch modules (shapes, factorizations, training) cannot run on a graph's weight shells.
 PASSES = ("quantize", "fuse")
+
+# The model config a graph's metadata carries is read by its task (compressor.tasks): held-out windows of
+# `context` tokens, sequences of `max_length`, random benchmark tokens below `vocab_size`. Each must be an int in
+# a sane range, so that a tampered value is refused here rather than allocating 10**9-token windows later.
+MAX_SEQUENCE = 65_536  # context / max_length: tokens per window or sequence (the samples use 13..256)
+MAX_POSITIONS = 1 << 24  # max_positions (a Hugging Face LM's position limit, an export axis bound only)
+MAX_VOCAB = 1 << 24  # vocab_size (the largest vocabularies today hold about 256k tokens)
+CONFIG_INTS = {"context": MAX_SEQUENCE, "max_length": MAX_SEQUENCE, "max_positions": MAX_POSITIONS,
+               "vocab_size": MAX_VOCAB}
+# what each family's task reads of it
+TASK_CONFIG_KEYS = {"gpt": ("context", "vocab_size"), "seq2seq": ("max_length",),
+                    "hf-causal-lm": ("context", "max_positions", "vocab_size", "tokenizer"),
+                    "hf-encoder": ("max_length", "vocab_size", "tokenizer")}
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ort_reason(exc: BaseException, path) -> str:
+    """ONNX Runtime's message without its "[ONNXRuntimeError] : 1 : FAIL : Load model from PATH failed:" preamble,
+    which would spend the message's length on the path the message already starts with."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = text.replace(f"Load model from {path} failed:", "").replace(str(path), Path(path).name).strip()
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def is_ort_error(exc: BaseException) -> bool:
+    """ONNX Runtime's own exceptions (Fail, InvalidGraph, InvalidArgument, NotImplemented, ...) derive from
+    Exception only; their module tells them apart from ours."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def read_task_metadata(metadata: dict[str, str], where) -> tuple[str, dict]:
+    """(family, model config) from a graph's compressor.* metadata, checked: a family this version has a task
+    for, a JSON object for the config, and the config values its task reads of the right type and range."""
+    family = metadata.get("compressor.family")
+    if family is None or "compressor.model_config" not in metadata:
+        raise UserError(f"{where} carries no compressor task metadata (compressor.family, compressor.model_config): "
+                        f"export the model with `compress run CHECKPOINT` (recipe fp32) to get one")
+    if family not in TASKS:
+        raise UserError(f"{where}: compressor.family {excerpt(family)} is not a model family this version knows "
+                        f"({', '.join(TASKS)})")
+    try:
+        config = json.loads(metadata["compressor.model_config"])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; an integer of over 4300 digits; deep nesting
+        raise UserError(f"{where}: compressor.model_config is not valid JSON ({_first_line(exc, 100)})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: compressor.model_config must be a JSON object, not {excerpt(config)}")
+    for key in TASK_CONFIG_KEYS.get(family, ()):
+        if key not in config:
+            raise UserError(f"{where}: compressor.model_config lacks {key!r}, which the {family} task reads")
+    for key, high in CONFIG_INTS.items():
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+            raise UserError(f"{where}: compressor.model_config {key} must be an integer in 1..{high:,}, not "
+                            f"{excerpt(value)}")
+    if "context" in config and "max_positions" in config and config["context"] > config["max_positions"]:
+        raise UserError(f"{where}: compressor.model_config context {config['context']} exceeds max_positions "
+                        f"{config['max_positions']}")
+    if "tokenizer" in TASK_CONFIG_KEYS.get(family, ()):
+        tokenizer = config["tokenizer"]
+        if not isinstance(tokenizer, str) or not tokenizer or "\0" in tokenizer or not Path(tokenizer).is_dir():
+            raise UserError(f"{where}: compressor.model_config tokenizer must name the folder of the model's "
+                            f"tokenizer, not {excerpt(tokenizer)} (no such folder here)")
+    return family, config
+
+
+def check_graph_inputs(session, task, where) -> None:
+    """The graph takes the inputs its family's task feeds (a gpt graph labelled seq2seq would fail mid-run)."""
+    names = [i.name for i in session.get_inputs()]
+    if sorted(names) != sorted(task.INPUT_NAMES):
+        raise UserError(f"{where}: the graph's inputs ({excerpt(names, 100)}) are not those of its family's task "
+                        f"({', '.join(task.INPUT_NAMES)})")
+
+
+def ort_session(path, where):
+    """create_session, with ONNX Runtime's refusals (an op of a domain it has no kernel for, a graph it cannot
+    partition) as one-line user errors."""
+    try:
+        return create_session(path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (only ONNX Runtime's own errors become user errors)
+        if not is_ort_error(exc):
+            raise
+        raise UserError(f"{where}: ONNX Runtime cannot load the model ({_ort_reason(exc, path)})") from None
+
+
+def guarded_logits_fn(session, where):
+    """logits_fn(session) whose ONNX Runtime failures (e.g. positions past the graph's tables, when the metadata's
+    context is larger than the model's) are one-line user errors, and not also logged by ONNX Runtime itself (its
+    error log would add lines to the one-line message on stderr)."""
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # fatal only: the failure comes back as the exception
+
+    def guarded(inputs):
+        try:
+            return session.run(None, to_ort_feeds(inputs), quiet)[0]
+        except Exception as exc:  # noqa: BLE001
+            if not is_ort_error(exc):
+                raise
+            raise UserError(f"{where}: ONNX Runtime failed to run the model on its task's inputs "
+                            f"({_ort_reason(exc, where)}): does compressor.model_config match the graph?") from None
+    return guarded
 
 
 def is_onnx_input(path: Path) -> bool:
     return Path(path).suffix == ".onnx"
 
 
-def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
     """External tensor files must lie inside the model's own folder: no absolute paths, no `..` escapes."""
     root = folder.resolve()
     for tensor in _all_tensors(proto):
@@ -42,10 +153,10 @@ def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (root / location).resolve()
         if not location or os.path.isabs(location) or (root not in target.parents):
-            raise UserError(f"tensor {tensor.name!r} points to external data {location!r} outside the model's "
-                            f"folder {folder}: refused")
+            raise UserError(f"tensor {excerpt(tensor.name)} points to external data {excerpt(location)} outside the "
+                            f"model's folder {folder}: refused")
         if not target.is_file():
-            raise UserError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+            raise UserError(f"tensor {excerpt(tensor.name)}: external data file {excerpt(location)} is missing")
 
 
 def _all_tensors(proto: onnx.ModelProto):
@@ -64,7 +175,7 @@ def load_onnx_input(path: Path) -> onnx.ModelProto:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's errors are long; the first line names the problem
         raise UserError(f"{path} is not a readable ONNX model ({str(exc).strip().splitlines()[0][:120]})") from None
-    _check_external_data(proto, path.parent)
+    check_external_data(proto, path.parent)
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
         onnx.checker.check_model(proto)
@@ -72,10 +183,10 @@ def load_onnx_input(path: Path) -> onnx.ModelProto:
         raise UserError(f"{path} is not a valid ONNX model ({str(exc).strip().splitlines()[0][:160]})") from None
     for tensor in proto.graph.initializer:  # -inf is legitimate in attention-mask constants; NaN never is
         if tensor.data_type == TensorProto.FLOAT and np.isnan(numpy_helper.to_array(tensor)).any():
-            raise UserError(f"{path}: initializer {tensor.name} contains NaN values")
+            raise UserError(f"{path}: initializer {excerpt(tensor.name)} contains NaN values")
     for name, weight in matmul_weights(proto).items():
         if not np.isfinite(weight).all():
-            raise UserError(f"{path}: MatMul weight {name} contains Inf values")
+            raise UserError(f"{path}: MatMul weight {excerpt(name)} contains Inf values")
     return proto
 
 
@@ -139,13 +250,16 @@ def graph_bits(proto: onnx.ModelProto, shells: WeightShells, quantized: dict) ->
 def onnx_source(path: Path, progress: bool = False) -> Source:
     proto = load_onnx_input(path)
     metadata = {p.key: p.value for p in proto.metadata_props}
-    if metadata.get("compressor.family") not in TASKS or "compressor.model_config" not in metadata:
-        raise UserError(f"{path} carries no compressor task metadata (compressor.family, compressor.model_config): "
-                        f"export the model with `compress run CHECKPOINT` (recipe fp32) to get one")
-    family, config = metadata["compressor.family"], json.loads(metadata["compressor.model_config"])
+    family, config = read_task_metadata(metadata, path)
     weights = matmul_weights(proto)
     if not weights:
         raise UserError(f"{path} has no MatMul with a 2-D fp32 weight: nothing to compress (already quantized?)")
+    reference = ort_session(path, path)  # before any work: a graph ONNX Runtime cannot run is no input
+    check_graph_inputs(reference, TASKS[family], path)
+    reference_fn = guarded_logits_fn(reference, path)
+    # one batch-1 run at the task's working shape (e.g. `context` tokens below `vocab_size`): a config that does
+    # not fit the graph (a context past its position table) fails here, before --out is touched
+    reference_fn(TASKS[family].benchmark_inputs(config, 1))
     shells = WeightShells(weights)
     digest = sha256_file(path)
     record = {"name": Path(path).stem, "family": family, "source": str(path), "source_sha256": digest,
@@ -158,4 +272,4 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
                   metadata={**metadata, "compressor.source": str(path), "compressor.source_sha256": digest},
                   logits_fn=fake_quantized_fn, export=lambda model, inputs, progress: write_back(proto, model),
                   bits=lambda model, quantized: graph_bits(proto, model, quantized),
-                  reference_fn=logits_fn(create_session(path)))
+                  reference_fn=reference_fn)
