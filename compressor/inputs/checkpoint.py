@@ -23,6 +23,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TORCH_WEIGHT_NAMES = ("model.pt", "model.pth", "pytorch_model.bin")
 FORMAT = "compressor-checkpoint"
+STORED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def save_checkpoint(folder: Path, name: str, family: str, model: nn.Module, extra: dict | None = None,
@@ -49,6 +50,8 @@ def _find_files(path: Path) -> tuple[Path, Path]:
         if weights is None:
             raise UserError(f"{path}: no {WEIGHTS_NAME} (or {', '.join(TORCH_WEIGHT_NAMES)}) in the folder")
         return path / CONFIG_NAME, weights
+    if not path.is_file():  # a FIFO or a device would block the reader forever
+        raise UserError(f"{path} is not a regular file")
     return path.parent / CONFIG_NAME, path
 
 
@@ -107,11 +110,11 @@ def expected_params(build, config: dict, layer_keys: list[str]) -> int:
 
 
 def check_plausible_size(params: int, weights: list[Path], where: Path) -> None:
-    """A config that implies more parameters than the weights files could hold at 16 bits is refused before
+    """A config that implies more parameters than the weights files could hold even at 8 bits is refused before
     anything of that size is built."""
     stored = sum(w.stat().st_size for w in weights if w.is_file())
-    if params * 2 > stored * 1.05 + (1 << 20):
-        raise UserError(f"{where} implies {params:,} parameters ({params * 2 / 2**30:.2f} GiB at 16 bits) but the "
+    if params > stored * 1.05 + (1 << 20):
+        raise UserError(f"{where} implies {params:,} parameters ({params / 2**30:.2f} GiB even at 8 bits) but the "
                         f"weights hold {stored:,} bytes: the config does not describe these weights")
 
 
@@ -151,6 +154,9 @@ def _check_against_config(state: dict[str, torch.Tensor], expected: dict[str, to
         if expected[key].is_floating_point() and not tensor.is_floating_point():
             raise UserError(f"{weights}: tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
                             f"not a floating-point type")
+        if tensor.is_floating_point() and tensor.dtype not in STORED_DTYPES:
+            raise UserError(f"{weights}: tensor {key} is stored as {str(tensor.dtype).removeprefix('torch.')}; "
+                            f"checkpoints hold float16, bfloat16, float32 or float64 weights")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{weights}: tensor {key} contains NaN or Inf values")
 

@@ -210,3 +210,22 @@ def test_a_config_far_larger_than_its_weights_is_refused_at_once(compress, shipp
     done = compress("run", str(folder), "--out", str(tmp_path / "o"), "--quiet")
     assert done.returncode == 2 and "implies 49,984,000,041,088 parameters" in done.stderr, done.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "o").exists()
+
+
+def test_float8_weights_and_a_fifo_as_weights_file_are_refused(compress, shipped, tmp_path):
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "f8"
+    shutil.copytree(shipped / "gpt-xs", folder)
+    state = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file(state, str(folder / "model.safetensors"))
+    done = compress("run", str(folder), "--out", str(tmp_path / "o"), "--quiet")
+    assert done.returncode == 2 and "is stored as float8_e4m3fn" in done.stderr, done.stderr
+    fifo = folder / "weights.safetensors"
+    os.mkfifo(fifo)
+    done = compress("run", str(fifo), "--out", str(tmp_path / "o"), "--quiet")
+    assert done.returncode == 2 and "is not a regular file" in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()
