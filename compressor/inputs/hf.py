@@ -160,7 +160,7 @@ def hf_model_skeleton(path: Path) -> torch.nn.Module | None:
     it will be exported, so a recipe can be checked before the weights load; None for GGUF inputs, whose config
     exists only after dequantization."""
     path = Path(path)
-    if path.suffix == ".gguf" or not path.is_dir() or list(path.glob("*.gguf")):
+    if not path.is_dir() or _is_gguf(path):
         return None
     transformers = offline_transformers()
     record = _read_hf_config(path)
@@ -182,7 +182,7 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
         raise UserError(f"checkpoint not found: {path}")
     transformers = offline_transformers()
     gguf = None
-    if path.suffix == ".gguf" or (path.is_dir() and list(path.glob("*.gguf"))):
+    if _is_gguf(path):
         gguf = _gguf_file(path)
         folder = dequantized_gguf_folder(gguf, progress)
     else:
