@@ -71,7 +71,7 @@ def benchmark(model_path: str, inputs_path: str, provider: str, warmup: int, run
     tick = _tick if progress else lambda: None
     for batch in batches:
         feeds = to_ort_feeds({key.split("/", 1)[1]: stored[key] for key in stored.files
-                              if key.startswith(f"b{batch}/")})
+                              if key.startswith(f"b{batch}/")}, session)
         run = (_cuda_timer if provider == "cuda" else _cpu_timer)(session, feeds)
         for _ in range(warmup):
             run()

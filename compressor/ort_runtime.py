@@ -4,17 +4,19 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import UserError
+from compressor.kv_cache import complete_feeds
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def to_ort_feeds(inputs: dict) -> dict[str, np.ndarray]:
-    """{input name: int array or torch tensor} -> contiguous int64 numpy arrays, the dtype our exports take."""
+def to_ort_feeds(inputs: dict, session=None) -> dict[str, np.ndarray]:
+    """{input name: int array or torch tensor} -> contiguous int64 numpy arrays, the dtype our exports take.
+    Given the session, a decoder with a KV cache also gets the rest of a full-sequence call (mask, empty pasts)."""
     feeds = {}
     for name, value in inputs.items():
         array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
         feeds[name] = np.ascontiguousarray(array, dtype=np.int64)
-    return feeds
+    return feeds if session is None else complete_feeds(session, feeds)
 
 
 def check_providers(providers) -> None:
@@ -56,6 +58,6 @@ def create_session(path: Path | bytes, provider: str = "cpu", threads: int | Non
 def logits_fn(session):
     """A function {input name: array} -> first output, the shape evaluate() in compressor.tasks expects."""
     def run(inputs: dict) -> np.ndarray:
-        return session.run(None, to_ort_feeds(inputs))[0]
+        return session.run(None, to_ort_feeds(inputs, session))[0]
 
     return run

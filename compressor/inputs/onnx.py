@@ -131,7 +131,7 @@ def guarded_logits_fn(session, where):
 
     def guarded(inputs):
         try:
-            return session.run(None, to_ort_feeds(inputs), quiet)[0]
+            return session.run(None, to_ort_feeds(inputs, session), quiet)[0]
         except Exception as exc:  # noqa: BLE001
             if not is_ort_error(exc):
                 raise

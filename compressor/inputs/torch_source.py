@@ -1,10 +1,13 @@
-"""A loaded torch checkpoint (ours or Hugging Face's) as a Source: scored by its forward, exported by
-torch.onnx.export, bits counted on its parameters."""
+"""A loaded torch checkpoint (ours or Hugging Face's) as a Source: scored by its forward, exported as a KV-cache
+decoder graph where compressor.inputs.decoders knows the model (else by torch.onnx.export), bits counted on its
+parameters."""
 from pathlib import Path
 
+from compressor.inputs.decoders import as_decoder
 from compressor.inputs.source import Checkpoint, Source
 from compressor.tasks import TASKS
 from compressor.validate import torch_logits_fn
+from exporters.decoder_graph import build_decoder_graph
 from exporters.onnx_export import export_onnx
 from passes.model_bits import total_model_bits
 
@@ -14,6 +17,9 @@ def torch_source(checkpoint: Checkpoint, path: Path, input_format: str) -> Sourc
     config = checkpoint.config
 
     def export(model, sample_inputs: dict, progress: bool):
+        decoder = as_decoder(model)
+        if decoder is not None:
+            return build_decoder_graph(decoder)
         return export_onnx(model, sample_inputs, task.dynamic_axes(config), task.OUTPUT_NAME, progress=progress)
 
     record = {"name": checkpoint.name, "family": checkpoint.family, "source": str(path),

@@ -1,0 +1,225 @@
+"""A decoder LM written op by op as one ONNX graph that prefills and decodes with a KV cache.
+
+Its inputs and outputs are ONNX Runtime GenAI's (Model Builder's), so the same file runs under our own loop and
+under onnxruntime_genai:
+  input_ids [batch, sequence] int64, attention_mask [batch, total_sequence] int64,
+  past_key_values.N.key / .value [batch, kv_heads, past_sequence, head_dim]
+  -> logits [batch, sequence, vocab], present.N.key / .value [batch, kv_heads, total_sequence, head_dim].
+A full-sequence call (what perplexity needs) is a prefill with empty pasts.
+
+The ops are those ONNX Runtime has fused kernels for (../shared/notes/ort-facts.md): com.microsoft
+GroupQueryAttention (causal attention over the cache, grouped KV heads, rotary embeddings inside),
+SkipLayerNormalization / SkipSimplifiedLayerNormalization for each residual add + norm, Gelu / BiasGelu.
+Every Linear is MatMul(x, `<module>.weight` [K, N]) (+ Add bias), as exporters.onnx_export names them, so
+exporters.qdq places the quantize pass's records by name and ONNX Runtime fuses DequantizeLinear + MatMul into
+MatMulNBits. A tied LM head reads Transpose(table), stored once.
+
+Why not torch.onnx.export with a cache: Hugging Face's cache classes export differently per family and
+version, and the attention they export is a MatMul/Softmax chain ONNX Runtime runs unfused; writing the graph
+from the weights gives one layout for our GPT samples and the Llama family alike.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.onnx_export import IR_VERSION, OPSET
+
+PAST = "past_key_values.{}.{}"
+PRESENT = "present.{}.{}"
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclass
+class Linear:
+    name: str  # the torch module path; its MatMul initializer is `<name>.weight`
+    weight: np.ndarray  # [out, in], as torch stores it
+    bias: np.ndarray | None = None
+
+
+@dataclass
+class Norm:
+    name: str
+    weight: np.ndarray
+    bias: np.ndarray | None  # None: RMSNorm
+    eps: float
+
+
+@dataclass
+class DecoderLayer:
+    attn_norm: Norm
+    q: list[Linear]  # a chain: one Linear, or a low-rank pair (down, up)
+    k: list[Linear]
+    v: list[Linear]
+    o: list[Linear]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_norm: Norm
+    mlp: dict[str, list[Linear]]  # {"gate", "up", "down"} (gated) or {"up", "down"}
+    activation: str  # one of ACTIVATIONS
+
+
+@dataclass
+class Decoder:
+    vocab_size: int
+    max_positions: int  # the position tables' length: the longest total sequence the graph takes
+    embed_name: str  # the token table's parameter name (a tied head reads it too)
+    embed: np.ndarray  # [vocab, width]
+    layers: list[DecoderLayer]
+    final_norm: Norm
+    lm_head: list[Linear] | None  # None: tied to the token table
+    positions: np.ndarray | None = None  # learned position table [max_positions, width]
+    positions_name: str = "positions.weight"
+    rotary_inv_freq: np.ndarray | None = None  # rotary embeddings (inside GroupQueryAttention)
+    rotary_scaling: float = 1.0
+    family: str = "gpt"
+    extra: dict = field(default_factory=dict)
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes, self.inits, self.count = [], [], 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        self.count += 1
+        name = f"/{op}_{self.count}"
+        names = [f"{name}/out{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain or None, **attrs))
+        return names
+
+    def one(self, op: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        return self.node(op, inputs, 1, domain, **attrs)[0]
+
+
+def _linear_chain(g: _Graph, x: str, chain: list[Linear]) -> str:
+    for linear in chain:
+        x = g.one("MatMul", [x, g.init(f"{linear.name}.weight", linear.weight.T.astype(np.float32))])
+        if linear.bias is not None:
+            x = g.one("Add", [x, g.init(f"{linear.name}.bias", linear.bias.astype(np.float32))])
+    return x
+
+
+def _norm_params(g: _Graph, norm: Norm) -> list[str]:
+    names = [g.init(f"{norm.name}.weight", norm.weight.astype(np.float32))]
+    if norm.bias is not None:
+        names.append(g.init(f"{norm.name}.bias", norm.bias.astype(np.float32)))
+    return names
+
+
+def _norm(g: _Graph, x: str, norm: Norm) -> str:
+    params = _norm_params(g, norm)
+    if norm.bias is not None:
+        return g.one("LayerNormalization", [x, *params], axis=-1, epsilon=norm.eps)
+    # RMSNorm from plain ops (the default domain has no RMS op at opset 21); ONNX Runtime fuses it into
+    # SimplifiedLayerNormalization at session start
+    mean_square = g.one("ReduceMean", [g.one("Mul", [x, x]), g.init(f"{norm.name}.axes", np.array([-1], np.int64))],
+                        keepdims=1)
+    eps = g.init(f"{norm.name}.eps", np.array(norm.eps, np.float32))
+    return g.one("Mul", [g.one("Div", [x, g.one("Sqrt", [g.one("Add", [mean_square, eps])])]), params[0]])
+
+
+def _skip_norm(g: _Graph, x: str, residual: str, norm: Norm) -> tuple[str, str]:
+    """(norm(x + residual), x + residual) in one fused op."""
+    params = _norm_params(g, norm)
+    if norm.bias is not None:
+        out = g.node("SkipLayerNormalization", [x, residual, *params], 4, "com.microsoft", epsilon=norm.eps)
+    else:
+        out = g.node("SkipSimplifiedLayerNormalization", [x, residual, *params], 4, "com.microsoft",
+                     epsilon=norm.eps)
+    return out[0], out[3]
+
+
+def _mlp(g: _Graph, x: str, layer: DecoderLayer) -> str:
+    up = layer.mlp["up"]
+    if layer.activation == "gelu" and up[-1].bias is not None:  # bias + erf GELU in one kernel
+        last = up[-1]
+        h = _linear_chain(g, x, up[:-1] + [Linear(last.name, last.weight, None)])
+        h = g.one("BiasGelu", [h, g.init(f"{last.name}.bias", last.bias.astype(np.float32))], "com.microsoft")
+    else:
+        h = _linear_chain(g, x, up if "gate" not in layer.mlp else layer.mlp["gate"])
+        if layer.activation == "gelu":
+            h = g.one("Gelu", [h], "com.microsoft")
+        elif layer.activation == "gelu_tanh":
+            h = g.one("FastGelu", [h], "com.microsoft")
+        elif layer.activation == "relu":
+            h = g.one("Relu", [h])
+        else:  # silu
+            h = g.one("Mul", [h, g.one("Sigmoid", [h])])
+        if "gate" in layer.mlp:
+            h = g.one("Mul", [h, _linear_chain(g, x, up)])
+    return _linear_chain(g, h, layer.mlp["down"])
+
+
+def _rotary_caches(g: _Graph, decoder: Decoder) -> tuple[str, str]:
+    positions = np.arange(decoder.max_positions, dtype=np.float32)
+    freqs = np.outer(positions, decoder.rotary_inv_freq.astype(np.float32))  # [max_positions, head_dim / 2]
+    return (g.init("rotary.cos_cache", (np.cos(freqs) * decoder.rotary_scaling).astype(np.float32)),
+            g.init("rotary.sin_cache", (np.sin(freqs) * decoder.rotary_scaling).astype(np.float32)))
+
+
+def build_decoder_graph(decoder: Decoder) -> onnx.ModelProto:
+    """The fp32 graph (ir_version 10, opset 21 + com.microsoft); exporters.onnx_export.finalize completes it."""
+    g = _Graph()
+    one = g.init("const.one", np.array([1], np.int64))
+    # GroupQueryAttention's view of the mask: per row, the index of the last real token; and the total length
+    seqlens_k = g.one("Cast", [g.one("Sub", [g.one("ReduceSum", ["attention_mask", one], keepdims=0), one])],
+                      to=TensorProto.INT32)
+    total_length = g.one("Cast", [g.one("Gather", [g.one("Shape", ["attention_mask"]),
+                                                   g.init("const.index1", np.array(1, np.int64))], axis=0)],
+                         to=TensorProto.INT32)
+    x = g.one("Gather", [g.init(decoder.embed_name, decoder.embed.astype(np.float32)), "input_ids"], axis=0)
+    if decoder.positions is not None:
+        # position of each new token = (real tokens up to and including it) - 1, so left padding is honoured
+        cumulative = g.one("Sub", [g.one("CumSum", ["attention_mask", g.init("const.axis1", np.array(1, np.int64))]),
+                                   one])
+        new_tokens = g.one("Gather", [g.one("Shape", ["input_ids"]), g.init("const.index1_1d", np.array([1], np.int64))],
+                           axis=0)
+        positions = g.one("Slice", [cumulative, g.one("Neg", [new_tokens]),
+                                    g.init("const.end", np.array([np.iinfo(np.int64).max], np.int64)), one])
+        positions = g.one("Max", [positions, g.init("const.zero", np.array(0, np.int64))])
+        table = g.init(decoder.positions_name, decoder.positions.astype(np.float32))
+        x = g.one("Add", [x, g.one("Gather", [table, positions], axis=0)])
+    cos_cache = sin_cache = ""
+    if decoder.rotary_inv_freq is not None:
+        cos_cache, sin_cache = _rotary_caches(g, decoder)
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", decoder.vocab_size])]
+    residual, hidden = x, _norm(g, x, decoder.layers[0].attn_norm)
+    for index, layer in enumerate(decoder.layers):
+        past = [PAST.format(index, kind) for kind in ("key", "value")]
+        present = [PRESENT.format(index, kind) for kind in ("key", "value")]
+        for name in past:
+            inputs.append(helper.make_tensor_value_info(
+                name, TensorProto.FLOAT, ["batch", layer.kv_heads, "past_sequence", layer.head_dim]))
+        for name in present:
+            outputs.append(helper.make_tensor_value_info(
+                name, TensorProto.FLOAT, ["batch", layer.kv_heads, "total_sequence", layer.head_dim]))
+        q, k, v = (_linear_chain(g, hidden, chain) for chain in (layer.q, layer.k, layer.v))
+        attention = g.node(
+            "GroupQueryAttention", [q, k, v, *past, seqlens_k, total_length, cos_cache, sin_cache],
+            [f"/layers.{index}/attention", *present], "com.microsoft", num_heads=layer.heads,
+            kv_num_heads=layer.kv_heads, do_rotary=int(decoder.rotary_inv_freq is not None), rotary_interleaved=0,
+            scale=float(layer.head_dim ** -0.5), local_window_size=-1)[0]
+        hidden, residual = _skip_norm(g, _linear_chain(g, attention, layer.o), residual, layer.mlp_norm)
+        next_norm = decoder.layers[index + 1].attn_norm if index + 1 < len(decoder.layers) else decoder.final_norm
+        hidden, residual = _skip_norm(g, _mlp(g, hidden, layer), residual, next_norm)
+    if decoder.lm_head is None:
+        table_t = g.one("Transpose", [decoder.embed_name], perm=[1, 0])
+        g.nodes.append(helper.make_node("MatMul", [hidden, table_t], ["logits"], name="/lm_head/MatMul"))
+    else:
+        out = _linear_chain(g, hidden, decoder.lm_head)
+        g.nodes.append(helper.make_node("Identity", [out], ["logits"], name="/lm_head/Identity"))
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="compressor")
+    proto.ir_version = IR_VERSION
+    return proto
