@@ -116,10 +116,14 @@ def summarize(report: dict, input_bits: dict) -> dict:
     measured, reference = accuracy["onnxruntime"][provider], accuracy["reference"]
     change = (measured - reference) / abs(reference) if reference else 0.0
     improvement = change if accuracy["higher_is_better"] else -change
-    return {"bits_ratio": input_bits["total_model_bits"] / report["total_model_bits"],
-            "bytes_ratio": input_bits["params"] * 4 / report["artifact"]["bytes"],
-            "metric_change": improvement, "metric": accuracy["metric"], "measured_by": f"onnxruntime-{provider}",
-            "verdict": "unchanged" if abs(improvement) < 1e-6 else "better" if improvement > 0 else "worse"}
+    summary = {"bits_ratio": input_bits["total_model_bits"] / report["total_model_bits"],
+               "bytes_ratio": input_bits["params"] * 4 / report["artifact"]["bytes"],
+               "metric_change": improvement, "metric": accuracy["metric"], "measured_by": f"onnxruntime-{provider}",
+               "verdict": "unchanged" if abs(improvement) < 1e-6 else "better" if improvement > 0 else "worse"}
+    speedup = {p: g["speedup"] for p, g in report.get("generation", {}).items() if "speedup" in g}
+    if speedup:  # decoders: generation speed against the input model's fp32 export (compressor.validate)
+        summary["speedup"] = speedup
+    return summary
 
 
 def assemble_report(model_record: dict, recipe, artifact: Path, final_path: Path, graph_facts: dict, lowering,

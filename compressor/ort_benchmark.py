@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 
-def _rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """Peak RSS of this process image. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent
     across fork+exec, which would charge the whole torch process to the ORT child."""
     try:
@@ -63,7 +63,7 @@ def benchmark(model_path: str, inputs_path: str, provider: str, warmup: int, run
               progress: bool = False):
     from compressor.ort_runtime import create_session, to_ort_feeds
 
-    baseline = _rss_bytes()
+    baseline = peak_rss_bytes()
     session = create_session(model_path, provider, threads)
     stored = np.load(inputs_path)
     batches = sorted({int(key.split("/")[0][1:]) for key in stored.files})
@@ -89,7 +89,7 @@ def benchmark(model_path: str, inputs_path: str, provider: str, warmup: int, run
             "mean_ms": round(statistics.fmean(times), 4),
             "runs": runs,
         }
-    result["memory"] = {"peak_rss_bytes": _rss_bytes(), "rss_baseline_bytes": baseline}
+    result["memory"] = {"peak_rss_bytes": peak_rss_bytes(), "rss_baseline_bytes": baseline}
     return result
 
 

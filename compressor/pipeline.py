@@ -53,7 +53,8 @@ def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log
         if skeleton is None:
             check_recipe_fits(recipe, source.model)
         try:
-            return _compress(source, recipe, out_dir, options, log)
+            with tempfile.TemporaryDirectory(prefix="compress-") as scratch:
+                return _compress(source, recipe, out_dir, options, log, Path(scratch))
         finally:
             source.model = None  # what the passes left of the model is not the caller's to keep
 
@@ -68,7 +69,7 @@ def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
                             f"{adapter.kind.upper()} input takes round-to-nearest quantization only")
 
 
-def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions, log) -> dict:
+def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions, log, scratch: Path) -> dict:
     task, model, progress = source.task, source.model, options.progress
     input_bits = source.bits(model, {})
     log(f"loaded {source.name} ({source.family}, {input_bits['params']:,} params) from {source.record['source']}; "
@@ -80,9 +81,13 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     reference_metrics = measure(task, reference_fn, heldout, progress)
     del reference_fn
     parity_batch = task.parity_inputs(heldout)
-    baseline_latency = None
-    if recipe.gates.min_speedup is not None:  # the input model as exported, before the passes rewrite it
-        baseline_latency = _input_latency(source, parity_batch, options.bench, log)
+    baseline_latency, input_artifact = None, None
+    if recipe.passes and (recipe.gates.min_speedup is not None or source.generates):
+        # the input model as exported, before the passes rewrite it: the speed-ups' denominator
+        input_artifact = _export_input(source, parity_batch, scratch / "input_fp32.onnx", log)
+    if recipe.gates.min_speedup is not None:
+        measured = run_benchmark(input_artifact, source.task, source.config, "cpu", options.bench)
+        baseline_latency = {k: v for k, v in measured.items() if k.startswith("batch")}
 
     quantized, pass_records, metrics = {}, [], reference_metrics
     for name, config in recipe.passes:
@@ -142,7 +147,8 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         int_weights = bool(lowering and lowering["lowered"])
         results = validate(task, source.config, artifact, heldout, list(options.providers),
                            torch_accuracy=metrics[task.METRIC], reference_logits=reference_logits,
-                           tolerances=Tolerances.for_artifact(int_weights), bench=options.bench, progress=progress)
+                           tolerances=Tolerances.for_artifact(int_weights), bench=options.bench, progress=progress,
+                           input_artifact=input_artifact)
         results["memory"]["compress_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         model_record = {**source.record, "params": bits["params"], "input_params": input_bits["params"]}
         report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts, lowering,
@@ -170,14 +176,11 @@ def _graph_passes(proto: onnx.ModelProto, recipe: Recipe, progress: bool, log) -
     return ir.serde.serialize_model(model), records
 
 
-def _input_latency(source: Source, sample_inputs: dict, bench: BenchmarkSettings, log) -> dict:
-    """CPU latency of the input model exported as-is: the speed-up gate's denominator."""
-    log("measuring the fp32 input model's latency for the speed-up gate")
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "fp32.onnx"
-        try:
-            save_onnx(finalize(source.export(source.model, sample_inputs, False), {}), path)
-        except ExportError as exc:
-            raise UserError(str(exc)) from None
-        measured = run_benchmark(path, source.task, source.config, "cpu", bench)
-    return {k: v for k, v in measured.items() if k.startswith("batch")}
+def _export_input(source: Source, sample_inputs: dict, path: Path, log) -> Path:
+    log("exporting the fp32 input model as the speed baseline")
+    try:
+        metadata = {"compressor.model_config": json.dumps(source.config, sort_keys=True)}  # its position limit
+        save_onnx(finalize(source.export(source.model, sample_inputs, False), metadata), path)
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    return path

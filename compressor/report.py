@@ -90,6 +90,19 @@ def render_markdown(report: dict) -> str:
             if key.startswith("batch"):
                 lines.append(f"| {provider} | {key[5:]} | {_fmt(stats['p50_ms'])} | {_fmt(stats['p90_ms'])} | "
                              f"{rss:.0f} |")
+    for provider, generation in report.get("generation", {}).items():
+        lines += ["", f"## Generation, ONNX Runtime {provider} (KV cache, greedy; "
+                  f"{generation['artifact']['prompt_tokens']}-token prompt, "
+                  f"{generation['artifact']['new_tokens']} new tokens; medians)", "",
+                  "| model | prefill ms | decode tokens/s | ms/token | peak RSS MiB |", "|---|---|---|---|---|"]
+        for name, label in (("input_fp32", "input model, fp32 export"), ("artifact", "this artifact")):
+            if name in generation:
+                g = generation[name]
+                lines.append(f"| {label} | {_fmt(g['prefill_ms'])} | {_fmt(g['decode_tokens_per_s'])} | "
+                             f"{_fmt(g['decode_ms_per_token'])} | {g['peak_rss_mb']:.0f} |")
+        if "speedup" in generation:
+            lines += ["", f"Speed-up over the fp32 export: decode {generation['speedup']['decode']:.2f}x, "
+                      f"prefill {generation['speedup']['prefill']:.2f}x"]
     if "compress_peak_rss_mb" in report["memory"]:
         lines += ["", f"Peak RSS of `compress run` itself (load, passes, export, validation): "
                   f"{report['memory']['compress_peak_rss_mb']:.0f} MiB"]
@@ -104,9 +117,12 @@ def render_markdown(report: dict) -> str:
 
 
 def summary_text(summary: dict) -> str:
-    return (f"{summary['bits_ratio']:.2f}x fewer total model bits and {summary['bytes_ratio']:.2f}x fewer bytes than "
+    text = (f"{summary['bits_ratio']:.2f}x fewer total model bits and {summary['bytes_ratio']:.2f}x fewer bytes than "
             f"the fp32 input; {summary['metric']} {abs(summary['metric_change']):.2%} {summary['verdict']} "
             f"({summary['measured_by']})")
+    for provider, speedup in summary.get("speedup", {}).items():
+        text += f"; decodes {speedup['decode']:.2f}x, prefills {speedup['prefill']:.2f}x as fast ({provider})"
+    return text
 
 
 def tool_record() -> dict:

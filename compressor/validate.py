@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from compressor.errors import UserError
 from compressor.ort_benchmark import PROGRESS_LINE
+from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import measure
 
@@ -51,6 +52,9 @@ class BenchmarkSettings:
     warmup: int = 10
     runs: int = 50
     threads: int | None = None  # None: ORT's default (all cores)
+    prompt_tokens: int = 128  # decoders with a KV cache: generation speed on this prompt length
+    new_tokens: int = 128
+    generation_runs: int = 3  # after one warm-up run
 
 
 def torch_logits_fn(model: nn.Module, input_names: tuple[str, ...]):
@@ -92,17 +96,36 @@ def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
         arrays = {f"b{b}/{name}": value for b in BENCHMARK_BATCHES
                   for name, value in task.benchmark_inputs(config, b).items()}
         np.savez(inputs_path, **arrays)
-        command = [sys.executable, "-m", "compressor.ort_benchmark", str(artifact), str(inputs_path),
-                   "--provider", provider, "--warmup", str(settings.warmup), "--runs", str(settings.runs)]
-        if settings.threads:
-            command += ["--threads", str(settings.threads)]
-        if progress:
-            command.append("--progress")
+        command = ["compressor.ort_benchmark", str(artifact), str(inputs_path), "--provider", provider,
+                   "--warmup", str(settings.warmup), "--runs", str(settings.runs)]
         total = len(BENCHMARK_BATCHES) * (settings.warmup + settings.runs)
+        return _run_child(command, settings, total, f"benchmark {provider}", artifact, provider, progress)
+
+
+def run_generation_benchmark(artifact: Path, provider: str, settings: BenchmarkSettings,
+                             progress: bool = False) -> dict:
+    """Prefill ms, decode tokens/s and peak RSS of a decoder artifact (compressor.generation_benchmark)."""
+    command = ["compressor.generation_benchmark", str(artifact), "--provider", provider,
+               "--prompt-tokens", str(settings.prompt_tokens), "--new-tokens", str(settings.new_tokens),
+               "--runs", str(settings.generation_runs)]
+    return _run_child(command, settings, settings.generation_runs + 1, f"generation {provider}", artifact,
+                      provider, progress)
+
+
+def _run_child(command: list[str], settings: BenchmarkSettings, total: int, desc: str, artifact: Path,
+               provider: str, progress: bool) -> dict:
+    """python -m COMMAND in a child process; its last stdout line is the JSON result. A bar counts the progress
+    lines it prints on stderr."""
+    command = [sys.executable, "-m", *command]
+    if settings.threads:
+        command += ["--threads", str(settings.threads)]
+    if progress:
+        command.append("--progress")
+    with tempfile.TemporaryDirectory() as scratch:
         # stdout into a file, so that reading stderr line by line cannot block on a full stdout pipe
         with (open(Path(scratch) / "stdout.txt", "w+") as stdout,
               subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True) as child,
-              tqdm(total=total, desc=f"benchmark {provider}", unit="run", disable=not progress, leave=False) as bar):
+              tqdm(total=total, desc=desc, unit="run", disable=not progress, leave=False) as bar):
             stderr_lines = []
             try:
                 for line in child.stderr:
@@ -118,19 +141,65 @@ def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
             output = stdout.read()
     if returncode != 0:
         last = ("".join(stderr_lines).strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"benchmark of {artifact.name} on {provider} failed: {last[:200]}")
+        raise UserError(f"{desc} of {artifact.name} failed: {last[:200]}")
     return json.loads(output.strip().splitlines()[-1])
 
 
+def cached_logits(session, ids: np.ndarray, steps: int) -> np.ndarray:
+    """Logits of the last `steps` positions of `ids` [B, T] computed through the KV cache: a prefill of the
+    first T - steps tokens, then one token per call with the presents fed back."""
+    outputs = [o.name for o in session.get_outputs()]
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    batch, length = ids.shape
+    feeds = {"input_ids": ids[:, :length - steps], "attention_mask": np.ones((batch, length - steps), np.int64),
+             **empty_cache(session, batch)}
+    logits = []
+    for position in range(length - steps, length):
+        values = session.run(None, feeds)
+        feeds = {past_name(n): v for n, v in zip(outputs, values) if n.startswith(PRESENT_PREFIX)}
+        feeds.update(input_ids=ids[:, position:position + 1],
+                     attention_mask=np.ones((batch, position + 1), np.int64))
+        if position > length - steps:
+            logits.append(values[0][:, -1])
+    logits.append(session.run(None, feeds)[0][:, -1])
+    return np.stack(logits, axis=1)
+
+
+def generation_side_by_side(artifact: Path, input_artifact: Path | None, provider: str,
+                            settings: BenchmarkSettings, progress: bool) -> dict:
+    """The artifact's generation figures and, interleaved with them (artifact, input, artifact, input), the
+    input model's fp32 export's; medians over both rounds; speed-ups = input time / artifact time."""
+    models = {"artifact": artifact, **({"input_fp32": input_artifact} if input_artifact else {})}
+    rounds = {name: [] for name in models}
+    for _ in range(GENERATION_ROUNDS):
+        for name, path in models.items():
+            rounds[name].append(run_generation_benchmark(path, provider, settings, progress))
+    result = {}
+    for name, runs in rounds.items():
+        result[name] = {**runs[0], "rounds": len(runs),
+                        **{key: float(np.median([r[key] for r in runs]))
+                           for key in ("prefill_ms", "decode_tokens_per_s", "decode_ms_per_token", "peak_rss_mb")}}
+    if "input_fp32" in result:
+        result["speedup"] = {
+            "decode": result["artifact"]["decode_tokens_per_s"] / result["input_fp32"]["decode_tokens_per_s"],
+            "prefill": result["input_fp32"]["prefill_ms"] / result["artifact"]["prefill_ms"]}
+    return result
+
+
+DECODE_STEPS = 8
+GENERATION_ROUNDS = 2
 EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
 def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers: list[str],
              torch_accuracy: float, reference_logits: np.ndarray, tolerances: Tolerances = Tolerances(),
-             bench: BenchmarkSettings = BenchmarkSettings(), progress: bool = False) -> dict:
+             bench: BenchmarkSettings = BenchmarkSettings(), progress: bool = False,
+             input_artifact: Path | None = None) -> dict:
     """Everything the report says about one artifact, held to the model it came from: `torch_accuracy` is that
     model's held-out metric and `reference_logits` its logits on task.parity_inputs(heldout) (the torch model
-    after the passes, or an ONNX input's fake-quantized graph), both measured before export."""
+    after the passes, or an ONNX input's fake-quantized graph), both measured before export. A decoder with a
+    KV cache is also checked through its cache (the last DECODE_STEPS positions decoded one token at a time)
+    and its generation speed measured, side by side with `input_artifact` (the input model's fp32 export)."""
     parity_batch = task.parity_inputs(heldout)
     report = {"accuracy": {"metric": task.METRIC, "higher_is_better": task.HIGHER_IS_BETTER,
                            "heldout_examples": int(len(heldout)), "torch": torch_accuracy, "onnxruntime": {},
@@ -147,17 +216,27 @@ def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers:
             report["accuracy"].setdefault("side_metrics", {})[provider] = metrics
         report["accuracy"]["agreement"][provider] = accuracy_agreement(task, torch_accuracy, accuracy, tolerances)
         report["parity"][provider] = parity(reference_logits, ort_fn(parity_batch), tolerances.parity_max_rel)
-        del session
+        decodes = has_cache(session)
+        exact_session = session
         if tolerances != exact:  # the same artifact with exact kernels must match torch at fp32 tolerance
-            exact_fn = logits_fn(create_session(artifact, provider, options=EXACT_MATMULNBITS))
-            report["parity"][f"{provider}_exact"] = parity(reference_logits, exact_fn(parity_batch),
+            exact_session = create_session(artifact, provider, options=EXACT_MATMULNBITS)
+            report["parity"][f"{provider}_exact"] = parity(reference_logits, logits_fn(exact_session)(parity_batch),
                                                            exact.parity_max_rel)
             # the default kernel is approximate by design (int8 activations): reported, not gated; it is held to
             # the accuracy agreement instead, and the artifact itself to the exact entry
             report["parity"][provider]["gated"] = False
+        if decodes:  # the cache path: prefill, then one token per step, against the same torch logits
+            steps = min(DECODE_STEPS, parity_batch["input_ids"].shape[1] - 1)
+            report["parity"][f"{provider}_decode"] = parity(
+                reference_logits[:, -steps:], cached_logits(exact_session, parity_batch["input_ids"], steps),
+                exact.parity_max_rel)
+        del session, exact_session
         measured = run_benchmark(artifact, task, config, provider, bench, progress)
         report["memory"][provider] = measured.pop("memory")
         report["latency"][provider] = measured
+        if decodes:
+            report.setdefault("generation", {})[provider] = generation_side_by_side(
+                artifact, input_artifact, provider, bench, progress)
     report["parity"] = summarize_parity(report["parity"])
     return report
 

@@ -125,5 +125,11 @@ def hf_decoder(wrapper: nn.Module) -> Decoder | None:
                    rotary_scaling=float(getattr(rotary, "attention_scaling", 1.0)), family=config.model_type)
 
 
+def is_decoder(model: nn.Module) -> bool:
+    """Whether the model is of a kind as_decoder describes (without copying its weights)."""
+    config = getattr(getattr(model, "decoder", None), "config", None)
+    return type(model).__name__ == "GPT" or getattr(config, "model_type", None) in HF_FAMILIES
+
+
 def as_decoder(model: nn.Module) -> Decoder | None:
     return gpt_decoder(model) or hf_decoder(model)

@@ -36,6 +36,7 @@ class Source:
     # total model bits of the working model, counted as the artifact will store it
     bits: Callable[[nn.Module, dict], dict]
     reference_fn: LogitsFn | None = None  # the input model's logits when not logits_fn(model) before any pass
+    generates: bool = False  # exported as a decoder with a KV cache: generation speed is measured
 
     @property
     def family(self) -> str:

@@ -3,7 +3,7 @@ decoder graph where compressor.inputs.decoders knows the model (else by torch.on
 parameters."""
 from pathlib import Path
 
-from compressor.inputs.decoders import as_decoder
+from compressor.inputs.decoders import as_decoder, is_decoder
 from compressor.inputs.source import Checkpoint, Source
 from compressor.tasks import TASKS
 from compressor.validate import torch_logits_fn
@@ -28,4 +28,4 @@ def torch_source(checkpoint: Checkpoint, path: Path, input_format: str) -> Sourc
                   metadata={"compressor.source": checkpoint.name,
                             "compressor.source_sha256": checkpoint.weights_sha256},
                   logits_fn=lambda model, quantized: torch_logits_fn(model, task.INPUT_NAMES),
-                  export=export, bits=total_model_bits)
+                  export=export, bits=total_model_bits, generates=is_decoder(checkpoint.model))

@@ -1,0 +1,66 @@
+"""Prefill latency, decode speed and peak memory of a decoder artifact, in a child process of its own so the
+peak RSS is the ONNX Runtime deployment's (python + onnxruntime + session + cache), not the caller's.
+
+Usage (internal): python -m compressor.generation_benchmark MODEL.onnx --provider cpu --prompt-tokens 128
+--new-tokens 128 --runs 3. A seeded random prompt, greedy decoding of exactly the asked number of tokens (no
+stop token), the first run discarded as warm-up; medians over the rest. Where prompt + new tokens exceed the
+artifact's position limit both are scaled down to fit, and the figures say so. Prints one JSON object.
+"""
+import argparse
+import json
+import statistics
+import sys
+
+import numpy as np
+
+from compressor.ort_benchmark import PROGRESS_LINE, peak_rss_bytes
+
+
+def fit_lengths(prompt_tokens: int, new_tokens: int, limit: int | None) -> tuple[int, int]:
+    if limit is None or prompt_tokens + new_tokens <= limit:
+        return prompt_tokens, new_tokens
+    scale = limit / (prompt_tokens + new_tokens)
+    prompt = max(1, int(prompt_tokens * scale))
+    return prompt, max(1, limit - prompt)
+
+
+def benchmark(model_path: str, provider: str, prompt_tokens: int, new_tokens: int, runs: int,
+              threads: int | None, progress: bool = False) -> dict:
+    from compressor.generation import generate, max_positions, vocab_size
+    from compressor.ort_runtime import create_session
+
+    baseline = peak_rss_bytes()
+    session = create_session(model_path, provider, threads)
+    prompt_tokens, new_tokens = fit_lengths(prompt_tokens, new_tokens, max_positions(session))
+    prompt = np.random.default_rng(0).integers(0, vocab_size(session), prompt_tokens).tolist()
+    prefill, decode = [], []
+    for run in range(runs + 1):
+        result = generate(session, prompt, new_tokens, provider)
+        if run:  # the first run warms up (allocations, kernel choice)
+            prefill.append(result.prefill_ms)
+            decode.append(result.decode_tokens_per_s)
+        if progress:
+            print(PROGRESS_LINE, file=sys.stderr, flush=True)
+    return {"provider": provider, "threads": threads, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "runs": runs, "prefill_ms": round(statistics.median(prefill), 3),
+            "decode_tokens_per_s": round(statistics.median(decode), 2),
+            "decode_ms_per_token": round(1e3 / statistics.median(decode), 3),
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "rss_baseline_mb": round(baseline / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(benchmark(args.model, args.provider, args.prompt_tokens, args.new_tokens, args.runs,
+                               args.threads, args.progress)))
+
+
+if __name__ == "__main__":
+    main()
