@@ -13,13 +13,14 @@ from compressor.errors import UserError
 from compressor.gates import evaluate_gates
 from compressor.plots import PLOTS
 from compressor.report import SCHEMA_VERSION, environment, tool_record
+from exporters.genai_config import GENAI_CONFIG, TOKENIZER_FILES
 from passes.registry import GRAPH, PASSES
 
 ARTIFACT_NAME = "model.onnx"
 LOCK_NAME = ".compress.lock"
 STAGE_PREFIX = ".stage-"
 # what a run writes; the artifact moves in last, so its presence means the rest is there too
-OUTPUTS = ("recipe.yaml", *PLOTS, "report.md", "report.json", ARTIFACT_NAME)
+OUTPUTS = ("recipe.yaml", *PLOTS, "report.md", "report.json", GENAI_CONFIG, *TOKENIZER_FILES, ARTIFACT_NAME)
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:

@@ -152,6 +152,85 @@ def check_command(artifact, baseline, tolerance):
         sys.exit(EXIT_GATE)
 
 
+@main.command("generate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1, max=1_000_000))
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no cut.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed.")
+@click.option("--stats", is_flag=True, help="Print prefill ms and decode tokens/s on stderr at the end.")
+def generate_command(artifact, prompt, max_new_tokens, provider, temperature, top_k, top_p, seed, stats):
+    """Continue PROMPT with the decoder ARTIFACT (an out folder or its model.onnx), streaming tokens."""
+    from compressor.deployed import open_artifact
+    from compressor.generation import Sampling, generate
+    from compressor.ort_runtime import check_providers, create_session
+    from compressor.text_codec import load_text_codec
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    deployed = open_artifact(artifact)
+    codec = load_text_codec(deployed.folder, deployed.family)
+    check_providers((provider,))
+    session = create_session(deployed.path, provider)
+    tokens, shown = [], ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        tokens.append(token)
+        text = codec.decode(tokens)
+        if text.startswith(shown):  # print what the new token added (a multi-byte character may need several)
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+
+    click.echo(prompt, nl=False)
+    result = generate(session, codec.encode(prompt), max_new_tokens, provider, sampling, codec.stop_ids, stream)
+    click.echo()
+    if stats:
+        click.echo(f"{len(result.tokens)} tokens; prefill {result.prefill_ms:.1f} ms; decode "
+                   f"{result.decode_tokens_per_s:.1f} tokens/s ({provider})", err=True)
+
+
+@main.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(min=1, max=1_000_000))
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=2, max=1_000_000))
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1, max=10_000),
+              help="Timed runs after one warm-up run.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_command(artifact, provider, prompt_tokens, new_tokens, runs, threads, as_json):
+    """Time ARTIFACT under ONNX Runtime: prefill ms, decode tokens/s and peak RSS for a decoder with a KV cache,
+    batch latency for anything else (each in a fresh child process)."""
+    import json
+
+    from compressor.deployed import open_artifact
+    from compressor.ort_runtime import check_providers
+    from compressor.tasks import TASKS
+    from compressor.validate import BenchmarkSettings, run_benchmark, run_generation_benchmark
+
+    deployed = open_artifact(artifact)
+    check_providers((provider,))
+    settings = BenchmarkSettings(warmup=min(10, runs), runs=runs, threads=threads, prompt_tokens=prompt_tokens,
+                                 new_tokens=new_tokens, generation_runs=runs)
+    if deployed.decodes:
+        result = run_generation_benchmark(deployed.path, provider, settings)
+        line = (f"{deployed.path}: prefill {result['prompt_tokens']} tokens {result['prefill_ms']:.2f} ms; decode "
+                f"{result['decode_tokens_per_s']:.1f} tokens/s ({result['new_tokens']} new); peak RSS "
+                f"{result['peak_rss_mb']:.0f} MiB ({provider})")
+    else:
+        if deployed.family not in TASKS or not deployed.config:
+            raise UserError(f"{deployed.path}: no compressor metadata (family, model config): cannot make inputs")
+        measured = run_benchmark(deployed.path, TASKS[deployed.family], deployed.config, provider, settings)
+        result = {"provider": provider, **{k: v for k, v in measured.items() if k.startswith("batch")},
+                  "peak_rss_mb": round(measured["memory"]["peak_rss_bytes"] / 2**20, 1)}
+        line = f"{deployed.path}: " + ", ".join(f"{k} p50 {v['p50_ms']:.3f} ms" for k, v in result.items()
+                                              if k.startswith("batch")) + f"; peak RSS {result['peak_rss_mb']:.0f} MiB"
+    click.echo(json.dumps(result) if as_json else line)
+
+
 @main.command("passes")
 def passes_command():
     """List the passes, in stage order, with their fields and defaults, then the presets."""

@@ -20,6 +20,7 @@ from compressor.recipes import Recipe, check_recipe_fits, resolve_recipe
 from compressor.report import write_reports
 from compressor.tasks import measure
 from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, validate
+from exporters.genai_config import generation_files
 from exporters.onnx_export import ExportError, finalize
 from exporters.qdq import LoweringError, lower_to_qdq
 from passes.registry import GRAPH, PASSES, TORCH
@@ -133,6 +134,11 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     if hasattr(task, "task_state"):  # what `compress check` needs to score the artifact later (e.g. a probe)
         metadata["compressor.task_state"] = json.dumps(task.task_state(heldout), sort_keys=True)
 
+    side_files = {}
+    if source.config.get("tokenizer"):  # a tokenizer folder: the artifact folder runs under ONNX Runtime GenAI
+        context = source.config.get("max_positions", source.config.get("context"))
+        side_files = generation_files(proto, ARTIFACT_NAME, context, Path(source.config["tokenizer"]),
+                                      source.config.get("model_type", "llama"))
     graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
                    "ir_version": proto.ir_version}
     serialized = finalize(proto, metadata).SerializeToString()
@@ -141,6 +147,8 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         artifact = stage / ARTIFACT_NAME
         save_onnx(serialized, artifact)
         del serialized
+        for name, content in side_files.items():
+            (stage / name).write_bytes(content)
         seed_line = f"# calibration sampling seed: --seed {options.seed}\n"
         atomic_write_text(stage / "recipe.yaml", recipe.to_yaml() + seed_line)
         log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")

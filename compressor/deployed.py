@@ -1,0 +1,39 @@
+"""An artifact as deployed: a folder (or model.onnx) that `compress generate` and `compress bench` open, its
+family and model config read back from its metadata."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from compressor.errors import UserError
+
+ARTIFACT_NAME = "model.onnx"
+
+
+@dataclass(frozen=True)
+class Deployed:
+    path: Path  # the model.onnx
+    folder: Path  # where its tokenizer / genai_config sit
+    family: str | None
+    config: dict  # compressor.model_config
+    decodes: bool  # has a KV cache (past_key_values inputs)
+
+
+def open_artifact(path: Path) -> Deployed:
+    path = Path(path)
+    model = path / ARTIFACT_NAME if path.is_dir() else path
+    if not model.is_file():
+        raise UserError(f"no artifact at {model} (give an out folder of `compress run` or its model.onnx)")
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError, ValueError, ... on a bad file)
+        raise UserError(f"{model}: not an ONNX model ({str(exc).splitlines()[0][:120] if str(exc) else exc})") from None
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    try:
+        config = json.loads(metadata.get("compressor.model_config", "{}"))
+    except ValueError:
+        config = {}
+    decodes = any(i.name.startswith("past_key_values.") for i in proto.graph.input)
+    return Deployed(path=model, folder=model.parent, family=metadata.get("compressor.family"),
+                    config=config if isinstance(config, dict) else {}, decodes=decodes)
