@@ -18,12 +18,15 @@ def test_int4_fused_lowers_then_fuses(compress, tmp_path, optimized_ops):
     report = _report(tmp_path / "o")
     assert [p["name"] for p in report["passes"]] == ["quantize", "fuse"]
     fuse = report["passes"][1]
-    assert fuse["fusions"] == {"skip_layer_normalization": 4, "bias_gelu": 2}  # 2 blocks x 2 residual LNs, 1 FFN
-    assert fuse["nodes"]["after"] < fuse["nodes"]["before"]
+    # the KV-cache decoder graph is written fused (exporters.decoder_graph): nothing is left for the rewriter
+    assert fuse["fusions"] == {}
+    assert fuse["nodes"]["after"] == fuse["nodes"]["before"]
     assert fuse["perplexity"] == report["accuracy"]["onnxruntime"]["cpu"]  # scored on the artifact itself
     assert fuse["total_model_bits"] == report["passes"][0]["total_model_bits"] == report["total_model_bits"]
     graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
+    # 2 blocks: each residual add + LayerNorm is one SkipLayerNormalization, attention one GroupQueryAttention
     assert sum(n.op_type == "SkipLayerNormalization" for n in graph.node) == 4
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 2
     ops, _ = optimized_ops(tmp_path / "o" / "model.onnx", tmp_path)
     assert ops["MatMulNBits"] == len(report["passes"][0]["layers"]) == 13  # 6 Linears per block, lm_head
     assert report["gates"]["passed"]
