@@ -36,8 +36,8 @@ def genai_config(proto: onnx.ModelProto, filename: str, context_length: int, mod
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     past = [i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
     dims = past[0].type.tensor_type.shape.dim
-    table = next(t for t in graph.initializer if t.name == next(n.input[0] for n in graph.node
-                                                              if n.op_type == "Gather" and n.input[1] == "input_ids"))
+    initializers = {t.name: t for t in graph.initializer}
+    norm = next(n for n in graph.node if n.op_type.startswith("Skip"))  # its gamma is [hidden]
     vocab = graph.output[0].type.tensor_type.shape.dim[-1].dim_value
     tokens = _special_tokens(model_folder)
     return {
@@ -48,7 +48,7 @@ def genai_config(proto: onnx.ModelProto, filename: str, context_length: int, mod
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": filename,
                 "head_size": int(dims[3].dim_value),
-                "hidden_size": int(table.dims[-1]),
+                "hidden_size": int(initializers[norm.input[2]].dims[0]),
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "past_key_names": PAST.format("%d", "key"), "past_value_names": PAST.format("%d", "value")},
                 "outputs": {"logits": "logits", "present_key_names": PRESENT.format("%d", "key"),

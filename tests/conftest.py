@@ -74,3 +74,39 @@ def _optimized_ops(path: Path, tmp_path: Path) -> tuple[Counter, list]:
 @pytest.fixture(scope="session")
 def optimized_ops():
     return _optimized_ops
+
+
+def bpe_tokenizer(folder: Path) -> int:
+    """A 400-token byte-level BPE learnt from the train split (never the held-out one)."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    from samples import wiki_corpus
+
+    text = wiki_corpus.split_tokens("train")[:200_000].tobytes().decode("utf-8", "ignore")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                                     pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(folder))
+    return len(tokenizer)
+
+
+def tiny_llama_folder(folder: Path, hidden_size: int) -> Path:
+    """A randomly initialised 2-layer Llama (4 heads, 2 KV heads, tied head) with a BPE tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    vocab = bpe_tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
+                                      max_position_embeddings=512, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Width 96: heads of 24 (not a multiple of 16: exported without a KV cache) and a partial 64-block."""
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), 96)

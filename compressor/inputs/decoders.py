@@ -4,7 +4,8 @@ Shapes come from the weights, not the configs, so a structurally pruned model (f
 neurons) and a low-rank one (a Linear replaced by passes.lowrank.LowRankLinear: down then up) describe
 themselves. Taken: the project's GPT samples (learned positions, LayerNorm, GELU) and Hugging Face Llama,
 Mistral (no sliding window) and Qwen2 decoders (rotary embeddings, RMSNorm, SwiGLU, grouped-query attention).
-Anything else returns None and is exported as a full-sequence forward without a cache.
+Anything else, and heads whose size is not a multiple of 16 (GroupQueryAttention's kernels need that), returns
+None and is exported as a full-sequence forward without a cache.
 """
 import numpy as np
 from torch import nn
@@ -132,4 +133,7 @@ def is_decoder(model: nn.Module) -> bool:
 
 
 def as_decoder(model: nn.Module) -> Decoder | None:
-    return gpt_decoder(model) or hf_decoder(model)
+    decoder = gpt_decoder(model) or hf_decoder(model)
+    if decoder is None or any(layer.head_dim % 16 for layer in decoder.layers):
+        return None  # ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of 16 only
+    return decoder

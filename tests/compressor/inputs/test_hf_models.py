@@ -16,20 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from compressor.inputs.hf import load_hf_checkpoint  # noqa: E402
 from compressor.tasks import hf_language_modeling, sentence_embedding  # noqa: E402
+from conftest import bpe_tokenizer  # noqa: E402
 from samples import wiki_corpus  # noqa: E402
-
-
-def _bpe_tokenizer(folder: Path):
-    """A 400-token byte-level BPE learnt from the train split (never the held-out one)."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    text = wiki_corpus.split_tokens("train")[:200_000].tobytes().decode("utf-8", "ignore")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([text], vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
-                                                     pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(str(folder))
-    return len(tokenizer)
 
 
 def _wordpiece_tokenizer(folder: Path) -> int:
@@ -59,20 +47,9 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = _bpe_tokenizer(folder)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=192, max_position_embeddings=512,
-                                      tie_word_embeddings=True)
-    return _save(transformers.LlamaForCausalLM(config), folder)
-
-
-@pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    vocab = _bpe_tokenizer(folder)
+    vocab = bpe_tokenizer(folder)
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return _save(transformers.GPT2LMHeadModel(config), folder)

@@ -1,0 +1,113 @@
+"""Decoder artifacts that generate: the report's generation figures beside the input's fp32 export,
+`compress generate` and `compress bench` through the console script, and the artifact folder under ONNX Runtime
+GenAI (token-identical to our own loop)."""
+import json
+
+import numpy as np
+import pytest
+
+FAST = ("--eval-limit", "8", "--bench-runs", "2", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def gpt_int4(tmp_path_factory):
+    from conftest import run_compress
+
+    out = tmp_path_factory.mktemp("gen") / "o"
+    done = run_compress("run", "gpt-xs", "--recipe", "int4", "--out", str(out), *FAST)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_report_measures_generation_against_the_fp32_export(gpt_int4):
+    report = json.loads((gpt_int4 / "report.json").read_text())
+    generation = report["generation"]["cpu"]
+    for name in ("artifact", "input_fp32"):
+        figures = generation[name]
+        assert figures["prefill_ms"] > 0 and figures["decode_tokens_per_s"] > 0 and figures["peak_rss_mb"] > 0
+        assert figures["prompt_tokens"] + figures["new_tokens"] <= 128  # gpt-xs's position table
+    assert generation["speedup"]["decode"] == pytest.approx(
+        generation["artifact"]["decode_tokens_per_s"] / generation["input_fp32"]["decode_tokens_per_s"])
+    assert report["summary"]["speedup"]["cpu"] == generation["speedup"]
+    decode = report["parity"]["by_provider"]["cpu_decode"]  # the cache path, exact kernels, fp32 tolerance
+    assert decode["passed"] and decode["tolerance_max_rel"] == 1e-4
+    assert "## Generation, ONNX Runtime cpu" in (gpt_int4 / "report.md").read_text()
+
+
+def test_generate_streams_a_continuation(compress, gpt_int4):
+    done = compress("generate", str(gpt_int4), "--prompt", "The city of ", "--max-new-tokens", "20", "--stats")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("The city of ") and len(done.stdout) > len("The city of ") + 5
+    assert "tokens/s" in done.stderr
+    sampled = [compress("generate", str(gpt_int4), "--prompt", "The ", "--temperature", "1", "--top-p", "0.9",
+                        "--seed", str(seed), "--max-new-tokens", "20").stdout for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling: same seed, same text
+
+
+def test_bench_json(compress, gpt_int4):
+    done = compress("bench", str(gpt_int4), "--json", "--runs", "2", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["provider"] == "cpu" and result["runs"] == 2
+    for key in ("decode_tokens_per_s", "prefill_ms", "peak_rss_mb"):
+        assert result[key] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--prompt", "x", "--top-p", "0"), "--top-p must be in (0, 1]"),
+    (("--prompt", "x", "--temperature", "-1"), "--temperature must be"),
+    (("--prompt", "x" * 200), "the prompt has 200 tokens; this model takes at most 128"),
+])
+def test_bad_generate_arguments_are_one_line(compress, gpt_int4, args, message):
+    done = compress("generate", str(gpt_int4), *args)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_generate_on_an_artifact_without_a_cache_is_refused(compress, tmp_path):
+    done = compress("run", "seq2seq-reverse", "--out", str(tmp_path / "s"), *FAST)
+    assert done.returncode == 0, done.stderr
+    refused = compress("generate", str(tmp_path / "s"), "--prompt", "abc")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    bench = compress("bench", str(tmp_path / "s"), "--json", "--runs", "2")
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout)["batch1"]["p50_ms"] > 0  # no cache: batch latency instead
+    missing = compress("bench", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no artifact at" in missing.stderr
+
+
+def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    from compressor.generation import generate
+    from compressor.ort_runtime import create_session
+    from conftest import tiny_llama_folder
+
+    out = tmp_path / "o"
+    llama = tiny_llama_folder(tmp_path / "llama", 128)  # heads of 32
+    done = compress("run", str(llama), "--recipe", "int4", "--set", "quantize.block_size=32", "--out",
+                    str(out), *FAST)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "genai_config.json").read_text())["model"]
+    assert (config["decoder"]["num_hidden_layers"], config["decoder"]["num_key_value_heads"]) == (2, 2)
+    assert (out / "tokenizer.json").is_file()
+    prompt = [5, 17, 42, 99, 7]
+    ours = generate(create_session(out / "model.onnx"), prompt, 16).tokens
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([prompt], np.int32))
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs == ours[:len(theirs)] and len(theirs) == 16
+
+
+def test_heads_gqa_cannot_take_export_without_a_cache(compress, tiny_llama, tmp_path):
+    import onnx
+
+    done = compress("run", str(tiny_llama), "--out", str(tmp_path / "o"), *FAST)  # heads of 24
+    assert done.returncode == 0, done.stderr
+    inputs = [i.name for i in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.input]
+    assert inputs == ["input_ids"]
+    assert "generation" not in json.loads((tmp_path / "o" / "report.json").read_text())
