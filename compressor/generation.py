@@ -78,9 +78,9 @@ def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) ->
 
 
 class _CpuStep:
-    def __init__(self, session):
+    def __init__(self, session, head_size: int | None):
         self.session, self.outputs = session, [o.name for o in session.get_outputs()]
-        self.past = empty_cache(session, 1)
+        self.past = empty_cache(session, 1, head_size)
 
     def __call__(self, ids: np.ndarray, total: int) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **self.past}
@@ -92,13 +92,13 @@ class _CpuStep:
 class _CudaStep:
     """I/O binding: pasts and presents stay on the GPU; logits come back for the last position only."""
 
-    def __init__(self, session):
+    def __init__(self, session, head_size: int | None):
         import onnxruntime as ort
 
         self.ort, self.session = ort, session
         self.outputs = [o.name for o in session.get_outputs()]
         self.past = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
-                     for name, value in empty_cache(session, 1).items()}
+                     for name, value in empty_cache(session, 1, head_size).items()}
 
     def __call__(self, ids: np.ndarray, total: int) -> np.ndarray:
         binding = self.session.io_binding()
@@ -115,9 +115,10 @@ class _CudaStep:
 
 
 def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "cpu", sampling: Sampling = Sampling(),
-             stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None) -> Generation:
+             stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
+             head_size: int | None = None) -> Generation:
     """New tokens after `prompt` (at most `max_new_tokens`; fewer where a stop token or the artifact's position
-    limit comes first), with timings."""
+    limit comes first), with timings. `head_size`: for graphs whose cache inputs leave it symbolic."""
     if not has_cache(session):
         raise UserError("this artifact has no KV cache (no past_key_values inputs): it is not a decoder export "
                         "that generates; re-run `compress run` on its checkpoint with this version")
@@ -128,7 +129,7 @@ def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "c
         raise UserError(f"the prompt has {len(prompt)} tokens; this model takes at most {limit} in all")
     if limit is not None:
         max_new_tokens = min(max_new_tokens, limit - len(prompt))
-    step = (_CudaStep if provider == "cuda" else _CpuStep)(session)
+    step = (_CudaStep if provider == "cuda" else _CpuStep)(session, head_size)
     rng = np.random.default_rng(sampling.seed)
     result = Generation()
     ids, total = np.asarray([prompt], np.int64), len(prompt)

@@ -19,9 +19,17 @@ def past_name(present: str) -> str:
     return PAST_PREFIX + present[len(PRESENT_PREFIX):]
 
 
-def empty_cache(session, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length pasts [batch, kv_heads, 0, head_dim]: a call with them is a prefill."""
-    return {arg.name: np.zeros((batch, arg.shape[1], 0, arg.shape[3]), NUMPY_TYPES[arg.type])
+def empty_cache(session, batch: int, head_size: int | None = None) -> dict[str, np.ndarray]:
+    """Zero-length pasts [batch, kv_heads, 0, head_dim]: a call with them is a prefill. `head_size` stands in
+    where the graph leaves that dimension symbolic (Model Builder's graphs do; genai_config.json has it)."""
+    def dim(value):
+        if isinstance(value, int):
+            return value
+        if head_size is None:
+            raise ValueError(f"the cache input's dimension {value!r} is symbolic: give its size")
+        return head_size
+
+    return {arg.name: np.zeros((batch, dim(arg.shape[1]), 0, dim(arg.shape[3])), NUMPY_TYPES[arg.type])
             for arg in cache_inputs(session)}
 
 

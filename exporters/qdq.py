@@ -75,25 +75,54 @@ def _int_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
     return _dequantize_node(name, inputs, out, scale, attrs), initializers
 
 
-def _gather_table_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
+def _gather_table_initializers(name: str, q: Quantized) -> tuple[list, dict]:
     """An embedding table tied to a quantized Linear (e.g. an LM's lm_head): the table's rows are the weight's
-    rows, so its codes [V, D] and scales [V, D / B] dequantize along axis 1 in front of the Gather."""
+    rows, so its codes [V, D], scales [V, D / B] (per-channel: [V]) and zero points serve the lookup too.
+    Returns the initializers and the DequantizeLinear attributes for gathered rows [.., D]."""
     if q.codebook is not None or q.block_size == PER_TENSOR or q.offsets is not None:
         raise _Skip("tied table: only int codes with per-channel or block scales and integer zero points are "
                     "lowered")
     dtype = (UNSIGNED if q.zero_points is not None else SIGNED)[container_bits(q.bits)]
     per_channel = q.block_size == PER_CHANNEL
-    scale = q.scales.numpy()
+    scale = q.scales.numpy()  # [V, groups]: per-channel has one group, read as one block of D
     initializers = [numpy_helper.from_array(q.codes.numpy().astype(dtype), f"{name}.codes"),
-                    numpy_helper.from_array(scale[:, 0] if per_channel else scale, f"{name}.scale")]
-    inputs = [f"{name}.codes", f"{name}.scale"]
+                    numpy_helper.from_array(scale, f"{name}.scale")]
     if q.zero_points is not None:
-        zero = q.zero_points.numpy()
-        initializers.append(numpy_helper.from_array((zero[:, 0] if per_channel else zero).astype(dtype),
-                                                    f"{name}.zero_point"))
-        inputs.append(f"{name}.zero_point")
-    attrs = {"axis": 0} if per_channel else {"axis": 1, "block_size": q.block_size}
-    return _dequantize_node(name, inputs, out, scale, attrs), initializers
+        initializers.append(numpy_helper.from_array(q.zero_points.numpy().astype(dtype), f"{name}.zero_point"))
+    block = q.codes.shape[1] if per_channel else q.block_size
+    return initializers, {"axis": -1, "block_size": block}
+
+
+def _gathered_rows_nodes(name: str, gather: onnx.NodeProto, q: Quantized, scale: onnx.TensorProto,
+                         attrs: dict) -> tuple[list, str]:
+    """What stands for Gather(table, ids), so that only the looked-up rows are dequantized (a DequantizeLinear of
+    the whole table would run on every call, the Gather's input being a graph input's function):
+    - 4-bit codes in power-of-two blocks of >= 16: com.microsoft GatherBlockQuantized (ONNX Gather takes no int4);
+    - 8-bit codes: Gather(codes), Gather(scales) (, zero points) -> DequantizeLinear over the rows' last axis;
+    - anything else (int4 per-channel or odd blocks, int2): DequantizeLinear of the table, then the Gather.
+    Returns the nodes and how the table is read."""
+    out, ids, tag = gather.output[0], gather.input[1], gather.name or gather.output[0]
+    parts = ["codes", "scale"] + (["zero_point"] if q.zero_points is not None else [])
+    scale_dtype = helper.tensor_dtype_to_np_dtype(scale.data_type)
+    bits, block = container_bits(q.bits), attrs["block_size"]
+    if bits == 4 and q.block_size > 0 and block >= 16 and block & (block - 1) == 0:
+        inputs = [f"{name}.codes", ids, f"{name}.scale"] + ([f"{name}.zero_point"] if q.zero_points is not None else [])
+        rows = out if scale_dtype == np.float32 else f"{out}.rows_fp16"
+        nodes = [helper.make_node("GatherBlockQuantized", inputs, [rows], name=f"{tag}.GatherBlockQuantized",
+                                  domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block)]
+        if rows != out:
+            nodes.append(helper.make_node("Cast", [rows], [out], name=f"{tag}.Cast", to=TensorProto.FLOAT))
+        return nodes, "GatherBlockQuantized"
+    if bits == 8:
+        nodes = [helper.make_node("Gather", [f"{name}.{part}", ids], [f"{out}.{part}_rows"], name=f"{tag}.{part}",
+                                  axis=0) for part in parts]
+        return nodes + _dequantize_node(f"{tag}.rows", [f"{out}.{part}_rows" for part in parts], out,
+                                        np.zeros((), scale_dtype), attrs), "gathered rows"
+    table = f"{name}.table_dequantized"
+    table_attrs = {"axis": 1, "block_size": block}
+    nodes = _dequantize_node(f"{tag}.table", [f"{name}.{part}" for part in parts], table, np.zeros((), scale_dtype),
+                             table_attrs)
+    return nodes + [helper.make_node("Gather", [table, ids], [out], name=f"{tag}.Gather", axis=0)], "whole table"
 
 
 def _offset_nodes(name: str, q: Quantized, x: str, block_sums: str | None, main_out: str,
@@ -244,7 +273,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     new_nodes, new_inits = [], []
     after: dict[int, list] = {}  # nodes that read the MatMul's input or output go right after it
     block_sums: dict[tuple[str, int], str] = {}
-    built, tables_built = set(), set()
+    built = set()
     for position, node in enumerate(graph.node):
         weight_name = through_transpose.get(node.input[1], node.input[1]) if node.op_type == "MatMul" else None
         if weight_name not in weight_of:
@@ -270,26 +299,30 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
             block_sums.setdefault(key, f"{name}.{position}.block_sums")
             after[position] = offset_nodes
             new_inits += offset_inits
-    for node in graph.node:  # embedding tables tied to a quantized Linear share its codes
+    table_parts: dict[str, tuple] = {}
+    replaced: dict[int, list] = {}  # Gather nodes of tied tables, by position: the nodes that stand for them
+    for position, node in enumerate(graph.node):  # embedding tables tied to a quantized Linear share its codes
         if node.op_type != "Gather" or node.input[0] not in table_of:
             continue
         table_name, layer = node.input[0], table_of[node.input[0]]
-        if table_name not in tables_built:
+        if table_name not in table_parts:
             try:
-                nodes, inits = _gather_table_nodes(f"{table_name}.table_q", layer.quantized,
-                                                   f"{table_name}.table_dequantized")
+                inits, attrs = _gather_table_initializers(f"{table_name}.table_q", layer.quantized)
             except _Skip as exc:
                 left.append({"initializer": table_name, "module": layer.module, "reason": str(exc)})
                 table_of = {k: v for k, v in table_of.items() if k != table_name}
                 continue
-            new_nodes += nodes
             new_inits += inits
-            tables_built.add(table_name)
+            table_parts[table_name] = (attrs, inits[1])
             lowered.append({"initializer": table_name, "module": layer.module, "found_by": "tied",
                             "shape": gather_tables.shape(table_name), "bits": layer.quantized.bits,
                             "tied_table": True})
-        node.input[0] = f"{table_name}.table_dequantized"
-    nodes = [n for position, node in enumerate(graph.node) for n in [node] + after.get(position, [])]
+        attrs, scale = table_parts[table_name]
+        replaced[position], read_as = _gathered_rows_nodes(f"{table_name}.table_q", node, layer.quantized, scale,
+                                                           attrs)
+        next(e for e in lowered if e["initializer"] == table_name and e.get("tied_table"))["lookup"] = read_as
+    nodes = [n for position, node in enumerate(graph.node)
+             for n in replaced.get(position, [node]) + after.get(position, [])]
     read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
     dead = {out for out in through_transpose if out not in read}  # a tied weight's Transpose, bypassed above
     nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in dead)]
@@ -299,6 +332,9 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     graph.initializer.extend(kept + new_inits)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)  # new nodes read only initializers: first is topologically safe
+    if any(node.domain == "com.microsoft" for node in graph.node) and \
+            "com.microsoft" not in {opset.domain for opset in proto.opset_import}:
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     if any(container_bits(entry["bits"]) == 2 for entry in lowered):
         for opset in proto.opset_import:
             if opset.domain in ("", "ai.onnx"):

@@ -103,8 +103,10 @@ def test_decoder_folder_int4_partial_blocks_and_check(compress, tiny_llama, tmp_
     # the embedding table tied to lm_head is stored as lm_head's k-bit codes too (no fp32 copy left)
     tied = [e for e in report["artifact"]["lowering"]["lowered"] if e.get("tied_table")]
     assert len(tied) == 1
-    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0].endswith("dequantized"))
-    assert gather.input[0] == f"{tied[0]['initializer']}.table_dequantized"
+    # looked up as int4 codes (blocks of 64) by GatherBlockQuantized: only the rows read are dequantized
+    lookup = next(n for n in graph.node if "input_ids" in n.input and n.input[0].endswith(".codes"))
+    assert (lookup.op_type, lookup.domain) == ("GatherBlockQuantized", "com.microsoft")
+    assert lookup.input[0] == f"{tied[0]['initializer']}.table_q.codes" and tied[0]["lookup"] == lookup.op_type
     assert tied[0]["initializer"] not in {t.name for t in graph.initializer}
     # lm_head reads the same table through Transpose in the fp32 export: lowered by the table's name, no Transpose
     head = next(e for e in report["artifact"]["lowering"]["lowered"] if e["module"] == "decoder.lm_head"
