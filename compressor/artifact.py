@@ -3,7 +3,7 @@ files (artifact, report, plots, recipe) are moved in together at the end; the re
 import fcntl
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import onnx
@@ -89,15 +89,41 @@ def staged(out_dir: Path):
     stage.mkdir()
     try:
         yield stage
-        for name in OUTPUTS:  # an earlier run's file that this run does not write (e.g. a plot) must not stay
-            if not (stage / name).exists():
-                (out_dir / name).unlink(missing_ok=True)
-        for name in sorted(p.name for p in stage.iterdir()):
-            if name != ARTIFACT_NAME:
-                os.replace(stage / name, out_dir / name)
-        os.replace(stage / ARTIFACT_NAME, out_dir / ARTIFACT_NAME)
+        _commit(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit(stage: Path, out_dir: Path) -> None:
+    """Move the staged files into --out, all or none. The earlier outputs are moved aside first (the artifact
+    first: at no moment does an earlier artifact sit beside this run's report), even those this run does not
+    write (a plot must not stay from an earlier run); then this run's files move in, the artifact last, so that
+    its presence means the rest is there too. Should a move fail (or the run be interrupted), what moved in goes
+    back out and the earlier outputs back in. Renames within one folder: no copying, no space needed."""
+    staged_names = sorted(p.name for p in stage.iterdir() if p.name != ARTIFACT_NAME)
+    replaced = list(dict.fromkeys((ARTIFACT_NAME, *OUTPUTS, *staged_names)))
+    for name in replaced:  # a folder made there during the run: refused before anything moves (never deleted)
+        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+            raise UserError(f"{out_dir / name} is a folder: the run writes a file of that name (move it away)")
+    aside = stage / ".previous"
+    aside.mkdir()
+    moved_aside, moved_in = [], []
+    try:
+        for name in replaced:
+            if os.path.lexists(out_dir / name):
+                os.replace(out_dir / name, aside / name)
+                moved_aside.append(name)
+        for name in (*staged_names, ARTIFACT_NAME):
+            os.replace(stage / name, out_dir / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            with suppress(OSError):
+                os.replace(out_dir / name, stage / name)
+        for name in moved_aside:
+            with suppress(OSError):
+                os.replace(aside / name, out_dir / name)
+        raise
 
 
 def save_onnx(model: onnx.ModelProto | bytes, path: Path) -> None:

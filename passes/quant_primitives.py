@@ -75,6 +75,50 @@ def _store(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     return scale.to(scale_dtype).float()
 
 
+def _store_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """_store for scales. A group whose scale underflows to 0 in the stored dtype (all its values float32
+    subnormals, e.g. absmax 1e-45 / 127, or tiny for float16 scales) takes the dtype's smallest positive value
+    instead of 0 (which made its codes round(0 / 0) = NaN): the true scale was at most half of it, so the codes
+    stay within half the range and every value within half a step; in float32 every subnormal is an exact
+    multiple of 2^-149, so such a group comes back exactly. Every other scale is stored as before, bit for bit."""
+    stored = scale.to(scale_dtype)
+    info = torch.finfo(scale_dtype)
+    smallest = torch.tensor(info.smallest_normal * info.eps, dtype=scale_dtype)  # 2^-149 / 2^-24
+    return torch.where(stored == 0, smallest, stored).float()
+
+
+def _span_scale(high: torch.Tensor, low: torch.Tensor, qmax: int) -> torch.Tensor:
+    """(high - low) / qmax per group (1 for an empty span), in float32 as ever. A group holding both signs near
+    float32's limit (e.g. +-3e38) overflows the float32 span to inf: there the span is taken in float64 and its
+    scale rounded down to float32 (so that min + qmax * S stays inside the group's range)."""
+    span = high - low
+    scale = torch.where(span > 0, span / qmax, torch.ones_like(span))
+    wide = torch.isinf(span)
+    if bool(wide.any()):
+        exact = (high.double() - low.double()) / qmax
+        down = exact.float()
+        down = torch.where(down.double() > exact, torch.nextafter(down, torch.zeros_like(down)), down)
+        scale = torch.where(wide, down, scale)
+    return scale
+
+
+def _level_reach(scale: torch.Tensor, qmax: int) -> torch.Tensor | None:
+    """How many steps S from the zero point a level (q - z) * S may lie and stay a finite float32, per group; None
+    where every group reaches its whole range (any group not within a few steps of float32's limit)."""
+    reach = torch.floor(torch.finfo(torch.float32).max / scale.double().abs())
+    return None if bool((reach >= qmax).all()) else reach
+
+
+def _clip_to_reach(codes: torch.Tensor, zero: torch.Tensor, reach: torch.Tensor | None, qmax: int) -> torch.Tensor:
+    """Codes whose level (q - z) * S would overflow float32 take the last finite level instead (the nearest one
+    the artifact can hold); a no-op unless _level_reach found such a group."""
+    if reach is None:
+        return codes
+    low = (zero.double() - reach).clamp(min=0).float()[:, None]
+    high = (zero.double() + reach).clamp(max=qmax).float()[:, None]
+    return torch.minimum(torch.maximum(codes, low), high)
+
+
 # ---- linear / int ----------------------------------------------------------------------------------------
 
 def quantize_int_symmetric(weight: torch.Tensor, bits: int, block_size: int,
@@ -87,13 +131,14 @@ def quantize_int_symmetric(weight: torch.Tensor, bits: int, block_size: int,
     groups = to_groups(weight.float(), block_size, partial=True)
     if full_range:
         extreme = torch.gather(groups, 1, groups.abs().argmax(dim=1, keepdim=True))[:, 0]
-        scale = _store(torch.where(extreme != 0, extreme / -(qmax + 1), torch.ones_like(extreme)), scale_dtype)
+        scale = _store_scale(torch.where(extreme != 0, extreme / -(qmax + 1), torch.ones_like(extreme)),
+                             scale_dtype)
         codes = torch.clamp(torch.round(groups / scale[:, None]), -qmax - 1, qmax)
         shape = scale_shape(tuple(weight.shape), block_size)
         return Quantized(from_groups(codes, tuple(weight.shape)).long(), scale.reshape(shape).to(scale_dtype), None,
                          None, bits, block_size)
     absmax = groups.abs().amax(dim=1)
-    scale = _store(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)), scale_dtype)
+    scale = _store_scale(torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)), scale_dtype)
     codes = torch.clamp(torch.round(groups / scale[:, None]), -qmax, qmax)
     shape = scale_shape(tuple(weight.shape), block_size)
     return Quantized(from_groups(codes, tuple(weight.shape)).long(), scale.reshape(shape).to(scale_dtype), None,
@@ -108,10 +153,10 @@ def quantize_int_asymmetric(weight: torch.Tensor, bits: int, block_size: int,
     groups = to_groups(weight.float(), block_size, partial=True)
     low = groups.amin(dim=1).clamp(max=0)
     high = groups.amax(dim=1).clamp(min=0)
-    span = high - low
-    scale = _store(torch.where(span > 0, span / qmax, torch.ones_like(span)), scale_dtype)
+    scale = _store_scale(_span_scale(high, low, qmax), scale_dtype)
     zero = torch.clamp(torch.round(-low / scale), 0, qmax)
     codes = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, qmax)
+    codes = _clip_to_reach(codes, zero, _level_reach(scale, qmax), qmax)
     shape = scale_shape(tuple(weight.shape), block_size)
     return Quantized(from_groups(codes, tuple(weight.shape)).long(), scale.reshape(shape).to(scale_dtype),
                      zero.reshape(shape).long(), None, bits, block_size)
@@ -137,11 +182,14 @@ def quantize_int_float_zero(weight: torch.Tensor, bits: int, block_size: int,
         weight = torch.cat([weight, weight[:, -1:].expand(rows, block_size - cols % block_size)], dim=1)
     groups = weight.reshape(-1, block_size)
     low, high = groups.amin(dim=1), groups.amax(dim=1)
-    span = high - low
-    scale = _store(torch.where(span > 0, span / qmax, torch.ones_like(span)), scale_dtype)
+    scale = _store_scale(_span_scale(high, low, qmax), scale_dtype)
     minimum = _store(low, scale_dtype)
     codes = torch.clamp(torch.round((groups - minimum[:, None]) / scale[:, None]), 0, qmax)
     zero = torch.clamp(torch.round(-minimum / scale), 0, qmax)
+    reach = _level_reach(scale, qmax)
+    if reach is not None:  # a block near +-3.4e38: z * S and (q - z) * S must stay finite float32
+        zero = torch.minimum(zero, reach.float())
+        codes = _clip_to_reach(codes, zero, reach, qmax)
     rest = _store(minimum + scale * zero, scale_dtype)
     shape = scale_shape((rows, cols), block_size)
     return Quantized(from_groups(codes, (rows, cols)).long(), scale.reshape(shape).to(scale_dtype),
@@ -248,7 +296,7 @@ def quantize_codebook(weight: torch.Tensor, codebook: torch.Tensor, bits: int, b
     """Absmax-scale each group to [-1, 1], then the nearest codebook value. codebook [C] or [N, C]."""
     groups = to_groups(weight.float(), block_size)
     absmax = groups.abs().amax(dim=1)
-    scale = _store(torch.where(absmax > 0, absmax, torch.ones_like(absmax)), scale_dtype)
+    scale = _store_scale(torch.where(absmax > 0, absmax, torch.ones_like(absmax)), scale_dtype)
     normalized = (groups / scale[:, None]).reshape(weight.shape)
     codes = nearest_codes(normalized, codebook)
     shape = scale_shape(tuple(weight.shape), block_size)
@@ -259,7 +307,7 @@ def normalized_groups(weight: torch.Tensor, block_size: int, scale_dtype: torch.
     """w / absmax of its group, [N, K]: what data-dependent codebooks (quantile, k-means) are fitted to."""
     groups = to_groups(weight.float(), block_size)
     absmax = groups.abs().amax(dim=1)
-    scale = _store(torch.where(absmax > 0, absmax, torch.ones_like(absmax)), scale_dtype)
+    scale = _store_scale(torch.where(absmax > 0, absmax, torch.ones_like(absmax)), scale_dtype)
     return (groups / scale[:, None]).reshape(weight.shape)
 
 

@@ -4,6 +4,7 @@ Loading never unpickles code: safetensors, or torch.load(weights_only=True). Eve
 wrong becomes a UserError naming the file and the problem.
 """
 import contextlib
+import errno
 import json
 import warnings
 from pathlib import Path
@@ -70,17 +71,51 @@ def _read_config(config_path: Path) -> dict:
     return record
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether a load failed for want of address space or memory (ENOMEM), not because of the file: safetensors'
+    own mmap raises MemoryError ("Cannot allocate memory (os error 12)"), torch's mmap of the tensors' storage a
+    RuntimeError ("unable to mmap N bytes from file <...>: Cannot allocate memory (12)")."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return True
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, OSError)) and any(
+        marker in text for marker in ("Cannot allocate memory", "can't allocate memory"))
+
+
+def out_of_memory_error(weights: Path, verb: str = "map") -> UserError:
+    """One line for out_of_memory(): the file, its size and the address-space limit (RLIMIT_AS, `ulimit -v`)."""
+    try:
+        size = f"{Path(weights).stat().st_size / 2**30:.2f} GiB file"
+    except OSError:
+        size = "file"
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        limit = "" if soft == resource.RLIM_INFINITY else f", address-space limit {soft / 2**30:.2f} GiB"
+    except (ImportError, OSError, ValueError):
+        limit = ""
+    return UserError(f"cannot {verb} weights file {weights}: out of address space/memory ({size}{limit}); raise "
+                     f"the limit (ulimit -v) or free memory")
+
+
 def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     if weights.suffix == ".safetensors":
         try:
             return load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{weights} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:
+            if out_of_memory(exc):  # the file is mapped, not read: its size counts against the address space
+                raise out_of_memory_error(weights) from None
+            if isinstance(exc, (SafetensorError, OSError, ValueError)):
+                raise UserError(f"{weights} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+            raise
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
             warnings.simplefilter("ignore")
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses code; any failure here means the file is unusable
+        if out_of_memory(exc):
+            raise out_of_memory_error(weights, "read") from None
         raise UserError(f"{weights} could not be loaded as a plain tensor state dict (weights_only): "
                         f"{_unpickling_reason(exc)[:200]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -17,7 +17,7 @@ import torch
 from compressor.atomic import sha256_file
 from compressor.errors import UserError
 from compressor.hf_offline import offline_transformers
-from compressor.inputs.checkpoint import check_plausible_size, expected_params
+from compressor.inputs.checkpoint import check_plausible_size, expected_params, out_of_memory, out_of_memory_error
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
 from compressor.inputs.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
@@ -197,7 +197,9 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
         # eager attention: one plain softmax(QKᵀ)V graph that exports the same for every input shape
         inner = auto.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager",
                                      use_safetensors=weights.name.startswith("model.safetensors"))
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError, MemoryError) as exc:
+        if out_of_memory(exc):  # safetensors maps the weights: their size counts against the address space
+            raise out_of_memory_error(weights) from None
         raise UserError(f"{folder}: transformers could not load the model ({_first_line(exc)})") from None
     inner.eval()
     _check_weights(inner, weights)

@@ -172,6 +172,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                           "stage order"),
     "empty-calibration-data": (lambda d: _unreadable_weights_recipe(
         d, "--recipe", "int4-gptq", "--set", "quantize.calibration_samples=0"), "calibration_samples must be at least"),
+    # a per-layer override whose pattern would backtrack for hours on one module name, inside the run
+    "override-regex-nested-repeats": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "int4", "--set", 'quantize.overrides={"re:(a+)+$": {bits: 8}}'),
+        "quantize.overrides: 're:(a+)+$' nests a repeat"),
 }
 # More of the same (and siblings of the cases above), run in-process through the same CLI (click's test runner:
 # exit code and output as a user sees them) to spare the start-up of a process each.
@@ -215,6 +219,15 @@ IN_PROCESS_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "recipe-missing": (lambda d: _unreadable_weights_recipe(d, "--recipe", str(d / "nope.yaml")), "cannot read recipe"),
     "recipe-targets-not-names": (lambda d: _recipe_file(d, "passes:\n  - quantize: {targets: [1, 2]}\n"),
                                  "must be a list of module names"),
+    "override-regex-overlapping-alternatives": (lambda d: _recipe_file(
+        d, "passes:\n  - quantize: {bits: 4, overrides: {'re:^(block|blocks|s)+$': {bits: 8}}}\n"),
+        "repeats alternatives that can match the same text"),
+    "override-regex-repeated-optional": (lambda d: _unreadable_weights_recipe(
+        d, "--set", 'quantize.overrides={"re:(a?){30}a{30}": {bits: 8}}'), "nests a repeat"),
+    "targets-regex-competing-repeats": (lambda d: _unreadable_weights_recipe(
+        d, "--recipe", "int4", "--set", "quantize.targets=re:.*.*.*.*.*x"), "5 repeats that compete"),
+    "ignore-regex-overlong": (lambda d: _unreadable_weights_recipe(
+        d, "--set", "prune.ignore=re:" + "(lm_head)?" * 30), "longer than 256 characters"),
     "negative-seed": (lambda d: ["gpt-xs", "--seed", "-1"], "Invalid value for '--seed'"),
     "unknown-provider": (lambda d: ["gpt-xs", "--provider", "tpu"], "Invalid value for '--provider'"),
 }
@@ -279,6 +292,60 @@ def test_more_bad_inputs_in_process(tmp_path, monkeypatch, name):
     result = CliRunner().invoke(main, ["run", *_arguments(name, tmp_path), *FAST])
     _assert_one_line_error(result.exit_code, result.output, IN_PROCESS_CASES[name][1])
     _assert_nothing_written(name, tmp_path)
+
+
+# --- weights that cannot be mapped: an address-space limit (RLIMIT_AS, `ulimit -v`) ----------------------------
+
+ADDRESS_SPACE = 64 << 30  # ample for Python, torch and ONNX Runtime to start (they take ~1 GiB) ...
+SPARSE_WEIGHTS = 1 << 40  # ... but not for mapping a 1 TiB weights file (sparse: it takes 4 KiB of disk)
+
+
+def _sparse_safetensors(path: Path, size: int = SPARSE_WEIGHTS) -> None:
+    """A valid safetensors file of one float32 tensor of `size` bytes, all zeros and never written: a sparse file.
+    Skips where the filesystem would really allocate it."""
+    header = json.dumps({"big": {"dtype": "F32", "shape": [size // 4], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + size)
+    if path.stat().st_blocks * 512 > 1 << 20:
+        path.unlink()
+        pytest.skip(f"the filesystem of {path.parent} does not keep sparse files")
+
+
+def _run_with_address_space_limit(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit():  # in the child, before `compress` starts: its whole life runs under the limit
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+    return subprocess.run([*COMPRESS, "run", *args, *FAST], capture_output=True, text=True, cwd=cwd, env=ENV,
+                          timeout=300, preexec_fn=limit)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS as Linux applies it to mmap")
+def test_weights_larger_than_the_address_space_are_one_line_exit_2(tmp_path):
+    """safetensors maps the file (it is not read): under the limit the mmap fails with ENOMEM, a MemoryError from
+    safetensors' own mapping or a RuntimeError from torch's; either was an 'unexpected ... (a bug)' exit 3."""
+    ckpt = _checkpoint(tmp_path, weights=False)
+    _sparse_safetensors(ckpt / "model.safetensors")
+    done = _run_with_address_space_limit([str(ckpt), "--out", str(tmp_path / "out")], tmp_path)
+    _assert_one_line_error(done.returncode, done.stderr, f"cannot map weights file {ckpt / 'model.safetensors'}: "
+                                                         "out of address space/memory (1024.00 GiB file, "
+                                                         "address-space limit 64.00 GiB)")
+    _assert_nothing_written("address-space", tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS as Linux applies it to mmap")
+def test_hf_weights_larger_than_the_address_space_are_one_line_exit_2(tiny_llama, tmp_path):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama, folder)
+    _sparse_safetensors(folder / "model.safetensors")
+    done = _run_with_address_space_limit([str(folder), "--out", str(tmp_path / "out")], tmp_path)
+    _assert_one_line_error(done.returncode, done.stderr, f"cannot map weights file {folder / 'model.safetensors'}: "
+                                                         "out of address space/memory")
+    _assert_nothing_written("address-space", tmp_path)
 
 
 def test_force_replaces_an_existing_artifact(tmp_path):

@@ -241,6 +241,75 @@ def test_property_set_values(target, key, value, base):
     _holds(lambda: resolve_recipe(base, (f"{target}.{key}={value}",)))
 
 
+# ------------------------------------------------------------------------- re: patterns that backtrack for hours
+# Each refused one takes exponential (or n^4 and more) time in Python's re on a module name that nearly matches;
+# the checker (compressor.recipes.regex_backtracking_problem) finds them in re's own parse tree.
+REFUSED_PATTERNS = {
+    r"(a+)+$": "nests a repeat", r"(a*)*$": "nests a repeat", r"((ab)+)+$": "nests a repeat",
+    r"(x+x+)+y": "nests a repeat", r"(\w+\s?)+$": "nests a repeat", r"(a?){30}a{30}": "nests a repeat",
+    r"(.*a){12}": "nests a repeat", r"^(([a-z])+.)+[A-Z]([a-z])+$": "nests a repeat",
+    r"(a|a)+$": "repeats alternatives", r"(a|aa)+$": "repeats alternatives", r"(\d+|\w+)*x": "repeats alternatives",
+    r"^(block|blocks|s)+$": "repeats alternatives",
+    ".*.*.*.*x": "4 repeats that compete", "a?" * 30 + "a" * 30: "30 repeats that compete",
+    "(lm_head)?" * 30: "longer than 256 characters",
+}
+ACCEPTED_PATTERNS = [
+    "lm_head", r"^model\.layers\.\d+\.(q|k|v)_proj$", ".*attn.*", r"blocks\.[0-3]\.", r"(\w+\.)*x$",
+    r"^(\w+\.)*\w+$", "(ab|a)+$", "(lm_head|layers)+", r"(\.\d+){2}", r"^(model\.)?layers\.\d+\.(self_)?attn",
+    ".*a.*b.*c", r"mlp\.(fc_in|fc_out)", "(?=.*attn).*proj", r"\bq_proj\b", r"[^.]+\.weight",
+    r"(?:blocks\.\d+\.)+mlp", ".*", "(?i)(a|A)+$", r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|output)",
+]
+
+
+@pytest.mark.parametrize("pattern", REFUSED_PATTERNS)
+def test_regex_that_backtracks_catastrophically_is_refused(pattern):
+    from compressor.recipes import regex_backtracking_problem
+
+    assert REFUSED_PATTERNS[pattern] in regex_backtracking_problem(pattern)
+    # the same, in each place a recipe holds module patterns: one line, before any model loads
+    for override in (f"quantize.overrides={json.dumps({'re:' + pattern: {'bits': 8}})}",
+                     f"prune.targets=re:{pattern}", f"lowrank.ignore=re:{pattern}"):
+        line = _user_error(lambda: resolve_recipe("int4", (override,)))
+        assert REFUSED_PATTERNS[pattern] in line and line.split(":")[0] in (
+            "quantize.overrides", "prune.targets", "lowrank.ignore"), line
+
+
+@pytest.mark.parametrize("pattern", ACCEPTED_PATTERNS)
+def test_usual_module_patterns_are_accepted_and_fast(pattern):
+    import re
+
+    from compressor.recipes import regex_backtracking_problem
+
+    assert regex_backtracking_problem(pattern) is None
+    recipe = resolve_recipe("int4", (f"quantize.overrides={json.dumps({'re:' + pattern: {'bits': 8}})}",))
+    assert recipe.passes[0][1].overrides == {"re:" + pattern: {"bits": 8}}
+    started = time.monotonic()  # module names that nearly match, 256 characters: the worst a checked one gets
+    for name in ("a" * 255 + "!", "ab" * 128, "a." * 128, "1" * 256, "blocks.0." * 28):
+        re.search(pattern, name)
+    assert time.monotonic() - started < 5
+
+
+def test_presets_patterns_pass_the_backtracking_check():
+    from compressor.recipes import PRESETS
+
+    for name in PRESETS:
+        assert isinstance(resolve_recipe(name), Recipe)
+
+
+REGEX_PIECES = st.sampled_from(["a", "b", ".", r"\w", r"\d", "[ab]", "[^b]", "(", ")", "(?:", "|", "*", "+", "?",
+                                "{2,5}", "{3}", "*?", "$", "^", r"\b", "(?=", "(?!", r"\1", "(?i)", "++", "(?>"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(REGEX_PIECES, max_size=16))
+def test_property_backtracking_check_never_fails(pieces):
+    """Whatever the pattern (compilable or not), the check returns None or one short line; never raises."""
+    from compressor.recipes import regex_backtracking_problem
+
+    problem = regex_backtracking_problem("".join(pieces))
+    assert problem is None or _short_line(problem)
+
+
 # ------------------------------------------------------------------------------------- an artifact to tamper with
 
 @pytest.fixture(scope="module")
