@@ -22,6 +22,7 @@ from torch import nn
 from compressor.atomic import sha256_file
 from compressor.errors import UserError
 from compressor.inputs.source import Source
+from compressor.kv_cache import PAST_PREFIX, has_cache
 from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
 from passes.calibration import excerpt
@@ -100,8 +101,11 @@ def read_task_metadata(metadata: dict[str, str], where) -> tuple[str, dict]:
 
 
 def check_graph_inputs(session, task, where) -> None:
-    """The graph takes the inputs its family's task feeds (a gpt graph labelled seq2seq would fail mid-run)."""
+    """The graph takes the inputs its family's task feeds (a gpt graph labelled seq2seq would fail mid-run), plus,
+    for a decoder with a KV cache, the mask and pasts that compressor.kv_cache fills in for a full-sequence call."""
     names = [i.name for i in session.get_inputs()]
+    if has_cache(session):
+        names = [n for n in names if n != "attention_mask" and not n.startswith(PAST_PREFIX)]
     if sorted(names) != sorted(task.INPUT_NAMES):
         raise UserError(f"{where}: the graph's inputs ({excerpt(names, 100)}) are not those of its family's task "
                         f"({', '.join(task.INPUT_NAMES)})")
