@@ -28,7 +28,9 @@ def test_int4_fused_lowers_then_fuses(compress, tmp_path, optimized_ops):
     assert sum(n.op_type == "SkipLayerNormalization" for n in graph.node) == 4
     assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 2
     ops, _ = optimized_ops(tmp_path / "o" / "model.onnx", tmp_path)
-    assert ops["MatMulNBits"] == len(report["passes"][0]["layers"]) == 13  # 6 Linears per block, lm_head
+    # 13 quantized Linears (6 per block, lm_head); each block's q/k/v are packed into one (exporters.pack)
+    assert len(report["passes"][0]["layers"]) == 13 and ops["MatMulNBits"] == 13 - 2 * 2
+    assert "MatMul" not in ops  # nothing left in fp32
     assert report["gates"]["passed"]
 
 

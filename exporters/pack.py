@@ -1,0 +1,114 @@
+"""Pack sibling MatMuls (several Linears reading the same activation: a decoder's q/k/v, a gated MLP's gate/up)
+into one MatMul over their weights laid side by side, then Split its output back into theirs.
+
+One wider kernel instead of two or three narrow ones: at decode time (one token, M = 1) each MatMulNBits call
+costs a thread-pool round trip, which is what a 135M model's 7 calls per layer are made of. Weights are packed
+only where the pieces store alike: fp32 initializers [K, N_i], or DequantizeLinear of integer codes [K, N_i] with
+the same code type, axis, block size and zero-point presence (scales and zero points [K/B, N_i] or [N_i]
+concatenate along N, so every column keeps its own scale). The packed weight is still DequantizeLinear ->
+MatMul, which ONNX Runtime fuses into one MatMulNBits. Anything else (codebooks, float zero points with their
+offset terms, a weight read twice) is left as it is. Values are unchanged: concatenation only.
+"""
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weight_kind(weight: str, producers: dict, initializers: dict, consumers: dict):
+    """('fp32', (init,)) or ('dq', (codes, scale, zero_point | None), dq node, attrs) or None."""
+    if weight in initializers:
+        init = initializers[weight]
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(init.dims) == 2 \
+                and len(consumers[weight]) == 1:
+            return ("fp32", init.data_type), [init], None
+        return None
+    node = producers.get(weight)
+    if node is None or node.op_type != "DequantizeLinear" or len(consumers[weight]) != 1:
+        return None
+    inputs = [initializers.get(name) for name in node.input]
+    if any(i is None for i in inputs) or len(inputs[0].dims) != 2:
+        return None
+    attrs = _attrs(node)
+    if attrs.get("axis", 1) == 0 and "block_size" not in attrs:
+        return None
+    if "axis" not in attrs and "block_size" not in attrs and len(inputs[1].dims) == 0:
+        return None  # per-tensor: one scale each, not concatenable
+    key = ("dq", inputs[0].data_type, inputs[1].data_type, len(inputs), attrs.get("axis"), attrs.get("block_size"),
+           tuple(len(i.dims) for i in inputs))
+    if any(len(consumers[name]) != 1 for name in node.input):
+        return None
+    return key, inputs, node
+
+
+def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
+    """Rewrite `proto` in place; returns how many MatMuls were folded into others."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    groups = defaultdict(list)
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        kind = _weight_kind(node.input[1], producers, initializers, consumers)
+        if kind is not None:
+            groups[(node.input[0], kind[0])].append((node, kind))
+    packed, removed_nodes, removed_inits, new_inits, replacements = 0, set(), set(), [], {}
+    for (activation, key), members in groups.items():
+        if len(members) < 2:
+            continue
+        first_node = members[0][0]
+        name = f"{first_node.output[0]}.packed"
+        widths = []
+        if key[0] == "fp32":
+            arrays = [numpy_helper.to_array(kind[1][0]) for _, kind in members]
+            widths = [a.shape[1] for a in arrays]
+            new_inits.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{name}.weight"))
+            weight_out, extra_nodes = f"{name}.weight", []
+            removed_inits |= {kind[1][0].name for _, kind in members}
+        else:
+            parts = list(zip(*[kind[1] for _, kind in members]))  # (codes...), (scales...), (zero points...)
+            codes = [numpy_helper.to_array(c) for c in parts[0]]
+            widths = [c.shape[1] for c in codes]
+            names = [f"{name}.codes", f"{name}.scale", f"{name}.zero_point"][:len(parts)]
+            for tensors, packed_name in zip(parts, names):
+                arrays = [numpy_helper.to_array(t) for t in tensors]
+                new_inits.append(numpy_helper.from_array(np.concatenate(arrays, axis=-1), packed_name))
+                removed_inits |= {t.name for t in tensors}
+            dq = members[0][1][2]
+            weight_out = f"{name}.dequantized"
+            extra_nodes = [helper.make_node("DequantizeLinear", names, [weight_out], name=f"{name}.DequantizeLinear",
+                                            **_attrs(dq))]
+            removed_nodes |= {id(kind[2]) for _, kind in members}
+        split_name = f"{name}.split"
+        new_inits.append(numpy_helper.from_array(np.asarray(widths, np.int64), split_name))
+        extra_nodes += [helper.make_node("MatMul", [activation, weight_out], [f"{name}.out"], name=f"{name}.MatMul"),
+                        helper.make_node("Split", [f"{name}.out", split_name], [m.output[0] for m, _ in members],
+                                         name=f"{name}.Split", axis=-1)]
+        replacements[id(first_node)] = extra_nodes
+        removed_nodes |= {id(m) for m, _ in members[1:]}
+        packed += len(members) - 1
+    if not packed:
+        return 0
+    nodes = []
+    for node in graph.node:
+        if id(node) in replacements:
+            nodes += replacements[id(node)]
+        elif id(node) not in removed_nodes:
+            nodes.append(node)
+    # DequantizeLinear nodes of packed weights read only initializers; the new one goes where the first MatMul was
+    kept = [t for t in graph.initializer if t.name not in removed_inits]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return packed
