@@ -22,6 +22,7 @@ from compressor.tasks import measure
 from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, validate
 from exporters.genai_config import generation_files
 from exporters.onnx_export import ExportError, finalize
+from exporters.float16 import to_float16
 from exporters.pack import pack_parallel_matmuls
 from exporters.qdq import LoweringError, lower_to_qdq
 from passes.registry import GRAPH, PASSES, TORCH
@@ -62,6 +63,9 @@ def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log
 
 
 def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
+    if recipe.export.dtype != "float32" and adapter.kind == "onnx":
+        raise UserError(f"export.dtype {recipe.export.dtype} needs a checkpoint input: an "
+                        f"{adapter.kind.upper()} input is written back at its own float32")
     for name, config in recipe.passes:
         if adapter.passes is not None and name not in adapter.passes:
             raise UserError(f"{name} needs the torch model: an {adapter.kind.upper()} input takes only "
@@ -86,7 +90,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     baseline_latency, input_artifact = None, None
     if recipe.passes and (recipe.gates.min_speedup is not None or source.generates):
         # the input model as exported, before the passes rewrite it: the speed-ups' denominator
-        input_artifact = _export_input(source, parity_batch, scratch / "input_fp32.onnx", log)
+        input_artifact = _export_input(source, parity_batch, scratch / "input.onnx", recipe.export.dtype, log)
     if recipe.gates.min_speedup is not None:
         measured = run_benchmark(input_artifact, source.task, source.config, "cpu", options.bench)
         baseline_latency = {k: v for k, v in measured.items() if k.startswith("batch")}
@@ -109,7 +113,8 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         pass_records.append(record)
         log(f"{name}: {record.get('label', '')} -> {task.METRIC} {metrics[task.METRIC]:.4f} (before export), "
             f"{record['params']:,} params, {record['bits_per_param']:.3f} bits/param")
-    bits = source.bits(model, quantized)
+    float16 = recipe.export.dtype == "float16"
+    bits = source.bits(model, quantized, float_bits=16) if float16 else source.bits(model, quantized)
     reference_logits = source.logits_fn(model, quantized)(parity_batch)
 
     log(f"exporting to {out_dir / ARTIFACT_NAME}")
@@ -125,7 +130,10 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         raise UserError(str(exc)) from None
     del quantized
     proto, graph_records = _graph_passes(proto, recipe, progress, log)
-    _pack(proto)
+    if recipe.passes:  # an fp32 artifact keeps one weight per module: it is also an input (an ONNX one) for later runs
+        _pack(proto)
+    if float16:
+        proto = to_float16(proto)
     pass_records += [{**record, **bits} for record in graph_records]
     metadata = {**source.metadata,
                 "compressor.version": __version__,
@@ -157,8 +165,9 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         int_weights = bool(lowering and lowering["lowered"])
         results = validate(task, source.config, artifact, heldout, list(options.providers),
                            torch_accuracy=metrics[task.METRIC], reference_logits=reference_logits,
-                           tolerances=Tolerances.for_artifact(int_weights), bench=options.bench, progress=progress,
-                           input_artifact=input_artifact)
+                           tolerances=Tolerances.for_artifact(int_weights, float16), bench=options.bench,
+                           progress=progress, input_artifact=input_artifact,
+                           exact=Tolerances.for_artifact(False, float16))
         results["memory"]["compress_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         model_record = {**source.record, "params": bits["params"], "input_params": input_bits["params"]}
         report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts, lowering,
@@ -193,12 +202,15 @@ def _pack(proto: onnx.ModelProto) -> None:
         pack_parallel_matmuls(proto)
 
 
-def _export_input(source: Source, sample_inputs: dict, path: Path, log) -> Path:
-    log("exporting the fp32 input model as the speed baseline")
+def _export_input(source: Source, sample_inputs: dict, path: Path, dtype: str, log) -> Path:
+    """The input model exported as the artifact will be (packed, at the artifact's float type), unquantized."""
+    log(f"exporting the input model ({dtype}) as the speed baseline")
     try:
         metadata = {"compressor.model_config": json.dumps(source.config, sort_keys=True)}  # its position limit
         proto = source.export(source.model, sample_inputs, False)
         _pack(proto)  # as the artifact will be: the speed-ups compare quantization, not packing
+        if dtype == "float16":
+            proto = to_float16(proto)
         save_onnx(finalize(proto, metadata), path)
     except ExportError as exc:
         raise UserError(str(exc)) from None

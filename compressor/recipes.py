@@ -87,21 +87,36 @@ def _fits_a_float(value) -> bool:
         return False
 
 
+EXPORT_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class Export:
+    """How the artifact stores what is not k-bit: float32, or float16 for the CUDA execution provider (whose
+    MatMulNBits and GroupQueryAttention kernels are float16; see exporters/float16.py)."""
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export.dtype must be one of {', '.join(EXPORT_DTYPES)}, not {_excerpt(self.dtype)}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
     passes: tuple[tuple[str, object], ...]  # (pass name, frozen config)
     gates: Gates = field(default_factory=Gates)
+    export: Export = field(default_factory=Export)
 
     def to_dict(self) -> dict:
         return {"name": self.name,
                 "passes": [{"name": n, "config": dataclasses.asdict(c)} for n, c in self.passes],
-                "gates": dataclasses.asdict(self.gates)}
+                "gates": dataclasses.asdict(self.gates), "export": dataclasses.asdict(self.export)}
 
     def to_yaml(self) -> str:
         """The resolved recipe in the file format `--recipe FILE` reads back."""
         body = {"passes": [{n: _plain(dataclasses.asdict(c))} for n, c in self.passes],
-                "gates": dataclasses.asdict(self.gates)}
+                "gates": dataclasses.asdict(self.gates), "export": dataclasses.asdict(self.export)}
         return f"# resolved from: {self.name}\n" + yaml.safe_dump(body, sort_keys=False)
 
 
@@ -415,9 +430,9 @@ def _did_you_mean(word, choices) -> str:
     return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(choices)}"
 
 
-def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict]:
+def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict, dict]:
     """A YAML recipe: `passes:` a list of one-key mappings {pass: {field: value}} in stage order, and optional
-    `gates:`. Returns (passes in file order, gates)."""
+    `gates:` and `export:`. Returns (passes in file order, gates, export)."""
     where = _where(path)
     try:
         path = Path(path)
@@ -434,10 +449,10 @@ def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict]:
         raise UserError(f"cannot read recipe {where}: {_one_line(exc, 120)}") from None
     document = _read_yaml(text, f"recipe {where}")
     if not isinstance(document, dict):
-        raise UserError(f"recipe {where}: expected a mapping with 'passes' (and optionally 'gates')")
+        raise UserError(f"recipe {where}: expected a mapping with 'passes' (and optionally 'gates', 'export')")
     for key in document:
-        if key not in ("passes", "gates"):
-            raise UserError(f"recipe {where}: unknown key {_excerpt(key)} ({_did_you_mean(key, ['passes', 'gates'])})")
+        if key not in SECTIONS:
+            raise UserError(f"recipe {where}: unknown key {_excerpt(key)} ({_did_you_mean(key, SECTIONS)})")
     entries = document.get("passes")
     entries = [] if entries is None else entries
     if not isinstance(entries, list) or not all(isinstance(e, dict) and len(e) == 1 for e in entries):
@@ -455,20 +470,26 @@ def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict]:
             raise UserError(f"recipe {where}: {pass_name!r} comes after {list(passes)[-1]!r}; the stage order is "
                             f"{STAGE_ORDER}")
         passes[pass_name] = dict(fields or {})
-    gates = document.get("gates")
-    gates = {} if gates is None else gates
-    if not isinstance(gates, dict):
-        raise UserError(f"recipe {where}: 'gates' must be a mapping")
-    return passes, gates
+    sections = []
+    for section in ("gates", "export"):
+        fields = document.get(section)
+        fields = {} if fields is None else fields
+        if not isinstance(fields, dict):
+            raise UserError(f"recipe {where}: '{section}' must be a mapping")
+        sections.append(fields)
+    return passes, *sections
 
 
-def _build_gates(fields: dict) -> Gates:
-    known = {f.name for f in dataclasses.fields(Gates)}
+SECTIONS = ("passes", "gates", "export")
+
+
+def _build_section(kind: type, section: str, fields: dict):
+    known = {f.name for f in dataclasses.fields(kind)}
     for key in fields:
         if key not in known:
-            raise UserError(f"gates: unknown key {_excerpt(key)} ({_did_you_mean(key, known)})")
+            raise UserError(f"{section}: unknown key {_excerpt(key)} ({_did_you_mean(key, known)})")
     try:
-        return Gates(**fields)
+        return kind(**fields)
     except (TypeError, ValueError) as exc:
         raise UserError(_one_line(exc)) from None
 
@@ -481,19 +502,20 @@ def _is_file(name: str) -> bool:
 
 
 def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
-    """A preset name or a YAML file path, then the --set overrides (gates.KEY=VALUE included)."""
+    """A preset name or a YAML file path, then the --set overrides (gates.KEY=VALUE and export.KEY=VALUE
+    included)."""
     if name.endswith((".yaml", ".yml")) or _is_file(name):
-        file_passes, gate_fields = load_recipe_file(Path(name))
-        passes = file_passes
+        passes, gate_fields, export_fields = load_recipe_file(Path(name))
     elif name in PRESETS:
         passes = {pass_name: dict(fields) for pass_name, fields in PRESETS[name].items()}
-        gate_fields = {}
+        gate_fields, export_fields = {}, {}
     else:
         raise UserError(f"unknown recipe {_excerpt(name)} (presets: {', '.join(PRESETS)}; or a .yaml file)")
     for text in overrides:
         pass_name, key, value = _parse_override(text)
-        if pass_name == "gates":
-            gate_fields[key] = _read_override(f"--set {_excerpt(text)}", value)
+        if pass_name in ("gates", "export"):
+            fields = gate_fields if pass_name == "gates" else export_fields
+            fields[key] = _read_override(f"--set {_excerpt(text)}", value)
             continue
         if pass_name not in PASSES:
             raise UserError(f"--set {_excerpt(text)}: unknown pass {_excerpt(pass_name)} "
@@ -502,7 +524,8 @@ def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
     order = sorted(passes, key=lambda p: PASSES[p].stage)  # a pass added by --set takes its stage's place
     built = tuple((pass_name, _build(pass_name, passes[pass_name])) for pass_name in order)
     label = name if not overrides else f"{name} + {' '.join(overrides)}"
-    return Recipe(label, built, _build_gates(gate_fields))
+    return Recipe(label, built, _build_section(Gates, "gates", gate_fields),
+                  _build_section(Export, "export", export_fields))
 
 
 def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:

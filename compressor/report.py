@@ -95,13 +95,13 @@ def render_markdown(report: dict) -> str:
                   f"{generation['artifact']['prompt_tokens']}-token prompt, "
                   f"{generation['artifact']['new_tokens']} new tokens; medians)", "",
                   "| model | prefill ms | decode tokens/s | ms/token | peak RSS MiB |", "|---|---|---|---|---|"]
-        for name, label in (("input_fp32", "input model, fp32 export"), ("artifact", "this artifact")):
+        for name, label in (("input", "input model, same export, not compressed"), ("artifact", "this artifact")):
             if name in generation:
                 g = generation[name]
                 lines.append(f"| {label} | {_fmt(g['prefill_ms'])} | {_fmt(g['decode_tokens_per_s'])} | "
                              f"{_fmt(g['decode_ms_per_token'])} | {g['peak_rss_mb']:.0f} |")
         if "speedup" in generation:
-            lines += ["", f"Speed-up over the fp32 export: decode {generation['speedup']['decode']:.2f}x, "
+            lines += ["", f"Speed-up over the input model: decode {generation['speedup']['decode']:.2f}x, "
                       f"prefill {generation['speedup']['prefill']:.2f}x"]
     if "compress_peak_rss_mb" in report["memory"]:
         lines += ["", f"Peak RSS of `compress run` itself (load, passes, export, validation): "
