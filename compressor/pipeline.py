@@ -77,7 +77,12 @@ def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
 
 def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions, log, scratch: Path) -> dict:
     task, model, progress = source.task, source.model, options.progress
-    input_bits = source.bits(model, {})
+    input_bits = source.bits(model, {})  # the input as given: fp32
+    float16 = recipe.export.dtype == "float16"
+
+    def bits_of(model, quantized: dict) -> dict:  # as the artifact stores it (ONNX inputs are refused float16)
+        return source.bits(model, quantized, float_bits=16) if float16 else source.bits(model, quantized)
+
     log(f"loaded {source.name} ({source.family}, {input_bits['params']:,} params) from {source.record['source']}; "
         f"recipe {recipe.name}")
     heldout = task.heldout_data(source.config, options.eval_limit)
@@ -107,14 +112,13 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         except ValueError as exc:
             raise UserError(f"{name}: {exc}") from None
         quantized.update(record.pop("quantized", {}))
-        record.update(source.bits(model, quantized))
+        record.update(bits_of(model, quantized))
         metrics = measure(task, source.logits_fn(model, quantized), heldout, progress)
         record.update(metrics)
         pass_records.append(record)
         log(f"{name}: {record.get('label', '')} -> {task.METRIC} {metrics[task.METRIC]:.4f} (before export), "
             f"{record['params']:,} params, {record['bits_per_param']:.3f} bits/param")
-    float16 = recipe.export.dtype == "float16"
-    bits = source.bits(model, quantized, float_bits=16) if float16 else source.bits(model, quantized)
+    bits = bits_of(model, quantized)
     reference_logits = source.logits_fn(model, quantized)(parity_batch)
 
     log(f"exporting to {out_dir / ARTIFACT_NAME}")

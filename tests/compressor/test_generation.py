@@ -111,3 +111,25 @@ def test_heads_gqa_cannot_take_export_without_a_cache(compress, tiny_llama, tmp_
     inputs = [i.name for i in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.input]
     assert inputs == ["input_ids"]
     assert "generation" not in json.loads((tmp_path / "o" / "report.json").read_text())
+
+
+def test_float16_export_for_cuda(compress, gpt_int4, tmp_path):
+    import onnx
+
+    out = tmp_path / "f16"
+    done = compress("run", "gpt-xs", "--recipe", "int4", "--set", "export.dtype=float16", "--out", str(out), *FAST)
+    assert done.returncode == 0, done.stderr
+    graph = onnx.load(str(out / "model.onnx")).graph
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    report = json.loads((out / "report.json").read_text())
+    fp32 = json.loads((gpt_int4 / "report.json").read_text())
+    assert report["recipe"]["export"] == {"dtype": "float16"}
+    # the same codes, with scales and every other parameter at 16 bits instead of 32
+    assert report["passes"][0]["unquantized_bits_per_param"] == 16
+    assert report["total_model_bits"] < fp32["total_model_bits"]
+    by_provider = report["parity"]["by_provider"]
+    assert by_provider["cpu_exact"]["passed"] and by_provider["cpu_decode"]["passed"]
+    assert by_provider["cpu_exact"]["tolerance_max_rel"] == 1e-2  # float16 activations (validate.Tolerances)
+    assert report["accuracy"]["agreement"]["cpu"]["passed"]

@@ -83,3 +83,23 @@ def test_recipe_that_fits_no_layer_is_refused(overrides, needle):
     with pytest.raises(UserError) as exc:
         check_recipe_fits(resolve_recipe("int4", overrides), _gpt_xs_skeleton())
     assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_export_section_from_a_file_and_from_set(tmp_path):
+    from compressor.errors import UserError
+    from compressor.recipes import resolve_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("passes:\n  - quantize: {bits: 4}\nexport: {dtype: float16}\n")
+    recipe = resolve_recipe(str(path))
+    assert recipe.export.dtype == "float16" and "export:\n  dtype: float16" in recipe.to_yaml()
+    assert resolve_recipe("int4", ("export.dtype=float16",)).export.dtype == "float16"
+    assert resolve_recipe("int4").export.dtype == "float32"
+    for bad, message in ((("export.dtype=bf16",), "export.dtype must be one of float32, float16"),
+                         (("export.dtyp=float16",), "export: unknown key 'dtyp'")):
+        try:
+            resolve_recipe("int4", bad)
+        except UserError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
