@@ -154,15 +154,44 @@ def _latency_bars(report: dict) -> dict[str, dict[str, tuple[float, float]]]:
     return bars
 
 
+def _decode_bars(report: dict) -> dict[str, float]:
+    """Decoders with a KV cache: {label: decode tokens/s}, the uncompressed input beside the artifact per EP."""
+    bars = {}
+    for provider, generation in (report.get("generation") or {}).items():
+        for name, label in (("input", "input"), ("artifact", "artifact")):
+            value = _finite((generation.get(name) or {}).get("decode_tokens_per_s"))
+            if not math.isnan(value):
+                bars[f"{provider}\n{label}"] = value
+    return bars
+
+
+def _decode_panel(ax, bars: dict[str, float]) -> None:
+    positions = range(len(bars))
+    ax.bar(positions, list(bars.values()), width=0.5,
+           color=["0.6" if label.endswith("input") else "C2" for label in bars])
+    for x, value in zip(positions, bars.values()):
+        ax.annotate(f"{value:.3g}", (x, value), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.set_xticks(list(positions), list(bars), fontsize=9)
+    ax.set_xlim(-0.8, len(bars) - 0.2)
+    ax.set_title("generation (KV cache)")
+    ax.set_ylabel("decode tokens/s (higher is better)")
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def latency_figure(report: dict) -> Figure | None:
-    """One panel per batch size: p50 latency per EP as a bar, p90 as the whisker above it."""
-    bars = _latency_bars(report)
+    """One panel per batch size: p50 latency per EP as a bar, p90 as the whisker above it; for a decoder with a
+    KV cache, one more: decode tokens/s of the artifact beside the uncompressed input's."""
+    bars, decode = _latency_bars(report), _decode_bars(report)
     batches = sorted({key for stats in bars.values() for key in stats},
                      key=lambda key: int(key[5:]) if key[5:].isdigit() else 0)
     if not batches:
         return None
-    figure = Figure(figsize=(3.2 * len(batches) + 1.5, 4.5), layout="constrained")
-    axes = figure.subplots(1, len(batches), squeeze=False)[0]
+    panels = len(batches) + bool(decode)
+    figure = Figure(figsize=(3.2 * panels + 1.5, 4.5), layout="constrained")
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    if decode:
+        _decode_panel(axes[-1], decode)
     for ax, batch in zip(axes, batches):
         measured = {label: stats[batch] for label, stats in bars.items() if batch in stats}
         labels = list(measured)
@@ -187,4 +216,5 @@ def latency_figure(report: dict) -> Figure | None:
 # file name -> (renderer, alt text for report.md), in the order the report lists them
 PLOTS = {"passes.png": (passes_figure, "params, total model bits and held-out metric after each pass"),
          "accuracy_vs_size.png": (accuracy_vs_size_figure, "held-out metric vs total model bits"),
-         "latency.png": (latency_figure, "latency p50 and p90 per execution provider and batch size")}
+         "latency.png": (latency_figure, "latency p50 and p90 per execution provider and batch size; decode "
+                                        "tokens/s beside the uncompressed input's")}

@@ -78,3 +78,18 @@ def test_latency_plot_with_two_providers_and_a_baseline(int4_run, tmp_path):
                                    if key.startswith("batch")}
     png = render_png(PLOTS["latency.png"][0], several)
     assert png.startswith(PNG_MAGIC) and png != (int4_run[0] / "latency.png").read_bytes()
+
+
+def test_latency_plot_has_a_decode_panel_for_decoders(int4_run):
+    from compressor.plots import latency_figure
+
+    _, report = int4_run
+    assert set(report["generation"]["cpu"]) >= {"artifact", "input"}  # gpt-xs int4: a KV-cache decoder
+    panels = latency_figure(report).axes
+    assert [ax.get_title() for ax in panels] == ["batch 1", "batch 16", "generation (KV cache)"]
+    heights = [bar.get_height() for bar in panels[-1].patches]
+    generation = report["generation"]["cpu"]
+    assert heights == [generation["input"]["decode_tokens_per_s"], generation["artifact"]["decode_tokens_per_s"]]
+    without = copy.deepcopy(report)
+    del without["generation"]
+    assert len(latency_figure(without).axes) == 2
