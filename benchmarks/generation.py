@@ -1,10 +1,11 @@
-"""Generation speed of decoder artifacts side by side, interleaved in one run: ours (`compress run` out folders)
-and ONNX Runtime GenAI Model Builder's (`python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`),
-which take the same inputs (input_ids, attention_mask, past_key_values.N.*). Each measurement is
-compressor.generation_benchmark in a fresh child (seeded random prompt, greedy, first run discarded, median of
-the rest); the models take turns for --rounds rounds and the medians over rounds are reported.
+"""Generation speed of decoder artifacts side by side, interleaved in one run: ours (`compress run` out folders),
+ONNX Runtime GenAI Model Builder's (`python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu`),
+which take the same inputs (input_ids, attention_mask, past_key_values.N.*), and llama.cpp on a GGUF file
+(benchmarks/llama_cpp_generation.py, the `bench` extra). Each measurement is a fresh child process (seeded
+random prompt, greedy, first run discarded, median of the rest: compressor.generation_benchmark for ONNX
+folders); the models take turns for --rounds rounds and the medians over rounds are reported.
 
-    python benchmarks/generation.py ours-int4=runs/smol-int4 mb-int4=mb/int4 ... [--threads 2]
+    python benchmarks/generation.py ours-int4=runs/smol-int4 mb-int4=mb/int4 llama.cpp=model.gguf [--threads 2]
         [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--rounds 2] [--name generation]
 
 Writes benchmarks/results/NAME.json and NAME.md.
@@ -12,6 +13,7 @@ Writes benchmarks/results/NAME.json and NAME.md.
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +24,17 @@ from compressor.validate import BenchmarkSettings, run_generation_benchmark  # n
 RESULTS = Path(__file__).parent / "results"
 
 
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("model.onnx*"))
+
+
+def _measure(path: str, provider: str, settings: BenchmarkSettings) -> dict:
+    if path.endswith(".gguf"):
+        command = [sys.executable, str(Path(__file__).parent / "llama_cpp_generation.py"), path,
+                   "--threads", str(settings.threads), "--prompt-tokens", str(settings.prompt_tokens),
+                   "--new-tokens", str(settings.new_tokens), "--runs", str(settings.generation_runs)]
+        return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    return run_generation_benchmark(Path(path) / "model.onnx", provider, settings)
 
 
 def main() -> None:
@@ -43,7 +54,7 @@ def main() -> None:
     measured = {label: [] for label in models}
     for round_index in range(args.rounds):
         for label, folder in models.items():
-            result = run_generation_benchmark(Path(folder) / "model.onnx", args.provider, settings)
+            result = _measure(folder, args.provider, settings)
             measured[label].append(result)
             print(f"round {round_index + 1} {label}: prefill {result['prefill_ms']:.1f} ms, decode "
                   f"{result['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
