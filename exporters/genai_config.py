@@ -64,7 +64,7 @@ def genai_config(proto: onnx.ModelProto, filename: str, context_length: int, mod
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": int(context_length), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 
