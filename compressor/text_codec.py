@@ -2,6 +2,7 @@
 or bytes (the GPT samples read UTF-8 bytes as tokens 0..255)."""
 import codecs
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from compressor.errors import UserError
 
 @dataclass
 class TextCodec:
-    encode: callable  # str -> list[int]
-    decode: callable  # list[int] (all new tokens so far) -> str
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]  # all new tokens so far -> their text
     stop_ids: tuple[int, ...]
 
 
