@@ -8,7 +8,7 @@ import onnx
 
 from compressor.errors import UserError
 
-ARTIFACT_NAME = "model.onnx"
+ARTIFACT_NAME = "model.onnx"  # compressor.artifact's, without importing its report and plotting modules
 
 
 @dataclass(frozen=True)

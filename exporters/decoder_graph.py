@@ -18,7 +18,7 @@ Why not torch.onnx.export with a cache: Hugging Face's cache classes export diff
 version, and the attention they export is a MatMul/Softmax chain ONNX Runtime runs unfused; writing the graph
 from the weights gives one layout for our GPT samples and the Llama family alike.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -74,8 +74,6 @@ class Decoder:
     positions_name: str = "positions.weight"
     rotary_inv_freq: np.ndarray | None = None  # rotary embeddings (inside GroupQueryAttention)
     rotary_scaling: float = 1.0
-    family: str = "gpt"
-    extra: dict = field(default_factory=dict)
 
 
 class _Graph:

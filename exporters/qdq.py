@@ -51,8 +51,9 @@ class _Skip(Exception):
     pass
 
 
-def _dequantize_node(name: str, inputs: list[str], out: str, scale: np.ndarray, attrs: dict) -> list:
-    dequant_out = out if scale.dtype == np.float32 else f"{name}.dequant_fp16"
+def _dequantize_node(name: str, inputs: list[str], out: str, scale_dtype: np.dtype, attrs: dict) -> list:
+    """DequantizeLinear into `out` (float32; a float16 scale dequantizes to float16, then a Cast)."""
+    dequant_out = out if scale_dtype == np.float32 else f"{name}.dequant_fp16"
     nodes = [helper.make_node("DequantizeLinear", inputs, [dequant_out], name=f"{name}.DequantizeLinear", **attrs)]
     if dequant_out != out:
         nodes.append(helper.make_node("Cast", [dequant_out], [out], name=f"{name}.Cast", to=TensorProto.FLOAT))
@@ -72,7 +73,7 @@ def _int_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
         inputs.append(f"{name}.zero_point")
     attrs = {"axis": 0, "block_size": q.block_size} if q.block_size > 0 else \
         {"axis": 1} if q.block_size == PER_CHANNEL else {}
-    return _dequantize_node(name, inputs, out, scale, attrs), initializers
+    return _dequantize_node(name, inputs, out, scale.dtype, attrs), initializers
 
 
 def _gather_table_initializers(name: str, q: Quantized) -> tuple[list, dict]:
@@ -117,11 +118,10 @@ def _gathered_rows_nodes(name: str, gather: onnx.NodeProto, q: Quantized, scale:
         nodes = [helper.make_node("Gather", [f"{name}.{part}", ids], [f"{out}.{part}_rows"], name=f"{tag}.{part}",
                                   axis=0) for part in parts]
         return nodes + _dequantize_node(f"{tag}.rows", [f"{out}.{part}_rows" for part in parts], out,
-                                        np.zeros((), scale_dtype), attrs), "gathered rows"
+                                        scale_dtype, attrs), "gathered rows"
     table = f"{name}.table_dequantized"
     table_attrs = {"axis": 1, "block_size": block}
-    nodes = _dequantize_node(f"{tag}.table", [f"{name}.{part}" for part in parts], table, np.zeros((), scale_dtype),
-                             table_attrs)
+    nodes = _dequantize_node(f"{tag}.table", [f"{name}.{part}" for part in parts], table, scale_dtype, table_attrs)
     return nodes + [helper.make_node("Gather", [table, ids], [out], name=f"{tag}.Gather", axis=0)], "whole table"
 
 

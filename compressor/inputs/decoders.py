@@ -80,7 +80,7 @@ def gpt_decoder(model: nn.Module) -> Decoder | None:
     return Decoder(vocab_size=model.token_emb.num_embeddings, max_positions=model.pos_emb.num_embeddings,
                    embed_name="token_emb.weight", embed=_array(model.token_emb.weight), layers=layers,
                    final_norm=final_norm, lm_head=None if tied else lm_head, positions=_array(model.pos_emb.weight),
-                   positions_name="pos_emb.weight", family="gpt")
+                   positions_name="pos_emb.weight")
 
 
 def hf_decoder(wrapper: nn.Module) -> Decoder | None:
@@ -123,7 +123,7 @@ def hf_decoder(wrapper: nn.Module) -> Decoder | None:
     return Decoder(vocab_size=inner.embed_tokens.num_embeddings, max_positions=int(config.max_position_embeddings),
                    embed_name="decoder.model.embed_tokens.weight", embed=_array(inner.embed_tokens.weight),
                    layers=layers, final_norm=final_norm, lm_head=lm_head, rotary_inv_freq=_array(rotary.inv_freq),
-                   rotary_scaling=float(getattr(rotary, "attention_scaling", 1.0)), family=config.model_type)
+                   rotary_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
 
 
 def is_decoder(model: nn.Module) -> bool:
