@@ -63,6 +63,8 @@ class _Group(click.Group):
                 signal.signal(getattr(signal, name), _interrupt)
         try:
             return super().invoke(ctx)
+        except click.exceptions.Exit:  # a subcommand's --help (or --version): click's normal way out
+            raise
         except click.UsageError as exc:
             _usage_error(exc)
         except UserError as exc:

@@ -35,6 +35,12 @@ def test_help_lists_the_commands():
     assert "seq2seq-reverse" in listing.output and "gpt-xs" in listing.output and "gpt-xl" in listing.output
 
 
+@pytest.mark.parametrize("command", [["run"], ["check"], ["generate"], ["bench"], ["passes"], ["sample", "train"]])
+def test_every_subcommand_help_exits_0(compress, command):
+    done = compress(*command, "--help")  # the console script: exit code and stderr as a user sees them
+    assert done.returncode == 0 and done.stdout.startswith("Usage: ") and done.stderr == "", done.stderr
+
+
 def test_train_then_run_end_to_end(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     trained = CliRunner().invoke(main, ["sample", "train", "gpt-xs", "--out", str(ckpt), "--steps", "3", "--quiet"])
