@@ -243,7 +243,7 @@ def test_property_set_values(target, key, value, base):
 
 # ------------------------------------------------------------------------- re: patterns that backtrack for hours
 # Each refused one takes exponential (or n^4 and more) time in Python's re on a module name that nearly matches;
-# the checker (compressor.recipes.regex_backtracking_problem) finds them in re's own parse tree.
+# the checker (compressor.regex_safety.regex_backtracking_problem) finds them in re's own parse tree.
 REFUSED_PATTERNS = {
     r"(a+)+$": "nests a repeat", r"(a*)*$": "nests a repeat", r"((ab)+)+$": "nests a repeat",
     r"(x+x+)+y": "nests a repeat", r"(\w+\s?)+$": "nests a repeat", r"(a?){30}a{30}": "nests a repeat",
@@ -263,7 +263,7 @@ ACCEPTED_PATTERNS = [
 
 @pytest.mark.parametrize("pattern", REFUSED_PATTERNS)
 def test_regex_that_backtracks_catastrophically_is_refused(pattern):
-    from compressor.recipes import regex_backtracking_problem
+    from compressor.regex_safety import regex_backtracking_problem
 
     assert REFUSED_PATTERNS[pattern] in regex_backtracking_problem(pattern)
     # the same, in each place a recipe holds module patterns: one line, before any model loads
@@ -278,7 +278,7 @@ def test_regex_that_backtracks_catastrophically_is_refused(pattern):
 def test_usual_module_patterns_are_accepted_and_fast(pattern):
     import re
 
-    from compressor.recipes import regex_backtracking_problem
+    from compressor.regex_safety import regex_backtracking_problem
 
     assert regex_backtracking_problem(pattern) is None
     recipe = resolve_recipe("int4", (f"quantize.overrides={json.dumps({'re:' + pattern: {'bits': 8}})}",))
@@ -304,7 +304,7 @@ REGEX_PIECES = st.sampled_from(["a", "b", ".", r"\w", r"\d", "[ab]", "[^b]", "("
 @given(pieces=st.lists(REGEX_PIECES, max_size=16))
 def test_property_backtracking_check_never_fails(pieces):
     """Whatever the pattern (compilable or not), the check returns None or one short line; never raises."""
-    from compressor.recipes import regex_backtracking_problem
+    from compressor.regex_safety import regex_backtracking_problem
 
     problem = regex_backtracking_problem("".join(pieces))
     assert problem is None or _short_line(problem)

@@ -190,18 +190,25 @@ def test_int_asymmetric_properties(data, bits):
     _check_int_asymmetric(*data, bits)
 
 
-def _check_int_asymmetric(weight, block, bits):
+def _check_zero_point_codes(q, weight, block, qmax):
+    """Codes and integer zero points in [0, qmax], one scale and zero point per group, scales finite and > 0;
+    returns the per-group scales and zero points."""
     rows, cols = weight.shape
-    q = qp.quantize_int_asymmetric(weight, bits, block)
-    qmax = 2**bits - 1
     assert q.codes.shape == weight.shape and q.codes.dtype == torch.int64
     assert int(q.codes.min()) >= 0 and int(q.codes.max()) <= qmax
     shape = _expected_scale_shape(rows, cols, block)
     assert tuple(q.scales.shape) == shape and tuple(q.zero_points.shape) == shape
-    assert q.zero_points.dtype == torch.int64
     assert int(q.zero_points.min()) >= 0 and int(q.zero_points.max()) <= qmax
     scales, zeros = _per_group(q.scales, rows, cols, block), _per_group(q.zero_points, rows, cols, block)
     assert np.isfinite(scales).all() and np.all(scales > 0)
+    return scales, zeros
+
+
+def _check_int_asymmetric(weight, block, bits):
+    q = qp.quantize_int_asymmetric(weight, bits, block)
+    qmax = 2**bits - 1
+    scales, zeros = _check_zero_point_codes(q, weight, block, qmax)
+    assert q.zero_points.dtype == torch.int64
     for g, (values, _) in enumerate(_groups64(weight, block)):
         v32 = values.astype(np.float32)
         expected = _reference_span_scale(max(v32.max(), np.float32(0)), min(v32.min(), np.float32(0)), qmax)
@@ -224,18 +231,10 @@ def test_int_float_zero_properties(data, bits):
 
 
 def _check_int_float_zero(weight, block, bits):
-    rows, cols = weight.shape
     q = qp.quantize_int_float_zero(weight, bits, block)
     qmax = 2**bits - 1
-    assert q.codes.shape == weight.shape and q.codes.dtype == torch.int64
-    assert int(q.codes.min()) >= 0 and int(q.codes.max()) <= qmax
-    shape = _expected_scale_shape(rows, cols, block)
-    assert tuple(q.scales.shape) == shape and tuple(q.zero_points.shape) == shape
-    assert tuple(q.offsets.shape) == shape
-    assert int(q.zero_points.min()) >= 0 and int(q.zero_points.max()) <= qmax
-    scales = _per_group(q.scales, rows, cols, block)
-    zeros = _per_group(q.zero_points, rows, cols, block)
-    assert np.isfinite(scales).all() and np.all(scales > 0)
+    scales, zeros = _check_zero_point_codes(q, weight, block, qmax)
+    assert tuple(q.offsets.shape) == tuple(q.scales.shape)
     assert torch.isfinite(q.offsets).all()
     deq = qp.dequantize(q)
     assert deq.shape == weight.shape and torch.isfinite(deq).all()
