@@ -7,6 +7,14 @@ from compressor.errors import UserError
 from compressor.kv_cache import complete_feeds
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_default_threads: int | None = None  # None: ONNX Runtime's own default (one thread per core)
+
+
+def set_default_threads(threads: int | None) -> None:
+    """Intra-op threads of the sessions this process creates without a `threads` of their own: the workers of a
+    sweep share the machine's cores, so each takes its share instead of a pool of all of them."""
+    global _default_threads
+    _default_threads = threads
 
 
 def to_ort_feeds(inputs: dict, session=None) -> dict[str, np.ndarray]:
@@ -44,6 +52,7 @@ def create_session(path: Path | bytes, provider: str = "cpu", threads: int | Non
         raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (install onnxruntime-gpu for cuda)")
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 3
+    threads = threads or _default_threads
     if threads:
         session_options.intra_op_num_threads = threads
     for key, value in (options or {}).items():

@@ -36,13 +36,19 @@ class RunOptions:
     eval_limit: int | None = None  # None: the whole held-out split
     seed: int = 0
     force: bool = False
-    bench: BenchmarkSettings = field(default_factory=BenchmarkSettings)
+    bench: BenchmarkSettings | None = field(default_factory=BenchmarkSettings)  # None: no latency runs (sweeps)
     progress: bool = True
+    # the input model's held-out metrics at this eval_limit, from an earlier run on the same input: a sweep measures
+    # them once, not once per configuration (tasks that fit a reference on the input model, e.g. a probe, re-measure)
+    reference_metrics: dict | None = None
+    plots: bool = True  # the report's PNG plots (a sweep draws its own, over all its runs)
 
 
 def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
     recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
     check_providers(options.providers)
+    if options.bench is None and recipe.gates.min_speedup is not None:
+        raise UserError("gates.min_speedup needs the latency benchmark, which this run skips")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, options.force)
     path, adapter = adapter_for(Path(input_path))
@@ -86,14 +92,17 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     log(f"loaded {source.name} ({source.family}, {input_bits['params']:,} params) from {source.record['source']}; "
         f"recipe {recipe.name}")
     heldout = task.heldout_data(source.config, options.eval_limit)
-    reference_fn = source.reference_fn or source.logits_fn(model, {})
-    if hasattr(task, "fit_reference"):  # e.g. a probe trained on the input model's embeddings
-        task.fit_reference(reference_fn, heldout, progress)
-    reference_metrics = measure(task, reference_fn, heldout, progress)
-    del reference_fn
+    if options.reference_metrics is not None and not hasattr(task, "fit_reference"):
+        reference_metrics = dict(options.reference_metrics)
+    else:
+        reference_fn = source.reference_fn or source.logits_fn(model, {})
+        if hasattr(task, "fit_reference"):  # e.g. a probe trained on the input model's embeddings
+            task.fit_reference(reference_fn, heldout, progress)
+        reference_metrics = measure(task, reference_fn, heldout, progress)
+        del reference_fn
     parity_batch = task.parity_inputs(heldout)
     baseline_latency, input_artifact = None, None
-    if recipe.passes and (recipe.gates.min_speedup is not None or source.generates):
+    if recipe.passes and (recipe.gates.min_speedup is not None or (source.generates and options.bench)):
         # the input model as exported, before the passes rewrite it: the speed-ups' denominator
         input_artifact = _export_input(source, parity_batch, scratch / "input.onnx", recipe.export.dtype, log)
     if recipe.gates.min_speedup is not None:
@@ -177,8 +186,9 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts, lowering,
                                  bits, input_bits, pass_records, reference_metrics, results, baseline_latency)
         report["run"] = {"seed": options.seed, "eval_limit": options.eval_limit, "providers": list(options.providers),
-                         "bench_warmup": options.bench.warmup, "bench_runs": options.bench.runs}
-        write_reports(stage, report)
+                         "bench_warmup": options.bench.warmup if options.bench else None,
+                         "bench_runs": options.bench.runs if options.bench else None}
+        write_reports(stage, report, plots=options.plots)
     return report
 
 

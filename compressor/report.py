@@ -21,9 +21,9 @@ def environment() -> dict:
             "cpu_count": os.cpu_count()}
 
 
-def write_reports(out_dir: Path, report: dict) -> None:
+def write_reports(out_dir: Path, report: dict, plots: bool = True) -> None:
     """Plots first, so that report.json can list them (report["plots"]) and report.md embed them."""
-    report["plots"] = write_plots(out_dir, report)
+    report["plots"] = write_plots(out_dir, report) if plots else []
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 

@@ -195,7 +195,7 @@ EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers: list[str],
              torch_accuracy: float, reference_logits: np.ndarray, tolerances: Tolerances = Tolerances(),
-             bench: BenchmarkSettings = BenchmarkSettings(), progress: bool = False,
+             bench: BenchmarkSettings | None = BenchmarkSettings(), progress: bool = False,
              input_artifact: Path | None = None, exact: Tolerances = Tolerances()) -> dict:
     """Everything the report says about one artifact, held to the model it came from: `torch_accuracy` is that
     model's held-out metric and `reference_logits` its logits on task.parity_inputs(heldout) (the torch model
@@ -232,6 +232,8 @@ def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers:
                 reference_logits[:, -steps:], cached_logits(exact_session, parity_batch["input_ids"], steps),
                 exact.parity_max_rel)
         del session, exact_session
+        if bench is None:  # a sweep's run: accuracy and parity only, no latency or generation speed
+            continue
         measured = run_benchmark(artifact, task, config, provider, bench, progress)
         report["memory"][provider] = measured.pop("memory")
         report["latency"][provider] = measured
