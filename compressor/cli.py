@@ -139,6 +139,39 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
         sys.exit(EXIT_GATE)
 
 
+@main.command("scaling")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output folder: scaling.json, scaling.md, plots, runs/ (reused by a rerun).")
+@click.option("--dtypes", default="int,nf,float,quantile,kmeans,log2", show_default=True, help="Data types.")
+@click.option("--bits", default="2,3,4,5,6,8", show_default=True, help="Bit widths k (2..8).")
+@click.option("--block-sizes", default="32,64,128,channel", show_default=True,
+              help="Block sizes B (powers of two 16..1024) or 'channel' (one scale per output row).")
+@click.option("--budget", "budgets", multiple=True, metavar="BITS_PER_PARAM",
+              help="Also run the bit-budget allocator at this many bits/param (repeatable or a comma list).")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None,
+              help="Score the first N held-out examples  [default: 64].")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Ray workers on this machine (2 or more needs `pip install compressor[scaling]`).")
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting one.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Calibration seed.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def scaling_command(checkpoint, out_dir, dtypes, bits, block_sizes, budgets, eval_limit, workers, ray_address, seed,
+                    quiet):
+    """Sweep CHECKPOINT over data types x bits x block sizes (and bit budgets): every configuration through
+    `compress run`'s pipeline, scored in ONNX Runtime; writes OUT/scaling.json, OUT/scaling.md and plots."""
+    from compressor.scaling import DEFAULT_EVAL_LIMIT, Settings, parse_grid, sweep
+
+    grid = parse_grid(dtypes, bits, block_sizes, budgets)
+    settings = Settings(eval_limit=eval_limit or DEFAULT_EVAL_LIMIT, seed=seed)
+    result = sweep(checkpoint, out_dir, grid, settings, workers, ray_address, progress=not quiet,
+                   log=lambda m: click.echo(m, err=True))
+    ok = [r for r in result["runs"] if r["status"] == "ok"]
+    front = ", ".join(r["label"] for r in result["pareto"])
+    click.echo(f"{len(ok)} of {len(result['runs'])} configurations measured ({len(result['runs']) - len(ok)} "
+               f"skipped) in {result['timing']['seconds']:.0f} s; Pareto front: {front or 'none'}")
+
+
 @main.command("check")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--baseline", required=True, type=click.Path(path_type=Path), help="A report.json to hold it to.")
