@@ -181,12 +181,14 @@ def measure_job(job: Job) -> dict:
     options = RunOptions(recipe=config.recipe, overrides=config.overrides, eval_limit=job.settings.eval_limit,
                          seed=job.settings.seed, force=True, bench=None, progress=False,
                          reference_metrics=job.reference_metrics, plots=False)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         report = run(Path(job.checkpoint), Path(job.out_dir), options, log=lambda _: None)
+        row.update(status="ok", **_from_report(report))
     except UserError as exc:
-        return {**row, "status": "skipped", "reason": str(exc), "seconds": time.perf_counter() - started}
-    return {**row, "status": "ok", **_from_report(report), "seconds": time.perf_counter() - started}
+        row.update(status="skipped", reason=str(exc))
+    # CPU seconds of all this process's threads: what the run costs whatever else loads the machine
+    return {**row, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
 
 
 def _from_report(report: dict) -> dict:
@@ -330,7 +332,10 @@ def sweep(checkpoint: Path, out_dir: Path, grid: Grid, settings: Settings = Sett
         result = summarize(runs, grid, settings, identity, reference)
         result["timing"] = {"seconds": time.perf_counter() - started, "workers": workers,
                             "ray_address": ray_address, "measured": len(jobs) - resumed, "resumed": resumed,
-                            "cpu_count": os.cpu_count()}
+                            "cpu_count": os.cpu_count(),
+                            # over every row, reused ones included: what the whole grid cost when measured
+                            "sum_run_seconds": sum(r.get("seconds", 0.0) for r in runs),
+                            "sum_run_cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs)}
         write_outputs(out_dir, result)
     log(f"wrote {out_dir / 'scaling.json'}, {out_dir / 'scaling.md'}")
     return result

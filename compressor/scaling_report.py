@@ -51,7 +51,8 @@ def render_markdown(result: dict) -> str:
              f"bits/param = total / {result['params']:,} params." if result["params"] else "no run was measured.",
              "", f"{len(runs)} configurations: {timing.get('measured', '?')} measured, {timing.get('resumed', '?')} "
              f"reused from an earlier run, in {timing.get('seconds', 0):.0f} s with {timing.get('workers', 1)} "
-             f"worker(s) on {timing.get('cpu_count', '?')} CPUs.", ""]
+             f"worker(s) on {timing.get('cpu_count', '?')} CPUs; the configurations' own times add up to "
+             f"{timing.get('sum_run_seconds', 0):.0f} s wall, {timing.get('sum_run_cpu_seconds', 0):.0f} CPU-s.", ""]
     uniform = [r for r in runs if r.get("budget_bits_per_param") is None]
     if uniform:
         lines += [f"## {metric} (bits/param) by data type, k and block size", "",

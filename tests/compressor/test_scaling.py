@@ -194,7 +194,7 @@ def test_a_block_size_that_fits_no_layer_is_skipped(tmp_path):
     assert run["status"] == "skipped" and "does not fit the model" in run["reason"]
 
 
-TIMINGS = ("seconds",)
+TIMINGS = ("seconds", "cpu_seconds")
 
 
 @pytest.mark.slow  # a local Ray cluster's start: ~10 s idle, minutes on a loaded 2-core machine
@@ -208,3 +208,8 @@ def test_workers_give_the_serial_results(xs_sweep, tmp_path):
     strip = [{k: v for k, v in r.items() if k not in TIMINGS} for r in serial["runs"]]
     assert [{k: v for k, v in r.items() if k not in TIMINGS} for r in parallel["runs"]] == strip
     assert parallel["pareto"] == serial["pareto"] and parallel["timing"]["workers"] == 2
+
+
+def test_help_exits_0(compress):
+    done = compress("scaling", "--help")  # the console script, as a user runs it
+    assert done.returncode == 0 and "--block-sizes" in done.stdout and done.stderr == ""
