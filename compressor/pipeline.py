@@ -44,14 +44,18 @@ class RunOptions:
     plots: bool = True  # the report's PNG plots (a sweep draws its own, over all its runs)
 
 
-def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print) -> dict:
+def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print,
+        adapter: InputAdapter | None = None) -> dict:
+    """`adapter`: one to read the input with instead of the one adapter_for picks (a sweep's, which loads the
+    checkpoint once and hands each run a copy)."""
     recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
     check_providers(options.providers)
     if options.bench is None and recipe.gates.min_speedup is not None:
         raise UserError("gates.min_speedup needs the latency benchmark, which this run skips")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, options.force)
-    path, adapter = adapter_for(Path(input_path))
+    path, found = adapter_for(Path(input_path))
+    adapter = adapter or found
     _check_recipe_takes(recipe, adapter)
     skeleton = adapter.skeleton(path)  # shapes from the config alone, before any weights
     if skeleton is not None:

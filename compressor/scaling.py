@@ -6,6 +6,7 @@ then the Pareto front and the best run per bit budget (k-bit inference scaling l
 Resumable: each finished configuration's result is stored in OUT/runs/<label>.json with a fingerprint of what
 determines it (the checkpoint's files, the recipe, eval limit, seed, compressor version); a rerun reuses a result
 whose fingerprint matches and measures again one whose fingerprint does not."""
+import copy
 import dataclasses
 import hashlib
 import json
@@ -168,6 +169,34 @@ class Job:
     fingerprint: str
 
 
+_LOADED: dict[str, object] = {}  # per process: checkpoint -> an adapter handing out copies of one load
+
+
+def reusing_adapter(checkpoint: str):
+    """An input adapter that reads the checkpoint once per process (a worker's first configuration) and hands
+    every run a deep copy of the model, which the passes rewrite in place: the same weights as a fresh load, without
+    144 loads and checks of the same files. None for an ONNX input, whose export writes back into its graph."""
+    from compressor.inputs import adapter_for
+
+    if checkpoint not in _LOADED:
+        path, adapter = adapter_for(Path(checkpoint))
+        memo = {}
+
+        def skeleton(p):
+            if "skeleton" not in memo:
+                memo["skeleton"] = adapter.skeleton(p)
+            return memo["skeleton"]
+
+        def load(p, progress):
+            if "source" not in memo:
+                memo["source"] = adapter.load(p, progress)
+            return dataclasses.replace(memo["source"], model=copy.deepcopy(memo["source"].model))
+
+        _LOADED[checkpoint] = None if adapter.kind == "onnx" else dataclasses.replace(adapter, skeleton=skeleton,
+                                                                                          load=load)
+    return _LOADED[checkpoint]
+
+
 def measure_job(job: Job) -> dict:
     """Run one configuration through the pipeline (no latency benchmark, no per-run plots) and return its result
     row; a configuration the pipeline refuses for this model (e.g. a block size that divides no layer) comes back
@@ -183,7 +212,8 @@ def measure_job(job: Job) -> dict:
                          reference_metrics=job.reference_metrics, plots=False)
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        report = run(Path(job.checkpoint), Path(job.out_dir), options, log=lambda _: None)
+        report = run(Path(job.checkpoint), Path(job.out_dir), options, log=lambda _: None,
+                     adapter=reusing_adapter(job.checkpoint))
         row.update(status="ok", **_from_report(report))
     except UserError as exc:
         row.update(status="skipped", reason=str(exc))

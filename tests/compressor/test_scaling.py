@@ -186,6 +186,18 @@ def test_real_sweep_on_gpt_xs(xs_sweep):
     assert "| int | 4 |" in (xs_sweep / "scaling.md").read_text()
 
 
+def test_a_sweep_run_is_a_compress_run(xs_sweep, tmp_path):
+    # the sweep loads the checkpoint once and hands each run a copy, passes the reference metrics, skips the
+    # benchmark: the artifact and its metric are still those of a plain run of the same recipe
+    from compressor.pipeline import RunOptions, run
+
+    row = next(r for r in json.loads((xs_sweep / "scaling.json").read_text())["runs"] if r["label"] == "nf4-B64")
+    report = run("gpt-xs", tmp_path, RunOptions(overrides=tuple(row["overrides"]), eval_limit=4, progress=False,
+                                                bench=None), log=lambda _: None)
+    assert report["artifact"]["sha256"] == row["artifact_sha256"]
+    assert report["accuracy"]["onnxruntime"]["cpu"] == row["metric"]
+
+
 def test_a_block_size_that_fits_no_layer_is_skipped(tmp_path):
     result = CliRunner().invoke(main, ["scaling", "gpt-xs", "--out", str(tmp_path), "--dtypes", "nf", "--bits", "4",
                                        "--block-sizes", "1024", "--eval-limit", "4", "--quiet"])
