@@ -35,7 +35,8 @@ def _ok(result: dict) -> list[dict]:
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    # four decimals: 4-bit configurations of one model differ in the third
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}" if abs(value) < 1e5 else f"{value:.3e}"
 
 
 def render_markdown(result: dict) -> str:
