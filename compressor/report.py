@@ -74,6 +74,7 @@ def render_markdown(report: dict) -> str:
         for entry in report["passes"]:
             lines.append(f"| {entry['name']} | {entry.get('label', '')} | {entry['params']:,} | "
                          f"{entry['bits_per_param']:.3f} | {_fmt(entry[accuracy['metric']])} |")
+    lines += allocation_lines(report["passes"])
     parity = report["parity"]
     lines += ["", "## Logit parity (torch vs ONNX Runtime)", "",
               f"max abs {_fmt(parity['max_abs'], 3)}, max rel {_fmt(parity['max_rel'], 3)} "
@@ -114,6 +115,26 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"_compressor {report['tool']['version']}, torch {env['torch']}, onnxruntime {env['onnxruntime']},"
               f" {env['cpu_count']} CPUs_", ""]
     return "\n".join(lines)
+
+
+def allocation_lines(passes: list[dict]) -> list[str]:
+    """The bit-budget allocator's choice per layer (quantize.budget_bits_per_param), when a pass made one."""
+    lines = []
+    for entry in passes:
+        allocation = entry.get("allocation")
+        if not allocation:
+            continue
+        lines += ["", f"## Bit allocation (budget {allocation['budget_bits_per_param']:g} bits/param: "
+                  f"{allocation['total_model_bits']:,} of {allocation['budget_bits']:,} bits, "
+                  f"{allocation['bits_per_param']:.4f} bits/param; {allocation['solver']})", "",
+                  f"Predicted loss increase {_fmt(allocation['predicted_kl'], 3)} nats/token "
+                  f"({allocation['sensitivity']}, {allocation['calibration_tokens']:,} calibration tokens).", "",
+                  "| layer | candidate | params | bits/param | predicted KL |", "|---|---|---|---|---|"]
+        lines += [f"| {row['module']} | {row['candidate']} | {row['params']:,} | "
+                  f"{row['total_bits'] / row['params']:.3f} | {_fmt(row['predicted_kl'], 3)} |"
+                  for row in allocation["layers"]]
+        lines += [f"| {row['module']} | unquantized: {row['reason']} | | 32 | |" for row in allocation["unallocated"]]
+    return lines
 
 
 def summary_text(summary: dict) -> str:

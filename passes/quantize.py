@@ -12,6 +12,7 @@ from tqdm import tqdm
 from passes import quant_primitives as qp
 from passes.calibration import (check_calibration_samples, check_int, check_patterns, excerpt, input_second_moments,
                                 matches, selected_linears, split_by_input_multiple)
+from passes.bit_allocator import allocate, check_budget, record_allocation
 from passes.blockwise import quantize_blockwise
 from passes.gptq import gptq_quantize
 from passes.model_bits import total_model_bits
@@ -59,6 +60,10 @@ class QuantizeConfig:
     # mixed precision: {pattern: {field: value}}; a layer takes the first pattern it matches, e.g.
     # {"re:lm_head": {"bits": 8, "block_size": 32}} keeps the output layer at 8 bits (llama.cpp's K-quant mixes)
     overrides: dict[str, dict] | None = None
+    # bit-budget allocator (passes/bit_allocator.py): per-layer (dtype, k, B) from measured sensitivity so that the
+    # whole model's total bits / params stays <= this; candidates as labels (int4-B64-full, nf3-B128, ...)
+    budget_bits_per_param: float | None = None
+    budget_candidates: tuple[str, ...] = ()  # empty: bit_allocator.DEFAULT_CANDIDATES
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -101,6 +106,7 @@ class QuantizeConfig:
                              f"{excerpt(self.sequential)}")
         check_calibration_samples("quantize", self.calibration_samples)
         check_patterns("quantize", targets=self.targets, ignore=self.ignore)
+        check_budget(self)
         self._check_overrides()
 
     def _check_overrides(self) -> None:
@@ -142,10 +148,14 @@ class QuantizeConfig:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.budget_bits_per_param is not None:  # the allocator measures sensitivity on calibration data
+            return True
         return any(c.method == "gptq" or (c.dtype == "kmeans" and c.activation_weighted)
                    for c in self.layer_configs())
 
     def label(self) -> str:
+        if self.budget_bits_per_param is not None:
+            return f"budget {self.budget_bits_per_param:g} bits/param"
         base = self._own_label()
         if not self.overrides:
             return base
@@ -232,6 +242,9 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
                    progress: bool = False) -> dict:
     """Quantize the selected Linear weights of `model` in place; returns the pass record for the report, whose
     `quantized` entry ({module name: QuantizedLayer}) the pipeline takes out and hands to the exporter."""
+    budgeted = allocation = None
+    if config.budget_bits_per_param is not None:  # becomes one exact-name override per layer, then as usual
+        budgeted, (config, allocation) = config, allocate(model, config, calibration, _quantize_weight, progress)
     if config.needs_calibration and not calibration:
         raise ValueError(f"{config.label()} needs calibration batches and none were given")
     chosen, skipped = quantizable(model, config)
@@ -270,6 +283,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
     layers.sort(key=lambda entry: order[entry["module"]])  # report in model order, however they were visited
     quantized = {name: quantized[name] for name, _ in chosen}
     unmatched = [p for p in config.overrides or {} if not any(matches(name, (p,)) for name, _ in chosen)]
-    return {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
+    record = {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
             "skipped": skipped, "overrides_unmatched": unmatched, **total_model_bits(model, quantized),
             "quantized": quantized}
+    return record if budgeted is None else record_allocation(record, budgeted, allocation)
