@@ -76,6 +76,9 @@ def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
     if recipe.export.dtype != "float32" and adapter.kind == "onnx":
         raise UserError(f"export.dtype {recipe.export.dtype} needs a checkpoint input: an "
                         f"{adapter.kind.upper()} input is written back at its own float32")
+    if recipe.export.dtype != "float32" and any(getattr(c, "activations", "none") != "none" for _, c in recipe.passes):
+        raise UserError(f"quantize.activations needs export.dtype float32: ONNX Runtime's integer MatMul kernels "
+                        f"(MatMulIntegerToFloat, DynamicQuantizeMatMul) produce float32")
     for name, config in recipe.passes:
         if adapter.passes is not None and name not in adapter.passes:
             raise UserError(f"{name} needs the torch model: an {adapter.kind.upper()} input takes only "
@@ -145,6 +148,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
             proto, lowering = lower_to_qdq(proto, quantized)
     except (ExportError, LoweringError) as exc:
         raise UserError(str(exc)) from None
+    activations = any(layer.activation is not None for layer in quantized.values())
     del quantized
     proto, graph_records = _graph_passes(proto, recipe, progress, log)
     if recipe.passes:  # an fp32 artifact keeps one weight per module: it is also an input (an ONNX one) for later runs
@@ -182,9 +186,10 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         int_weights = bool(lowering and lowering["lowered"])
         results = validate(task, source.config, artifact, heldout, list(options.providers),
                            torch_accuracy=metrics[task.METRIC], reference_logits=reference_logits,
-                           tolerances=Tolerances.for_artifact(int_weights, float16), bench=options.bench,
-                           progress=progress, input_artifact=input_artifact,
-                           exact=Tolerances.for_artifact(False, float16))
+                           tolerances=Tolerances.for_artifact(int_weights, float16, activations),
+                           bench=options.bench, progress=progress, input_artifact=input_artifact,
+                           # integer GEMMs have no approximate mode: the default session is the exact one
+                           exact=Tolerances.for_artifact(int_weights and activations, float16, activations))
         results["memory"]["compress_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         model_record = {**source.record, "params": bits["params"], "input_params": input_bits["params"]}
         report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts, lowering,

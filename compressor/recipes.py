@@ -22,8 +22,15 @@ MAX_YAML_DEPTH = 16  # a recipe nests 6 levels (passes > pass > quantize > overr
 
 PRESETS: dict[str, dict[str, dict]] = {
     "fp32": {},
-    "int8": {"quantize": {"dtype": "int", "bits": 8, "block_size": 0, "full_range": True}},
-    "int4": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64, "full_range": True}},
+    "int8": {"quantize": {"dtype": "int", "bits": 8, "block_size": 0, "full_range": True, "embedding_bits": 8}},
+    "int4": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64, "full_range": True, "embedding_bits": 4,
+                          "embedding_block_size": 32}},
+    # W8A8: int8 weights per channel and int8 activations, so that ONNX Runtime runs integer GEMMs
+    # (MatMulIntegerToFloat / DynamicQuantizeMatMul); static ranges from calibration data, or dynamic per call
+    "w8a8": {"quantize": {"dtype": "int", "bits": 8, "block_size": 0, "activations": "static",
+                          "embedding_bits": 8}},
+    "w8a8-dynamic": {"quantize": {"dtype": "int", "bits": 8, "block_size": 0, "activations": "dynamic",
+                                  "embedding_bits": 8}},
     "int4-gptq": {"quantize": {"dtype": "int", "bits": 4, "block_size": 64, "full_range": True, "method": "gptq"}},
     "int3-gptq": {"quantize": {"dtype": "int", "bits": 3, "block_size": 64, "full_range": True, "method": "gptq"}},
     "nf4": {"quantize": {"dtype": "nf", "bits": 4, "block_size": 64}},

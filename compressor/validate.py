@@ -18,6 +18,7 @@ from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import measure
+from passes.activation_quant import fake_quantized_activations
 
 BENCHMARK_BATCHES = (1, 16)
 
@@ -34,14 +35,28 @@ class Tolerances:
     exact_match_abs: float = 0.005
 
     @classmethod
-    def for_artifact(cls, int_weights: bool, float16: bool = False) -> "Tolerances":
+    def for_artifact(cls, int_weights: bool, float16: bool = False, activations: bool = False) -> "Tolerances":
         """With k-bit int weights ONNX Runtime runs MatMulNBits at its default accuracy level 4, which quantizes
         activations to int8 on the fly: ~5e-3 relative error per MatMul (ort-facts), compounding over layers.
         Those artifacts are held to the fp32 tolerances with accuracy level 0 (exact; measured 1.4e-6), reported
         as parity.by_provider.<ep>_exact, and at the default session to 1e-2 on perplexity (measured 1e-4 on
         gpt-s, 3.4e-3 on SmolLM2 q4_1). Their default-session logits are compared at 6e-2 (gpt-s int4 2.6e-2)
         but not gated: on SmolLM2, whose activations have outliers in the hundreds, the int8 activations move
-        them by ~0.1 while perplexity moves by 0.3%."""
+        them by ~0.1 while perplexity moves by 0.3%.
+
+        Quantized activations (W8A8) round each Linear input to 256 levels: where ONNX Runtime's fused LayerNorm
+        or attention differs from torch in the last float bit, a value can land one level apart, and those steps
+        compound over the layers: once one value differs, the next layers' inputs differ by more than float
+        noise and more of them flip. The gap grows to the order of the activation quantization's own effect
+        (measured: gpt-s 2.0e-2 static / 1.5e-2 dynamic; MiniLM 8.2e-2, and 4.5e-2 even against unfused QDQ,
+        where quantizing the activations moves the embeddings by 1.1e-1). So their logits are held to 0.15 only
+        (a broken graph shows far above it), and what gates them is the accuracy agreement: perplexity to 1e-2,
+        exact match and probe accuracy to 1 point. Logits cannot tell a subtly wrong kernel from this noise (u8 x
+        s8 saturation on an AVX2 CPU measured 8.9e-2 on gpt-s): the kernels are tested exact layer by layer
+        instead (tests/exporters/test_activation_qdq.py), and the weights are stored for U8U8, which cannot
+        saturate."""
+        if activations:
+            return cls(parity_max_rel=0.15, perplexity_rel=1e-2, exact_match_abs=0.01)
         if float16:  # float16 activations: ~1e-3 relative per op (measured on the GPT samples), so 1e-2
             return cls(parity_max_rel=6e-2 if int_weights else 1e-2, perplexity_rel=1e-2, exact_match_abs=0.01)
         if not int_weights:
@@ -59,10 +74,12 @@ class BenchmarkSettings:
     generation_runs: int = 3  # after one warm-up run
 
 
-def torch_logits_fn(model: nn.Module, input_names: tuple[str, ...]):
+def torch_logits_fn(model: nn.Module, input_names: tuple[str, ...], quantized: dict | None = None):
+    """The model's logits; layers whose quantize record quantizes their input see it fake-quantized."""
     @torch.no_grad()
     def run(inputs: dict) -> np.ndarray:
-        return model(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in input_names)).float().numpy()
+        with fake_quantized_activations(model, quantized or {}):
+            return model(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in input_names)).float().numpy()
 
     return run
 

@@ -25,6 +25,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from exporters.activation_qdq import fold_smoothing_into_norms, quantize_matmul_inputs
 from passes.model_bits import container_bits
 from passes.quant_primitives import PER_CHANNEL, PER_TENSOR, Quantized, dequantize
 from passes.quantize import QuantizedLayer
@@ -261,6 +262,13 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     weight_of, table_of, lowered, left = {}, {}, [], []
     for layer in layers.values():
         weight = dequantize(layer.quantized).numpy()
+        if layer.embedding:  # an nn.Embedding table of its own: read by Gather only
+            tables = _place(layer, weight, gather_tables, "Gather table")
+            if not tables:
+                raise LoweringError(f"quantized embedding {layer.module!r} ({list(weight.shape)}) matches no Gather "
+                                    f"table of the exported graph")
+            table_of.update({name: layer for name in tables})
+            continue
         places = _place(layer, np.ascontiguousarray(weight.T), matmul_weights, "MatMul weight")
         if not places:
             raise LoweringError(f"quantized layer {layer.module!r} ({list(weight.shape)}) matches no MatMul weight of "
@@ -273,6 +281,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     new_nodes, new_inits = [], []
     after: dict[int, list] = {}  # nodes that read the MatMul's input or output go right after it
     block_sums: dict[tuple[str, int], str] = {}
+    activation_at = {}  # MatMul position -> how its input is quantized (W8A8 layers)
     built = set()
     for position, node in enumerate(graph.node):
         weight_name = through_transpose.get(node.input[1], node.input[1]) if node.op_type == "MatMul" else None
@@ -290,6 +299,8 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
                             "shape": matmul_weights.shape(weight_name), "bits": q.bits,
                             **({"float_zero_points": True} if q.offsets is not None else {})})
         node.input[1] = out
+        if layer.activation is not None:
+            activation_at[position] = layer.activation
         if q.offsets is not None:
             key = (node.input[0], q.block_size)
             final_out = node.output[0]
@@ -314,15 +325,20 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
                 continue
             new_inits += inits
             table_parts[table_name] = (attrs, inits[1])
-            lowered.append({"initializer": table_name, "module": layer.module, "found_by": "tied",
+            found_by = ("name" if table_name in (layer.module, *layer.weight_names) else "value") \
+                if layer.embedding else "tied"
+            lowered.append({"initializer": table_name, "module": layer.module, "found_by": found_by,
                             "shape": gather_tables.shape(table_name), "bits": layer.quantized.bits,
-                            "tied_table": True})
+                            ("embedding" if layer.embedding else "tied_table"): True})
         attrs, scale = table_parts[table_name]
         replaced[position], read_as = _gathered_rows_nodes(f"{table_name}.table_q", node, layer.quantized, scale,
                                                            attrs)
-        next(e for e in lowered if e["initializer"] == table_name and e.get("tied_table"))["lookup"] = read_as
+        next(e for e in lowered if e["initializer"] == table_name and (e.get("tied_table") or e.get("embedding"))
+             )["lookup"] = read_as
+    before, activation_inits = quantize_matmul_inputs(graph, activation_at)
+    new_inits += activation_inits
     nodes = [n for position, node in enumerate(graph.node)
-             for n in replaced.get(position, [node]) + after.get(position, [])]
+             for n in before.get(position, []) + replaced.get(position, [node]) + after.get(position, [])]
     read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
     dead = {out for out in through_transpose if out not in read}  # a tied weight's Transpose, bypassed above
     nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in dead)]
@@ -332,6 +348,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     graph.initializer.extend(kept + new_inits)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)  # new nodes read only initializers: first is topologically safe
+    folded = fold_smoothing_into_norms(proto) if any(a.smooth is not None for a in activation_at.values()) else 0
     if any(node.domain == "com.microsoft" for node in graph.node) and \
             "com.microsoft" not in {opset.domain for opset in proto.opset_import}:
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -340,4 +357,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
             if opset.domain in ("", "ai.onnx"):
                 opset.version = max(opset.version, INT2_OPSET)
         proto.ir_version = max(proto.ir_version, INT2_IR_VERSION)
-    return proto, {"lowered": lowered, "left_fp32": left}
+    record = {"lowered": lowered, "left_fp32": left}
+    if activation_at:
+        record["activations"] = {"matmuls": len(activation_at), "smoothing_folded_into_norms": folded}
+    return proto, record

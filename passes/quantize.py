@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from passes import activation_primitives as ap
 from passes import quant_primitives as qp
+from passes.activation_quant import ActivationQuant, calibrate_static, dividing_inputs, smooth_layers
 from passes.calibration import (check_calibration_samples, check_int, check_patterns, excerpt, input_second_moments,
                                 matches, selected_linears, split_by_input_multiple)
 from passes.bit_allocator import allocate, check_budget, record_allocation
@@ -21,6 +23,8 @@ DTYPES = ("int", "log2", "float", "nf", "quantile", "kmeans")
 SEQUENTIAL = ("layer", "block", "none")
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ZERO_POINTS = ("int", "float")
+ACTIVATIONS = ("none", "static", "dynamic")
+EMBEDDING_BITS = (4, 8)
 # what `overrides` may change for the layers it names; selection and calibration stay the pass's own
 NOT_OVERRIDABLE = ("targets", "ignore", "overrides", "sequential", "calibration_samples")
 MAX_KMEANS_ITERATIONS = 10_000  # Lloyd iterations converge in tens; 10k is already minutes per large layer
@@ -28,11 +32,14 @@ MAX_KMEANS_ITERATIONS = 10_000  # Lloyd iterations converge in tens; 10k is alre
 
 @dataclass(frozen=True)
 class QuantizedLayer:
-    """One quantized nn.Linear as the exporter needs it: the codes, scales, zero points / codebook (`quantized`,
-    for the weight [out, in]) and every name its weight parameter goes by (a tied embedding shares it)."""
+    """One quantized nn.Linear (or nn.Embedding table, `embedding`) as the exporter needs it: the codes, scales,
+    zero points / codebook (`quantized`, for the weight [out, in], a table [rows, dim]), every name its weight
+    parameter goes by (a tied embedding shares it) and how its input is quantized (`activation`, or None)."""
     module: str
     weight_names: tuple[str, ...]
     quantized: qp.Quantized
+    activation: ActivationQuant | None = None
+    embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,21 @@ class QuantizeConfig:
     activation_weighted: bool = False  # kmeans: weight each weight by its input channel's mean x²
     calibration_samples: int = 64
     gptq_damp: float = 0.01
+    # W8A8: the Linear inputs quantized too, so that ONNX Runtime runs integer kernels (MatMulIntegerToFloat,
+    # DynamicQuantizeMatMul). "static": one range per layer from calibration data; "dynamic": per call
+    activations: str = "none"
+    activation_dtype: str = "uint8"  # static: uint8 with a zero point (QuantizeLinear's default), or int8 symmetric
+    activation_observer: str = "minmax"  # static: minmax, percentile, mse or entropy
+    activation_percentile: float = 99.99  # the percentile observer's, in (0, 100]
+    smoothquant_alpha: float | None = None  # SmoothQuant migration strength in [0, 1]; None: off
+    # how W8A8 weights are stored: "uint8" (codes + 128, zero point 128: ONNX Runtime's U8U8 kernels, exact on
+    # every x86 CPU) or "int8" (U8S8: fastest with AVX-512 VNNI, but AVX2 CPUs without VNNI saturate u8 x s8
+    # pair sums in 16 bits unless the weights have 7 bits, `bits: 7`)
+    integer_weights: str = "uint8"
+    # nn.Embedding tables (not tied to a quantized Linear) as k-bit codes: None (float), 8 or 4 bits; block size
+    # along the row (0: one scale per row; 4-bit needs blocks, for com.microsoft GatherBlockQuantized)
+    embedding_bits: int | None = None
+    embedding_block_size: int = 0
     # GPTQ / weighted k-means: how layers see the earlier layers' quantization. "layer": inputs re-measured before
     # each layer (one calibration pass per layer); "block": block by block, replaying only the block (GPTQ's way,
     # about two passes in all: for models of hundreds of layers); "none": one pass of the unquantized model
@@ -106,6 +128,8 @@ class QuantizeConfig:
                              f"{excerpt(self.sequential)}")
         check_calibration_samples("quantize", self.calibration_samples)
         check_patterns("quantize", targets=self.targets, ignore=self.ignore)
+        self._check_activations()
+        self._check_embeddings()
         check_budget(self)
         self._check_overrides()
 
@@ -127,6 +151,47 @@ class QuantizeConfig:
                 dataclasses.replace(self, overrides=None, **fields)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"quantize.overrides[{excerpt(pattern)}]: {exc}") from None
+
+    def _check_activations(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"quantize.activations must be one of {', '.join(ACTIVATIONS)}, not "
+                             f"{excerpt(self.activations)}")
+        if self.activation_dtype not in ap.ACTIVATION_DTYPES:
+            raise ValueError(f"quantize.activation_dtype must be uint8 or int8, not {excerpt(self.activation_dtype)}")
+        if self.integer_weights not in ("uint8", "int8"):
+            raise ValueError(f"quantize.integer_weights must be uint8 or int8, not {excerpt(self.integer_weights)}")
+        if self.activation_observer not in ap.OBSERVERS:
+            raise ValueError(f"quantize.activation_observer must be one of {', '.join(ap.OBSERVERS)}, not "
+                             f"{excerpt(self.activation_observer)}")
+        p = self.activation_percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:  # also refuses NaN
+            raise ValueError(f"quantize.activation_percentile must be in (0, 100], not {excerpt(p)}")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not 0 <= alpha <= 1):
+            raise ValueError(f"quantize.smoothquant_alpha must be in [0, 1] (or null: off), not {excerpt(alpha)}")
+        if alpha is not None and self.activations == "none":
+            raise ValueError("quantize.smoothquant_alpha needs quantize.activations static or dynamic: smoothing "
+                             "only pays when the activations are quantized")
+        if self.activations != "none" and not (self.dtype == "int" and self.bits in (7, 8) and self.symmetric
+                                               and self.block_size in (qp.PER_CHANNEL, qp.PER_TENSOR)):
+            raise ValueError(f"quantize.activations={self.activations} needs int8 symmetric weights per channel or "
+                             f"per tensor (dtype int, bits 8 or 7, symmetric, block_size 0 or -1), not {self._own_label()}: "
+                             "ONNX Runtime's integer MatMul kernels take no blocked or narrower weights")
+
+    def _check_embeddings(self) -> None:
+        if self.embedding_bits is not None and (isinstance(self.embedding_bits, bool)
+                                                or self.embedding_bits not in EMBEDDING_BITS):
+            raise ValueError(f"quantize.embedding_bits must be 8, 4 or null (float tables), not "
+                             f"{excerpt(self.embedding_bits)}")
+        block = self.embedding_block_size
+        if isinstance(block, bool) or not isinstance(block, int) or (block != qp.PER_CHANNEL and (
+                block < 16 or block > 1024 or block & (block - 1))):
+            raise ValueError(f"quantize.embedding_block_size must be 0 (one scale per row) or a power of two in "
+                             f"16..1024, not {excerpt(block)}")
+        if self.embedding_bits == 4 and block == qp.PER_CHANNEL:
+            raise ValueError("quantize.embedding_bits=4 needs an embedding_block_size (16..1024, e.g. 32): "
+                             "4-bit rows are looked up by com.microsoft GatherBlockQuantized, which takes blocks")
 
     def for_layer(self, name: str) -> "QuantizeConfig":
         """This config with the first matching override applied (the pass's own config when none matches)."""
@@ -151,7 +216,7 @@ class QuantizeConfig:
         if self.budget_bits_per_param is not None:  # the allocator measures sensitivity on calibration data
             return True
         return any(c.method == "gptq" or (c.dtype == "kmeans" and c.activation_weighted)
-                   for c in self.layer_configs())
+                   or c.activations == "static" or c.smoothquant_alpha is not None for c in self.layer_configs())
 
     def label(self) -> str:
         if self.budget_bits_per_param is not None:
@@ -178,6 +243,15 @@ class QuantizeConfig:
             parts.append("row")
         if self.method == "gptq":
             parts.append("gptq")
+        if self.activations != "none":
+            parts.append(f"a8-{self.activations}")
+            if self.activations == "static":
+                parts.append(self.activation_dtype if self.activation_observer == "minmax" else
+                             f"{self.activation_dtype}-{self.activation_observer}")
+        if self.smoothquant_alpha is not None:
+            parts.append(f"sq{self.smoothquant_alpha:g}")
+        if self.embedding_bits is not None:
+            parts.append(f"emb{self.embedding_bits}")
         return "-".join(parts)
 
 
@@ -255,7 +329,10 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
 
     def quantize_layer(name: str, module: nn.Linear, hessian: torch.Tensor | None) -> None:
         weight = module.weight.detach().float()
-        q = _quantize_weight(weight, config.for_layer(name), hessian)
+        layer_config = config.for_layer(name)
+        q = _quantize_weight(weight, layer_config, hessian)
+        if layer_config.activations != "none" and layer_config.integer_weights == "uint8":
+            q = _as_unsigned(q)
         approx = qp.dequantize(q)
         module.weight.data = approx.to(module.weight.dtype)
         # codes fit in 16 bits (k <= 8): a quarter of int64's memory while they wait for the exporter
@@ -264,26 +341,91 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         layers.append({"module": name, "shape": list(weight.shape), "bits": q.bits,
                        "relative_mse": qp.relative_mse(weight, approx)})
 
+    # W8A8: SmoothQuant first (the weights become W * s, quantized as such), the ranges last (on quantized weights)
+    with_activations = {name: module for name, module in chosen if config.for_layer(name).activations != "none"}
+    smoothed = {name: module for name, module in with_activations.items()
+                if config.for_layer(name).smoothquant_alpha is not None}
+    smooth = smooth_layers(model, smoothed, calibration, config.smoothquant_alpha) if smoothed else {}
+    weights_need_statistics = any(c.method == "gptq" or (c.dtype == "kmeans" and c.activation_weighted)
+                                  for c in config.layer_configs())
     bar = tqdm(total=len(chosen), desc=f"quantize {config.label()}", disable=not progress, leave=False)
     rest = chosen
-    if config.needs_calibration and config.sequential == "block":
-        rest = quantize_blockwise(model, chosen, calibration, quantize_layer, bar)
-    hessians = {}
-    if config.needs_calibration and config.sequential != "layer" and rest:  # one pass for what is left
-        modules = [module for name, module in rest if config.for_layer(name).needs_calibration]
-        hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration)))
-    for name, module in rest:
-        hessian = hessians.pop(id(module), None)
-        if hessian is None and config.for_layer(name).needs_calibration:  # sequential: statistics see earlier layers quantized
-            hessian = input_second_moments(model, [module], calibration)[0]
-        quantize_layer(name, module, hessian)
-        bar.update(1)
+    with dividing_inputs(dict(chosen), smooth):  # GPTQ's statistics are of what the smoothed layers will see
+        if weights_need_statistics and config.sequential == "block":
+            rest = quantize_blockwise(model, chosen, calibration, quantize_layer, bar)
+        hessians = {}
+        if weights_need_statistics and config.sequential != "layer" and rest:  # one pass for what is left
+            modules = [module for name, module in rest if _weight_needs_statistics(config.for_layer(name))]
+            hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration)))
+        for name, module in rest:
+            hessian = hessians.pop(id(module), None)
+            if hessian is None and _weight_needs_statistics(config.for_layer(name)):
+                hessian = input_second_moments(model, [module], calibration)[0]  # sequential: sees earlier layers
+            quantize_layer(name, module, hessian)
+            bar.update(1)
     bar.close()
     order = {name: i for i, (name, _) in enumerate(chosen)}
     layers.sort(key=lambda entry: order[entry["module"]])  # report in model order, however they were visited
     quantized = {name: quantized[name] for name, _ in chosen}
+    activation_records = _quantize_activations(model, config, with_activations, smooth, calibration, quantized)
+    embedding_records = _quantize_embeddings(model, config, aliases, quantized)
     unmatched = [p for p in config.overrides or {} if not any(matches(name, (p,)) for name, _ in chosen)]
     record = {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
             "skipped": skipped, "overrides_unmatched": unmatched, **total_model_bits(model, quantized),
+            **({"activations": activation_records} if activation_records else {}),
+            **({"embeddings": embedding_records} if embedding_records else {}),
             "quantized": quantized}
     return record if budgeted is None else record_allocation(record, budgeted, allocation)
+
+
+def _as_unsigned(q: qp.Quantized) -> qp.Quantized:
+    """Symmetric int8 codes as uint8 ones with zero point 128: the same values, for ONNX Runtime's U8U8 GEMM."""
+    return dataclasses.replace(q, codes=q.codes + 128, zero_points=torch.full(q.scales.shape, 128, dtype=torch.long))
+
+
+def _weight_needs_statistics(config: QuantizeConfig) -> bool:
+    return config.method == "gptq" or (config.dtype == "kmeans" and config.activation_weighted)
+
+
+def _quantize_activations(model: nn.Module, config: QuantizeConfig, layers: dict[str, nn.Linear],
+                          smooth: dict[str, torch.Tensor], calibration: list[tuple] | None,
+                          quantized: dict) -> list[dict]:
+    """Each activation-quantized layer's record gains its ActivationQuant; returns the report's entries."""
+    static = {name: m for name, m in layers.items() if config.for_layer(name).activations == "static"}
+    found = {}
+    for key in {(c.activation_observer, c.activation_percentile, c.activation_dtype)
+                for c in map(config.for_layer, static)}:  # one calibration sweep per distinct observer
+        group = {name: m for name, m in static.items() if (config.for_layer(name).activation_observer,
+                 config.for_layer(name).activation_percentile, config.for_layer(name).activation_dtype) == key}
+        found.update(calibrate_static(model, group, calibration, smooth, *key))
+    for name in layers:
+        if name not in found:
+            found[name] = ActivationQuant("dynamic", smooth=smooth.get(name))
+        quantized[name] = dataclasses.replace(quantized[name], activation=found[name])
+    return [found[name].record(name) for name in quantized if name in found]
+
+
+def _quantize_embeddings(model: nn.Module, config: QuantizeConfig, aliases: dict[int, list[str]],
+                         quantized: dict) -> list[dict]:
+    """nn.Embedding tables as int codes along their rows (a table [V, D] is quantized like a Linear weight [out,
+    in]); a table tied to a quantized Linear already shares that layer's codes and is left to it."""
+    if config.embedding_bits is None:
+        return []
+    modules = dict(model.named_modules())
+    taken = {id(modules[name].weight) for name in quantized}
+    records = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or id(module.weight) in taken or matches(name, config.ignore):
+            continue
+        table = module.weight.detach().float()
+        q = qp.quantize_int_symmetric(table, config.embedding_bits, config.embedding_block_size,
+                                      SCALE_DTYPES[config.scale_dtype], full_range=config.embedding_bits == 4)
+        approx = qp.dequantize(q)
+        module.weight.data = approx.to(module.weight.dtype)
+        q = dataclasses.replace(q, codes=q.codes.to(torch.int16))
+        quantized[name] = QuantizedLayer(name, tuple(aliases.get(id(module.weight), [f"{name}.weight"])), q,
+                                         embedding=True)
+        taken.add(id(module.weight))
+        records.append({"module": name, "shape": list(table.shape), "bits": q.bits,
+                        "block_size": config.embedding_block_size, "relative_mse": qp.relative_mse(table, approx)})
+    return records

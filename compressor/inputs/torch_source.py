@@ -27,5 +27,5 @@ def torch_source(checkpoint: Checkpoint, path: Path, input_format: str) -> Sourc
     return Source(name=checkpoint.name, task=task, config=config, model=checkpoint.model, record=record,
                   metadata={"compressor.source": checkpoint.name,
                             "compressor.source_sha256": checkpoint.weights_sha256},
-                  logits_fn=lambda model, quantized: torch_logits_fn(model, task.INPUT_NAMES),
+                  logits_fn=lambda model, quantized: torch_logits_fn(model, task.INPUT_NAMES, quantized),
                   export=export, bits=total_model_bits, generates=is_decoder(checkpoint.model))
