@@ -25,6 +25,7 @@ from compressor.inputs.source import Source
 from compressor.kv_cache import PAST_PREFIX, has_cache
 from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
+from exporters.qdq import lower_to_qdq
 from passes.calibration import excerpt
 from passes.model_bits import UNQUANTIZED_BITS, total_model_bits
 
@@ -270,7 +271,10 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
               "config": config, "input_format": "onnx"}
 
     def fake_quantized_fn(model, quantized):  # the shells' current values, written back into the graph
-        return logits_fn(create_session(write_back(proto, model).SerializeToString()))
+        graph = write_back(proto, model)
+        if any(layer.activation is not None for layer in quantized.values()):  # dynamic W8A8 (static calibrates)
+            graph, _ = lower_to_qdq(graph, quantized)  # its activation Q/DQ is what the graph-side model computes
+        return logits_fn(create_session(graph.SerializeToString()))
 
     return Source(name=record["name"], task=TASKS[family], config=config, model=shells, record=record,
                   metadata={**metadata, "compressor.source": str(path), "compressor.source_sha256": digest},
