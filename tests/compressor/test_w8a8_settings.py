@@ -1,0 +1,48 @@
+"""Bad W8A8 settings fail before any model loads: one `error:` line naming the setting, exit 2, nothing written."""
+import pytest
+from click.testing import CliRunner
+
+from compressor.cli import main
+
+BAD = {
+    "percentile 0": (["--recipe", "w8a8", "--set", "quantize.activation_percentile=0"],
+                     "quantize.activation_percentile must be in (0, 100]"),
+    "percentile 101": (["--recipe", "w8a8", "--set", "quantize.activation_percentile=101"],
+                       "quantize.activation_percentile must be in (0, 100]"),
+    "unknown observer": (["--recipe", "w8a8", "--set", "quantize.activation_observer=histogram"],
+                         "quantize.activation_observer must be one of minmax, percentile, mse, entropy"),
+    "unknown mode": (["--recipe", "w8a8", "--set", "quantize.activations=always"],
+                     "quantize.activations must be one of none, static, dynamic"),
+    "int4 weights": (["--recipe", "int4", "--set", "quantize.activations=static"],
+                     "needs int8 symmetric weights per channel or per tensor"),
+    "smoothquant without activations": (["--recipe", "int8", "--set", "quantize.smoothquant_alpha=0.5"],
+                                        "quantize.smoothquant_alpha needs quantize.activations"),
+    "alpha out of range": (["--recipe", "w8a8", "--set", "quantize.smoothquant_alpha=1.5"],
+                           "quantize.smoothquant_alpha must be in [0, 1]"),
+    "4-bit table per row": (["--recipe", "int4", "--set", "quantize.embedding_block_size=0"],
+                            "quantize.embedding_bits=4 needs an embedding_block_size"),
+    "float16 export": (["--recipe", "w8a8", "--set", "export.dtype=float16"],
+                       "quantize.activations needs export.dtype float32"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_activation_setting_is_one_line_exit_2(tmp_path, name):
+    args, message = BAD[name]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", "gpt-xs", "--out", str(out), *args, "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not out.exists()
+
+
+def test_static_activations_on_an_onnx_input_need_calibration(tmp_path, compress):
+    """An ONNX input has no torch model to calibrate through: static W8A8 is refused before --out is touched."""
+    fp32 = tmp_path / "fp32"
+    done = compress("run", "gpt-xs", "--out", str(fp32), "--eval-limit", "4", "--bench-runs", "1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    done = compress("run", str(fp32 / "model.onnx"), "--recipe", "w8a8", "--out", str(out), "--quiet")
+    assert done.returncode == 2 and "needs calibration through the torch model" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
