@@ -1,4 +1,5 @@
 """Seeded, deterministic training of the sample Transformers (`compress sample train`)."""
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -9,11 +10,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from compressor.inputs.checkpoint import save_checkpoint
-from samples import reverse_task, wiki_corpus
-from samples.registry import SAMPLES, SampleSpec, build_model, count_params
+from samples import reverse_task
+from samples.registry import SAMPLES, SampleSpec, build_model, corpus_module, count_params
 from samples.seq2seq import PAD_ID
 
-EVAL_WINDOWS = 256  # held-out windows scored at the end of training (the full split is scored by `compress run`)
+EVAL_WINDOWS = 256  # wiki held-out windows scored at the end of training (`compress run` scores the full split)
 
 
 def _learning_rate(step: int, total: int, peak: float) -> float:
@@ -25,12 +26,12 @@ def _learning_rate(step: int, total: int, peak: float) -> float:
 
 
 def _gpt_batches(spec: SampleSpec, rng: np.random.Generator, device: torch.device):
-    tokens = torch.from_numpy(wiki_corpus.split_tokens("train").astype(np.int64))
+    tokens = torch.from_numpy(np.array(corpus_module(spec.config.corpus).split_tokens("train"))).to(device)
     span = spec.config.context + 1
-    offsets = torch.arange(span)
+    offsets = torch.arange(span, device=device)
     while True:
-        starts = torch.from_numpy(rng.integers(0, len(tokens) - span, size=spec.batch_size))
-        window = tokens[starts[:, None] + offsets].to(device)
+        starts = torch.from_numpy(rng.integers(0, len(tokens) - span, size=spec.batch_size)).to(device)
+        window = tokens[starts[:, None] + offsets].long()
         yield (window[:, :-1],), window[:, 1:]
 
 
@@ -43,10 +44,14 @@ def _seq2seq_batches(spec: SampleSpec, rng: np.random.Generator, device: torch.d
 @torch.no_grad()
 def _heldout_metric(spec: SampleSpec, model: torch.nn.Module, seed: int, device: torch.device) -> dict:
     model.eval()
-    if spec.family == "gpt":
-        windows = torch.from_numpy(wiki_corpus.heldout_windows(spec.config.context, EVAL_WINDOWS)).to(device)
-        losses = [F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()) for w in windows.split(32)]
-        return {"heldout_perplexity_subset": math.exp(float(torch.stack(losses).mean())),
+    if spec.family == "gpt":  # the text corpus's held-out split is scored whole: it is what the family reports
+        whole = spec.config.corpus == "text"
+        corpus = corpus_module(spec.config.corpus)
+        windows = torch.from_numpy(corpus.heldout_windows(spec.config.context, None if whole else EVAL_WINDOWS))
+        losses = [F.cross_entropy(model(w[:, :-1]).float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum")
+                  for w in windows.to(device).split(64)]
+        key = "heldout_perplexity" if whole else "heldout_perplexity_subset"
+        return {key: math.exp(float(torch.stack(losses).sum()) / windows[:, 1:].numel()),
                 "heldout_windows": int(len(windows))}
     src = reverse_task.heldout_sources(seed, 1000)
 
@@ -70,13 +75,16 @@ def train_sample(name: str, out: Path, seed: int = 0, steps: int | None = None, 
     batches = _gpt_batches(spec, rng, dev) if spec.family == "gpt" else _seq2seq_batches(spec, rng, dev)
     started = time.perf_counter()
     model.train()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if spec.mixed_precision and dev.type == "cuda"
+                else contextlib.nullcontext())
     bar = tqdm(range(steps), desc=f"train {name}", disable=not progress, mininterval=0.5)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, spec.learning_rate)
         inputs, labels = next(batches)
-        logits = model(*inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_ID
+        with autocast:
+            logits = model(*inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=PAD_ID
                                if spec.family == "seq2seq" else -100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,10 +96,10 @@ def train_sample(name: str, out: Path, seed: int = 0, steps: int | None = None, 
         "seed": seed, "steps": steps, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
         "final_train_loss": round(float(loss.item()), 4), "params": count_params(model),
         "train_seconds": round(time.perf_counter() - started, 1), "device": dev.type,
+        **({"precision": "bf16 autocast"} if spec.mixed_precision and dev.type == "cuda" else {}),
         **_heldout_metric(spec, model, seed, dev),
     }
     if spec.family == "gpt":
-        record["corpus"] = {"name": "gensim enwiki test dump", "sha": wiki_corpus.corpus_fingerprint(),
-                            "tokenizer": "bytes", "heldout": f"every {wiki_corpus.HELDOUT_EVERY}th article"}
+        record["corpus"] = corpus_module(spec.config.corpus).describe()
     save_checkpoint(out, name, spec.family, model.cpu(), extra={"training": record}, dtype=stored_dtype)
     return record

@@ -6,6 +6,8 @@ from torch import nn
 
 from samples.layers import FeedForward, MultiHeadAttention, causal_blocked
 
+CORPORA = ("wiki", "text")  # samples/wiki_corpus.py, samples/text_corpus.py: the text a model trains and scores on
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -16,12 +18,15 @@ class GPTConfig:
     heads: int = 4
     mlp_hidden: int | None = None  # default 4 * width
     dropout: float = 0.0
+    corpus: str = "wiki"
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if min(self.vocab_size, self.context, self.layers, self.width, self.heads) < 1:
             raise ValueError("vocab_size, context, layers, width and heads must be positive")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r} (known: {', '.join(CORPORA)})")
 
     @property
     def hidden(self) -> int:

@@ -66,6 +66,12 @@ def corpus_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def describe() -> dict:
+    """What a training record says about the corpus."""
+    return {"name": "gensim enwiki test dump", "sha": corpus_fingerprint(), "tokenizer": "bytes",
+            "heldout": f"every {HELDOUT_EVERY}th article"}
+
+
 def heldout_windows(context: int, max_windows: int | None = None) -> np.ndarray:
     """Non-overlapping [N, context + 1] int64 windows of held-out text: inputs are [:, :-1], targets [:, 1:]."""
     tokens = split_tokens("heldout")

@@ -18,7 +18,7 @@ from compressor.atomic import atomic_path, atomic_write_text, sha256_file
 from compressor.errors import UserError
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
-from samples.registry import SAMPLES, SHIPPED_DIR, build_model
+from samples.registry import SAMPLES, build_model, trained_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -225,9 +225,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def resolve_sample(path: Path) -> Path:
-    """A path as given, or the name of a shipped sample (e.g. `gpt-s`) when no such path exists."""
-    if not path.exists() and str(path) in SAMPLES and (SHIPPED_DIR / str(path)).is_dir():
-        return SHIPPED_DIR / str(path)
+    """A path as given, or the name of a trained sample (e.g. `gpt-s`, or a family member in the cache:
+    samples.registry.trained_dir) when no such path exists."""
+    if not path.exists() and str(path) in SAMPLES and trained_dir(str(path)) is not None:
+        return trained_dir(str(path))
     return path
 
 

@@ -1,10 +1,11 @@
-"""Next-byte prediction on held-out Wikipedia articles; metric = perplexity (exp of mean NLL per byte)."""
+"""Next-byte prediction on held-out text; metric = perplexity (exp of mean NLL per byte). The corpus is the one
+the model's config names (GPTConfig.corpus: the Wikipedia dump by default, the text corpus for the family)."""
 import math
 
 import numpy as np
 from tqdm import tqdm
 
-from samples import wiki_corpus
+from samples.registry import corpus_module
 
 METRIC = "perplexity"
 HIGHER_IS_BETTER = False
@@ -17,8 +18,12 @@ def dynamic_axes(config: dict) -> dict:
     return {"input_ids": {0: ("batch", 1024), 1: ("sequence", config["context"])}}
 
 
+def _corpus(config: dict):
+    return corpus_module(config.get("corpus", "wiki"))
+
+
 def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
-    return wiki_corpus.heldout_windows(config["context"], limit)
+    return _corpus(config).heldout_windows(config["context"], limit)
 
 
 def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -55,7 +60,7 @@ def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:
     """Random windows of the TRAIN split (never the held-out one), in batches of 16, as model args."""
     import torch
 
-    tokens = wiki_corpus.split_tokens("train")
+    tokens = _corpus(config).split_tokens("train")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - config["context"], size=samples)
     windows = np.stack([tokens[s : s + config["context"]] for s in starts]).astype(np.int64)
