@@ -27,7 +27,10 @@ DEFAULT_BLOCK_SIZES = (32, 64, 128, 0)  # 0: one scale per output channel ("chan
 # same windows, so differences between them are paired; enough to order 4-bit configurations on gpt-l, and a
 # twelfth of the per-config time of the whole held-out split
 DEFAULT_EVAL_LIMIT = 64
-BUDGET_RECIPE = "int4"  # budget runs: this preset plus quantize.budget_bits_per_param (the allocator's field)
+# budget runs: the int4 preset's quantize fields, spelled out on the fp32 recipe (so that the preset gaining fields,
+# e.g. k-bit embeddings, cannot make budget runs differ from the uniform grid in more than the Linear layers' choice),
+# plus quantize.budget_bits_per_param (the allocator's field)
+BUDGET_BASE = ("quantize.dtype=int", "quantize.bits=4", "quantize.block_size=64", "quantize.full_range=true")
 SCHEMA_VERSION = 1
 
 
@@ -43,16 +46,15 @@ class SweepConfig:
     def label(self) -> str:
         if self.budget is not None:
             return f"budget-{self.budget:g}"
-        return f"{self.dtype}{self.bits}-{block_name(self.block_size)}"
+        name = "log" if self.dtype == "log2" else self.dtype  # as the quantize pass labels it: log4-B64
+        return f"{name}{self.bits}-{block_name(self.block_size)}"
 
-    @property
-    def recipe(self) -> str:
-        return BUDGET_RECIPE if self.budget is not None else "fp32"
+    recipe = "fp32"
 
     @property
     def overrides(self) -> tuple[str, ...]:
         if self.budget is not None:
-            return (f"quantize.budget_bits_per_param={self.budget!r}",)
+            return BUDGET_BASE + (f"quantize.budget_bits_per_param={self.budget!r}",)
         return (f"quantize.dtype={self.dtype}", f"quantize.bits={self.bits}", f"quantize.block_size={self.block_size}")
 
 

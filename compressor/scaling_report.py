@@ -106,12 +106,20 @@ def _axes(result: dict, title: str):
     figure = Figure(figsize=(8, 5.2), layout="constrained")
     ax = figure.subplots()
     ax.set_xscale("log")
-    ok = _ok(result)
-    values = [r["metric"] for r in ok]
-    if values and min(values) > 0 and max(values) / min(values) > 3:  # 2-bit perplexities run to the thousands
-        ax.set_yscale("log")
-    if result["reference"] is not None:
-        ax.axhline(result["reference"], color="k", lw=0.8, ls="--", label="input model (torch)")
+    values = [r["metric"] for r in _ok(result)]
+    reference = result["reference"]
+    if reference is not None:
+        ax.axhline(reference, color="k", lw=0.8, ls="--", label="input model (torch)")
+    if values and reference is not None and reference > 0:
+        # 2-bit perplexities run to 10x the input's and would flatten the rest: the axis stops at 1.4x (accuracy:
+        # 0.6x) the input's metric, and the title says how many runs lie beyond
+        low, high = min(values + [reference]), max(values + [reference])
+        limits = (low, min(high, 1.4 * reference)) if not result["higher_is_better"] else \
+            (max(low, 0.6 * reference), high)
+        pad = 0.03 * (limits[1] - limits[0] or abs(reference))
+        ax.set_ylim(limits[0] - pad, limits[1] + pad)
+        beyond = sum(not limits[0] <= v <= limits[1] for v in values)
+        title += f" ({beyond} runs off the axis)" if beyond else ""
     ax.set_xlabel("total model bits")
     better = "higher" if result["higher_is_better"] else "lower"
     ax.set_ylabel(f"{result['metric']} ({better} is better, {result['measured_by']})")

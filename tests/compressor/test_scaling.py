@@ -53,6 +53,9 @@ def test_configs_and_labels():
     assert labels[:3] == ["int3-B64", "int3-channel", "int4-B64"] and labels[-3:] == ["budget-4.5", "budget-5",
                                                                                        "budget-6"]
     assert SweepConfig("log2", 8, 0).overrides == ("quantize.dtype=log2", "quantize.bits=8", "quantize.block_size=0")
+    assert SweepConfig("log2", 8, 0).label == "log8-channel"  # as the quantize pass labels it
+    # budget runs: the int4 preset's quantize fields spelled out, so they differ from the grid in the Linears only
+    assert SweepConfig(budget=4.5).overrides == scaling.BUDGET_BASE + ("quantize.budget_bits_per_param=4.5",)
 
 
 @pytest.mark.parametrize("args, message", [
