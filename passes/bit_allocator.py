@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from passes import quant_primitives as qp
-from passes.calibration import excerpt, selected_linears
+from passes.calibration import excerpt, matches, selected_linears
 from passes.model_bits import UNQUANTIZED_BITS, quantized_tensor_bits
 
 BUDGET_FIELDS = ("budget_bits_per_param", "budget_candidates")
@@ -233,6 +233,24 @@ def solve_knapsack(costs: list[list[int]], losses: list[list[float]], capacity: 
     return chosen, method
 
 
+def embedding_table_bits(model: nn.Module, config, quantized_ids: set[int]) -> dict[int, int]:
+    """{id(table): bits} of the nn.Embedding tables the pass quantizes after its Linear layers
+    (quantize._quantize_embeddings, quantize.embedding_bits): the untied ones not ignored, at the same settings."""
+    if getattr(config, "embedding_bits", None) is None:
+        return {}
+    scale_dtype = torch.float16 if config.scale_dtype == "float16" else torch.float32
+    tables = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Embedding) and id(weight) not in quantized_ids | set(tables) \
+                and not matches(name, config.ignore):
+            q = qp.quantize_int_symmetric(weight.detach().float(), config.embedding_bits,
+                                          config.embedding_block_size, scale_dtype,
+                                          full_range=config.embedding_bits == 4)
+            tables[id(weight)] = quantized_tensor_bits(q).total
+    return tables
+
+
 def allocate(model: nn.Module, config, calibration: list[tuple], quantize_weight, progress: bool = False):
     """(the config with one exact-name override per allocated layer, the allocation for the pass record).
     `quantize_weight(weight, layer_config, hessian)` is the quantize pass's own quantizer: a candidate's bits and
@@ -253,7 +271,9 @@ def allocate(model: nn.Module, config, calibration: list[tuple], quantize_weight
         raise ValueError("no budget candidate's block size divides the in_features of any selected layer")
     params = sum(p.numel() for p in model.parameters())
     quantized_ids = {id(module.weight) for _, module in layers}
-    other_bits = UNQUANTIZED_BITS * sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
+    tables = embedding_table_bits(model, config, quantized_ids)
+    other_bits = sum(tables.values()) + UNQUANTIZED_BITS * sum(
+        p.numel() for p in model.parameters() if id(p) not in quantized_ids and id(p) not in tables)
     capacity = math.floor(Fraction(config.budget_bits_per_param) * params)
 
     stats = layer_statistics(model, layers, calibration)
@@ -278,8 +298,8 @@ def allocate(model: nn.Module, config, calibration: list[tuple], quantize_weight
     cheapest = other_bits + sum(min(c) for c in costs)
     if cheapest > capacity:
         raise ValueError(f"budget_bits_per_param {config.budget_bits_per_param:g} is below the cheapest allocation, "
-                         f"{cheapest / params:.4f} bits/param (every layer at its fewest-bit candidate, the "
-                         f"{(other_bits // UNQUANTIZED_BITS):,} unquantized params at {UNQUANTIZED_BITS} bits)")
+                         f"{cheapest / params:.4f} bits/param (every layer at its fewest-bit candidate; the "
+                         f"{other_bits:,} bits of the other params count too)")
     chosen, method = solve_knapsack(costs, losses, capacity - other_bits)
     total = other_bits + sum(costs[l][c] for l, c in enumerate(chosen))
     assert total <= capacity, (total, capacity)
@@ -288,24 +308,22 @@ def allocate(model: nn.Module, config, calibration: list[tuple], quantize_weight
              "predicted_kl": losses[l][c]}
             for l, ((name, module), c) in enumerate(zip(layers, chosen))]
     allocation = {"budget_bits_per_param": config.budget_bits_per_param, "budget_bits": capacity,
-                  "total_model_bits": total, "bits_per_param": total / params, "unquantized_bits": other_bits,
+                  "total_model_bits": total, "bits_per_param": total / params, "other_bits": other_bits,
                   "predicted_kl": sum(row["predicted_kl"] for row in rows), "solver": method,
                   "sensitivity": "1/2 sum_o F_o (dW H dW^T)_oo / T: Fisher-weighted output error, nats/token",
                   "calibration_tokens": stats[0]["tokens"], "candidates": labels, "layers": rows,
                   "unallocated": unallocated}
     overrides = {name: candidate_fields(labels[c]) for (name, _), c in zip(layers, chosen)}
     allocated = dataclasses.replace(config, budget_bits_per_param=None, budget_candidates=(),
-                                    targets=tuple(name for name, _ in layers), ignore=(), overrides=overrides)
+                                    targets=tuple(name for name, _ in layers), overrides=overrides)
     return allocated, allocation
 
 
 def record_allocation(record: dict, config, allocation: dict) -> dict:
     """The pass record of an allocated run: the recipe's own config and label, the allocation, its layers left
-    unquantized; the bits the pass counted must be the allocation's, exactly (fewer when the pass also quantized
-    embedding tables, which the allocation counts at 32 bits)."""
-    counted, planned = record["total_model_bits"], allocation["total_model_bits"]
-    assert (counted <= planned if record.get("embeddings") else counted == planned), (counted, planned)
-    assert counted <= allocation["budget_bits"], (counted, allocation["budget_bits"])
+    unquantized; the bits the pass counted must be the allocation's, exactly."""
+    assert record["total_model_bits"] == allocation["total_model_bits"] <= allocation["budget_bits"], \
+        (record["total_model_bits"], allocation["total_model_bits"], allocation["budget_bits"])
     counts: dict[str, int] = {}
     for row in allocation["layers"]:
         counts[row["candidate"]] = counts.get(row["candidate"], 0) + 1

@@ -371,10 +371,10 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
     embedding_records = _quantize_embeddings(model, config, aliases, quantized)
     unmatched = [p for p in config.overrides or {} if not any(matches(name, (p,)) for name, _ in chosen)]
     record = {"name": "quantize", "config": asdict(config), "label": config.label(), "layers": layers,
-            "skipped": skipped, "overrides_unmatched": unmatched, **total_model_bits(model, quantized),
-            **({"activations": activation_records} if activation_records else {}),
-            **({"embeddings": embedding_records} if embedding_records else {}),
-            "quantized": quantized}
+              "skipped": skipped, "overrides_unmatched": unmatched, **total_model_bits(model, quantized),
+              **({"activations": activation_records} if activation_records else {}),
+              **({"embeddings": embedding_records} if embedding_records else {}),
+              "quantized": quantized}
     return record if budgeted is None else record_allocation(record, budgeted, allocation)
 
 

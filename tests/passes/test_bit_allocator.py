@@ -129,6 +129,15 @@ def test_quantize_model_with_a_budget_records_the_allocation_and_holds_it():
     assert all(f"| {row['module']} | {row['candidate']} |" in table for row in allocation["layers"])
 
 
+def test_budget_counts_the_embedding_tables_the_pass_quantizes():
+    model = tiny_gpt()
+    params = sum(p.numel() for p in model.parameters())
+    record = quantize_model(model, QuantizeConfig(budget_bits_per_param=5.0, embedding_bits=8), calibration())
+    assert record["embeddings"]  # the untied tables, at 8 bits: the allocation spends what they free
+    assert record["total_model_bits"] == record["allocation"]["total_model_bits"] <= 5.0 * params
+    assert record["total_model_bits"] > 0.99 * 5.0 * params
+
+
 def test_infeasible_budget_is_one_clear_line():
     with pytest.raises(ValueError, match=r"below the cheapest allocation, \d+\.\d+ bits/param") as caught:
         quantize_model(tiny_gpt(), QuantizeConfig(budget_bits_per_param=2.0), calibration())
