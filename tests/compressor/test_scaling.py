@@ -212,7 +212,7 @@ def test_a_block_size_that_fits_no_layer_is_skipped(tmp_path):
 TIMINGS = ("seconds", "cpu_seconds")
 
 
-@pytest.mark.slow  # a local Ray cluster's start: ~10 s idle, minutes on a loaded 2-core machine
+@pytest.mark.slow  # a local Ray cluster and 2 workers: 31-150 s measured on the loaded 2-core machine
 def test_workers_give_the_serial_results(xs_sweep, tmp_path):
     pytest.importorskip("ray")
     result = CliRunner().invoke(main, ["scaling", "gpt-xs", "--out", str(tmp_path), "--dtypes", "int,nf", "--bits",
