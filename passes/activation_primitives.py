@@ -11,6 +11,7 @@ import torch
 OBSERVERS = ("minmax", "percentile", "mse", "entropy")
 ACTIVATION_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
 SAMPLE_LIMIT = 1 << 20  # values kept per layer for the percentile / MSE / entropy observers
+MSE_SEARCH_LIMIT = 1 << 14  # of which the MSE search scores this many per candidate range (81 candidates)
 ENTROPY_BINS, ENTROPY_LEVELS = 2048, 128  # TensorRT's KL calibration: 2048-bin |x| histogram into 128 levels
 
 
@@ -47,6 +48,7 @@ def _mse_range(samples: torch.Tensor, low: float, high: float, dtype: str) -> tu
     """The range, shrunk towards 0 by one factor in [0.2, 1], whose fake quantization of the samples has the
     least squared error."""
     best, best_error = (low, high), math.inf
+    samples = sample_values(samples, MSE_SEARCH_LIMIT)
     for factor in torch.linspace(0.2, 1.0, 81).tolist():
         scale, zero = static_qparams(low * factor, high * factor, dtype)
         error = float(((fake_quantize(samples, scale, zero, dtype) - samples) ** 2).mean())

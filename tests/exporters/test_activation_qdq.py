@@ -11,9 +11,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.inputs.checkpoint import load_checkpoint
-from compressor.ort_runtime import create_session, logits_fn
+from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
-from compressor.validate import parity, torch_logits_fn
+from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
 from exporters.qdq import lower_to_qdq
 from passes import activation_primitives as ap
 from passes.activation_quant import ActivationQuant, dividing_inputs, smooth_layers
@@ -22,6 +22,23 @@ from passes.quantize import QuantizeConfig, QuantizedLayer, _as_unsigned, quanti
 from passes import quant_primitives as qp
 
 W8A8 = QuantizeConfig(bits=8, block_size=0, activations="static")
+
+
+def _decoder_artifact(shipped, tmp_path, config: QuantizeConfig):
+    """gpt-xs quantized with `config` and written as the pipeline writes GPT samples (the KV-cache decoder graph,
+    built directly: no torch.onnx tracing), unpacked: (checkpoint, task, held-out data, record, lowering, path)."""
+    from compressor.inputs.decoders import as_decoder
+    from exporters.decoder_graph import build_decoder_graph
+    from exporters.onnx_export import finalize
+
+    checkpoint = load_checkpoint(shipped / "gpt-xs")
+    task = TASKS[checkpoint.family]
+    calibration = task.calibration_data(checkpoint.config, 16) if config.needs_calibration else None
+    record = quantize_model(checkpoint.model, config, calibration)
+    proto, lowering = lower_to_qdq(build_decoder_graph(as_decoder(checkpoint.model)), record["quantized"])
+    path = tmp_path / "artifact.onnx"
+    onnx.save(finalize(proto, {}), str(path))
+    return checkpoint, task, task.heldout_data(checkpoint.config, 8), record, lowering, path
 LAYER_TOLERANCE = 1e-5  # an integer GEMM is exact; only the float scaling of its int32 result rounds
 
 
@@ -67,22 +84,22 @@ def test_each_integer_kernel_is_the_fake_quantized_layer_exactly(tmp_path, mode,
 @pytest.mark.parametrize("config, kernel", [(W8A8, "MatMulIntegerToFloat"),
                                             (QuantizeConfig(bits=8, block_size=0, activations="dynamic"),
                                              "DynamicQuantizeMatMul")], ids=["static", "dynamic"])
-def test_every_linear_runs_in_an_integer_kernel(quantized_artifact, optimized_ops, shipped, tmp_path, config, kernel):
-    checkpoint, task, data, record, lowering, path = quantized_artifact(shipped, tmp_path, config)
+def test_every_linear_runs_in_an_integer_kernel(optimized_ops, shipped, tmp_path, config, kernel):
+    checkpoint, task, data, record, lowering, path = _decoder_artifact(shipped, tmp_path, config)
     linears = len(record["layers"])
     assert len(record["activations"]) == linears and lowering["activations"]["matmuls"] == linears
     ops, _ = optimized_ops(path, tmp_path)
     # dynamic: where one DynamicQuantizeLinear feeds q, k and v, the other two read its codes in MatMulIntegerToFloat
     assert ops[kernel] > 0 and ops["MatMulIntegerToFloat"] + ops["DynamicQuantizeMatMul"] == linears, ops
-    # what is left in float: attention's MatMuls (activations x activations), none with a weight
+    # nothing is left in a float GEMM (attention is GroupQueryAttention in the decoder graph)
     optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
-    weights = {t.name for t in optimized.initializer}
-    float_matmuls = [n for n in optimized.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")]
-    assert float_matmuls and not [n.name for n in float_matmuls if set(n.input) & weights]
+    assert not [n.name for n in optimized.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm", "MatMulNBits")]
+    assert ops["GroupQueryAttention"] == checkpoint.config["layers"]
     inputs = task.parity_inputs(data)
     quantized = record["quantized"]
     torch_logits = torch_logits_fn(checkpoint.model, task.INPUT_NAMES, quantized)(inputs)
-    ort_logits = logits_fn(create_session(path))(inputs)
+    session = create_session(path)
+    ort_logits = session.run(None, to_ort_feeds(inputs, session))[0]
     assert parity(torch_logits, ort_logits, 0.15)["passed"]  # validate.Tolerances' W8A8 bound (measured ~2e-2)
     weights_only = torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs)
     assert not np.allclose(weights_only, torch_logits)  # the torch column does quantize the activations
@@ -125,35 +142,26 @@ def test_smoothquant_keeps_the_float_function_and_folds_into_pre_norms(shipped):
 
 
 def test_smoothquant_artifact_folds_the_division_into_layernorms(shipped, tmp_path):
-    """gpt-xs is pre-norm: q/k/v read ln1's output, fc1 reads ln2's, and nothing else does, so their 1/s goes into
-    the norms' scale and bias; out-proj and fc2 read activations (no norm) and keep a Mul."""
-    checkpoint = load_checkpoint(shipped / "gpt-xs")
-    task = TASKS[checkpoint.family]
+    """gpt-xs is pre-norm: q/k/v read ln_attn's output, fc_in reads ln_mlp's, and nothing else does, so their 1/s
+    goes into the norms' scale and bias; out_proj and fc_out read activations (no norm) and keep a Mul."""
     config = QuantizeConfig(bits=8, block_size=0, activations="static", smoothquant_alpha=0.5)
-    record = quantize_model(checkpoint.model, config, task.calibration_data(checkpoint.config, 8))
-    from compressor.inputs.decoders import as_decoder
-    from exporters.decoder_graph import build_decoder_graph
-
-    proto, lowering = lower_to_qdq(build_decoder_graph(as_decoder(checkpoint.model)), record["quantized"])
-    folded = lowering["activations"]["smoothing_folded_into_norms"]
-    muls = sum(n.op_type == "Mul" and n.name.endswith(".smooth") for n in proto.graph.node)
-    assert folded > 0 and muls > 0, (folded, muls)
-    data = task.heldout_data(checkpoint.config, 4)
+    checkpoint, task, data, record, lowering, path = _decoder_artifact(shipped, tmp_path, config)
+    graph = onnx.load(str(path)).graph
+    muls = sum(n.op_type == "Mul" and n.name.endswith(".smooth") for n in graph.node)
+    # per block: the Mul before q/k/v (one: they share it) and before fc_in fold, out_proj's and fc_out's stay; ln_final
+    blocks = checkpoint.config["layers"]
+    assert lowering["activations"]["smoothing_folded_into_norms"] == 2 * blocks + 1 and muls == 2 * blocks
     inputs = task.parity_inputs(data)
-    from exporters.onnx_export import finalize
-
-    session = ort.InferenceSession(finalize(proto, {}).SerializeToString(), providers=["CPUExecutionProvider"])
-    from compressor.ort_runtime import to_ort_feeds
-
+    session = create_session(path)
     ort_logits = session.run(None, to_ort_feeds(inputs, session))[0]
     torch_logits = torch_logits_fn(checkpoint.model, task.INPUT_NAMES, record["quantized"])(inputs)
     assert parity(torch_logits, ort_logits, 0.15)["passed"]
 
 
 @pytest.mark.parametrize("bits, block, lookup", [(8, 0, "gathered rows"), (4, 32, "GatherBlockQuantized")])
-def test_embedding_tables_are_looked_up_from_their_codes(quantized_artifact, shipped, tmp_path, bits, block, lookup):
+def test_embedding_tables_are_looked_up_from_their_codes(shipped, tmp_path, bits, block, lookup):
     config = QuantizeConfig(bits=4, block_size=32, embedding_bits=bits, embedding_block_size=block)
-    checkpoint, task, data, record, lowering, path = quantized_artifact(shipped, tmp_path, config)
+    checkpoint, task, data, record, lowering, path = _decoder_artifact(shipped, tmp_path, config)
     tables = [e for e in lowering["lowered"] if e.get("embedding")]
     assert {e["module"] for e in tables} == {"token_emb", "pos_emb"}
     assert {e["lookup"] for e in tables} == {lookup}
@@ -164,9 +172,8 @@ def test_embedding_tables_are_looked_up_from_their_codes(quantized_artifact, shi
                              if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
     assert record["quantized_params"] == tables_and_weights
     inputs = task.parity_inputs(data)
-    from compressor.validate import EXACT_MATMULNBITS
-
-    exact = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
+    session = create_session(path, options=EXACT_MATMULNBITS)
+    exact = session.run(None, to_ort_feeds(inputs, session))[0]
     assert parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), exact, 1e-4)["passed"]
 
 
