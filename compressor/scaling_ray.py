@@ -15,19 +15,18 @@ def check_ray() -> None:
         raise UserError(f"--workers / --ray-address need Ray, which is not installed: {INSTALL_HINT}") from None
 
 
-def _measure_in_worker(job, threads: int) -> dict:
+def _measure_in_worker(measure, job, threads: int) -> dict:
     import torch
 
     from compressor.ort_runtime import set_default_threads
-    from compressor.scaling import measure_job
 
     torch.set_num_threads(threads)
     set_default_threads(threads)
-    return measure_job(job)
+    return measure(job)
 
 
-def run_on_ray(jobs: list, workers: int, address: str | None, finished) -> None:
-    """Measure `jobs` as Ray tasks; finished(job, row) is called here, in the driver, as each one completes (the
+def run_on_ray(jobs: list, workers: int, address: str | None, finished, measure) -> None:
+    """Measure `jobs` as Ray tasks, measure(job) -> row each; finished(job, row) is called here, in the driver, as each one completes (the
     driver alone writes the result files). With `address`, OUT and the checkpoint must be at the same path on
     every node: the workers write the artifacts into OUT/runs/<label>/."""
     check_ray()
@@ -47,7 +46,7 @@ def run_on_ray(jobs: list, workers: int, address: str | None, finished) -> None:
         # joined cluster: one thread per task (its CPU); local: this machine's cores shared among the workers
         threads = 1 if address else max(1, (os.cpu_count() or 1) // workers)
         task = ray.remote(num_cpus=1, max_retries=0)(_measure_in_worker)
-        pending = {task.remote(job, threads): job for job in jobs}
+        pending = {task.remote(measure, job, threads): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])

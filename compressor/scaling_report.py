@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from compressor.atomic import atomic_write_bytes, atomic_write_text
 from compressor.plots import render_png
-from compressor.scaling import pareto_front
+from compressor.pareto import pareto_front
 
 PLOTS = {"scaling_by_bits.png": "metric vs total model bits, one line per k (each k's own Pareto front)",
          "scaling_by_dtype.png": "metric vs total model bits, one line per data type (its own Pareto front)",
