@@ -438,10 +438,12 @@ def build(out: Path | None = None, progress: bool = True) -> dict:
 
 # --------------------------------------------------------------------------------------------------- use ----
 
-def _user_error(message: str) -> Exception:
-    from compressor.errors import UserError
+class CorpusUnavailable(RuntimeError):
+    """The corpus cannot be built or does not match its manifest (the task reports it as a user error)."""
 
-    return UserError(message)
+
+def _user_error(message: str) -> Exception:
+    return CorpusUnavailable(message)
 
 
 @lru_cache(maxsize=1)

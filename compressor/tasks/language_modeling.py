@@ -5,6 +5,7 @@ import math
 import numpy as np
 from tqdm import tqdm
 
+from compressor.errors import UserError
 from samples.registry import corpus_module
 
 METRIC = "perplexity"
@@ -22,8 +23,18 @@ def _corpus(config: dict):
     return corpus_module(config.get("corpus", "wiki"))
 
 
+def _read(split_reader):
+    """A corpus read; a corpus that cannot be built (a Debian package missing) is the user's to fix."""
+    from samples.text_corpus import CorpusUnavailable
+
+    try:
+        return split_reader()
+    except CorpusUnavailable as exc:
+        raise UserError(str(exc)) from None
+
+
 def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
-    return _corpus(config).heldout_windows(config["context"], limit)
+    return _read(lambda: _corpus(config).heldout_windows(config["context"], limit))
 
 
 def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -60,7 +71,7 @@ def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:
     """Random windows of the TRAIN split (never the held-out one), in batches of 16, as model args."""
     import torch
 
-    tokens = _corpus(config).split_tokens("train")
+    tokens = _read(lambda: _corpus(config).split_tokens("train"))
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - config["context"], size=samples)
     windows = np.stack([tokens[s : s + config["context"]] for s in starts]).astype(np.int64)
