@@ -67,8 +67,12 @@ def ort_peers(fp32: Path, folder: Path, task, config: dict) -> dict[str, Path]:
     metadata = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
     prepared = folder / "prepared.onnx"
     # as ORT's docs ask before quantizing; its symbolic shape inference knows the com.microsoft ops
-    # (GroupQueryAttention, SkipLayerNormalization) whose output types the quantizers need
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+    # (GroupQueryAttention, SkipLayerNormalization) whose output types the quantizers need, but gives up on some
+    # dynamo-exported encoders (MiniLM), which plain ONNX shape inference handles
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+    except Exception:  # noqa: BLE001  (ORT raises a bare Exception: "Incomplete symbolic shape inference")
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     out = {"ort quantize_dynamic": folder / "ort_dynamic.onnx", "ort quantize_static": folder / "ort_static.onnx"}
     quantize_dynamic(str(prepared), str(out["ort quantize_dynamic"]), weight_type=QuantType.QInt8)
     session = create_session(fp32)
