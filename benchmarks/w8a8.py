@@ -12,6 +12,7 @@ artifacts of a model interleaved round by round (p50 per round, median over roun
 --threads intra-op threads. Writes benchmarks/results/w8a8.json and w8a8.md (or under --out).
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -69,10 +70,11 @@ def ort_peers(fp32: Path, folder: Path, task, config: dict) -> dict[str, Path]:
     # as ORT's docs ask before quantizing; its symbolic shape inference knows the com.microsoft ops
     # (GroupQueryAttention, SkipLayerNormalization) whose output types the quantizers need, but gives up on some
     # dynamo-exported encoders (MiniLM), which plain ONNX shape inference handles
-    try:
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
-    except Exception:  # noqa: BLE001  (ORT raises a bare Exception: "Incomplete symbolic shape inference")
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    with contextlib.chdir(folder):  # it leaves temporary files in the working directory when it gives up
+        try:
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001  (ORT raises a bare Exception: "Incomplete symbolic shape inference")
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     out = {"ort quantize_dynamic": folder / "ort_dynamic.onnx", "ort quantize_static": folder / "ort_static.onnx"}
     quantize_dynamic(str(prepared), str(out["ort quantize_dynamic"]), weight_type=QuantType.QInt8)
     session = create_session(fp32)
