@@ -71,7 +71,8 @@ def claim_configs(claim: str) -> list[StudyConfig]:
         return [uniform("int", 4, 64)]
     if claim == "smol":  # SmolLM2: a handful of runs (minutes each)
         return [uniform("int", 3, 64), uniform("int", 4, 64), uniform("int", 5, 64), uniform("nf", 4, 64),
-                uniform("int", 4, 64, "quantize.symmetric=false", label="int4-asym-B64")]
+                uniform("int", 4, 64, "quantize.symmetric=false", label="int4-asym-B64"),
+                uniform("int", 4, 64, "quantize.full_range=true", label="int4-full-B64")]
     raise SystemExit(f"unknown claim {claim!r}")
 
 
@@ -93,7 +94,8 @@ def measure(members: list[str], claims: list[str], eval_limit: int, shard: tuple
     torch.set_num_threads(1)  # study processes share the cores; one thread each wastes nothing on spinning
     set_default_threads(1)
     # claim by claim across the members, so that an interrupted study has whole claims rather than whole members
-    references: dict[str, dict | None] = {}
+    # the input's metric at this eval limit, from any finished row (another shard's too): measured once per member
+    references = {m: next((r["reference_metrics"] for r in load_rows(m, eval_limit).values()), None) for m in members}
     jobs = [(m, c) for claim in claims for m in members for c in claim_configs(claim)]
     jobs = list({(m, c.label): (m, c) for m, c in jobs}.values())[shard[0]::shard[1]]
     for member, config in jobs:
