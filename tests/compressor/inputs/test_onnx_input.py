@@ -31,7 +31,9 @@ def fp32_onnx(compress, tmp_path_factory) -> Path:
 def test_onnx_input_int4_matches_the_checkpoint_path(compress, fp32_onnx, tmp_path):
     from_graph, from_torch = tmp_path / "graph", tmp_path / "torch"
     assert compress("run", str(fp32_onnx), "--out", str(from_graph), "--recipe", "int4", *FAST).returncode == 0
-    assert compress("run", "gpt-xs", "--out", str(from_torch), "--recipe", "int4", *FAST).returncode == 0
+    # an ONNX input has no nn.Embedding tables to quantize: the checkpoint run keeps its tables float too
+    assert compress("run", "gpt-xs", "--out", str(from_torch), "--recipe", "int4", "--set", "quantize.embedding_bits=",
+                    *FAST).returncode == 0
     graph, torch_run = (json.loads((d / "report.json").read_text()) for d in (from_graph, from_torch))
     assert graph["model"]["input_format"] == "onnx"
     assert graph["accuracy"]["reference"] == pytest.approx(torch_run["accuracy"]["reference"], rel=1e-5)
