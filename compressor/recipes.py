@@ -261,9 +261,17 @@ def _one_line(message, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+KNOWN_LISTED = 240  # characters of the known names an error lists, so that the message stays one short line
+
+
 def _did_you_mean(word, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1) if isinstance(word, str) and len(word) <= 100 else []
-    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(choices)}"
+    if close:
+        return f"did you mean {close[0]!r}?"
+    listed = ", ".join(choices)
+    if len(listed) > KNOWN_LISTED:  # e.g. quantize's 28 fields: the rest are in `compress passes`
+        listed = listed[:listed.rfind(", ", 0, KNOWN_LISTED)] + ", ... (all: compress passes)"
+    return f"known: {listed}"
 
 
 def load_recipe_file(path: Path) -> tuple[dict[str, dict], dict, dict]:
