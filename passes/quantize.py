@@ -392,13 +392,14 @@ def _quantize_activations(model: nn.Module, config: QuantizeConfig, layers: dict
                           smooth: dict[str, torch.Tensor], calibration: list[tuple] | None,
                           quantized: dict) -> list[dict]:
     """Each activation-quantized layer's record gains its ActivationQuant; returns the report's entries."""
-    static = {name: m for name, m in layers.items() if config.for_layer(name).activations == "static"}
+    groups: dict[tuple, dict[str, nn.Linear]] = {}  # one calibration sweep per distinct observer setting
+    for name, module in layers.items():
+        c = config.for_layer(name)
+        if c.activations == "static":
+            groups.setdefault((c.activation_observer, c.activation_percentile, c.activation_dtype), {})[name] = module
     found = {}
-    for key in {(c.activation_observer, c.activation_percentile, c.activation_dtype)
-                for c in map(config.for_layer, static)}:  # one calibration sweep per distinct observer
-        group = {name: m for name, m in static.items() if (config.for_layer(name).activation_observer,
-                 config.for_layer(name).activation_percentile, config.for_layer(name).activation_dtype) == key}
-        found.update(calibrate_static(model, group, calibration, smooth, *key))
+    for observer, group in groups.items():
+        found.update(calibrate_static(model, group, calibration, smooth, *observer))
     for name in layers:
         if name not in found:
             found[name] = ActivationQuant("dynamic", smooth=smooth.get(name))
