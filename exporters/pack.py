@@ -6,8 +6,12 @@ costs a thread-pool round trip, which is what a 135M model's 7 calls per layer a
 only where the pieces store alike: fp32 initializers [K, N_i], or DequantizeLinear of integer codes [K, N_i] with
 the same code type, axis, block size and zero-point presence (scales and zero points [K/B, N_i] or [N_i]
 concatenate along N, so every column keeps its own scale). The packed weight is still DequantizeLinear ->
-MatMul, which ONNX Runtime fuses into one MatMulNBits. Anything else (codebooks, float zero points with their
-offset terms, a weight read twice) is left as it is. Values are unchanged: concatenation only.
+MatMul, which ONNX Runtime fuses into one MatMulNBits. Anything else (codebooks, a weight read twice) is left
+as it is. Values are unchanged: concatenation only.
+
+Float zero points (exporters.qdq) pack too: their block-sum weight joins the main weights' kernel and their
+offset MatMuls pack among themselves; the per-member Adds of main and offset terms then become one Add before
+the Split (merge_adds_over_splits), so a packed q/k/v costs one Add, not three.
 """
 from collections import defaultdict
 
@@ -111,4 +115,77 @@ def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
     graph.initializer.extend(kept + new_inits)
     del graph.node[:]
     graph.node.extend(nodes)
+    merge_adds_over_splits(proto)
     return packed
+
+
+def _split_widths(node: onnx.NodeProto, initializers: dict) -> list[int] | None:
+    """The widths of a last-axis Split whose sizes are an initializer, else None."""
+    if node.op_type != "Split" or _attrs(node).get("axis") != -1 or len(node.input) != 2 \
+            or node.input[1] not in initializers:
+        return None
+    return [int(w) for w in numpy_helper.to_array(initializers[node.input[1]])]
+
+
+def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
+    """Add(a_i, b_i) for every piece b_i of a Split B, where the a_i are consecutive pieces of another Split A
+    with the same widths (each piece read by its Add alone) -> A yields them as one piece, one Add of that piece
+    and B's input, then a Split into the Adds' outputs. Elementwise, so values are unchanged. Returns how many
+    Adds were removed."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    removed, replaced, before, new_inits, merged, old_sizes = set(), {}, {}, [], 0, set()
+    for b in graph.node:
+        b_widths = _split_widths(b, initializers)
+        if b_widths is None or len(b.output) < 2 or id(b) in removed:
+            continue
+        adds = [consumers[out][0] if len(consumers[out]) == 1 else None for out in b.output]
+        if any(add is None or add.op_type != "Add" for add in adds):
+            continue
+        partners = [add.input[0] if add.input[1] == out else add.input[1] for add, out in zip(adds, b.output)]
+        a = producers.get(partners[0])
+        a_widths = _split_widths(a, initializers) if a is not None else None
+        if a_widths is None or id(a) in removed or id(a) in replaced:
+            continue
+        first = list(a.output).index(partners[0])
+        run = list(a.output[first:first + len(partners)])
+        if run != partners or a_widths[first:first + len(partners)] != b_widths \
+                or any(len(consumers[out]) != 1 for out in run):
+            continue
+        name = f"{b.name}.merged"
+        main = a.input[0] if len(run) == len(a.output) else f"{name}.main"  # A split only these: no Split left
+        replaced[id(a)] = []
+        if main != a.input[0]:
+            pieces = list(a.output[:first]) + [main] + list(a.output[first + len(run):])
+            widths = a_widths[:first] + [sum(b_widths)] + a_widths[first + len(run):]
+            new_inits.append(numpy_helper.from_array(np.asarray(widths, np.int64), f"{name}.split_a"))
+            replaced[id(a)] = [helper.make_node("Split", [a.input[0], f"{name}.split_a"], pieces,
+                                                name=f"{name}.SplitA", axis=-1)]
+        before[id(adds[0])] = [helper.make_node("Add", [main, b.input[0]], [f"{name}.sum"],
+                                                name=f"{name}.Add"),
+                               helper.make_node("Split", [f"{name}.sum", b.input[1]],
+                                                [add.output[0] for add in adds], name=f"{name}.Split", axis=-1)]
+        removed |= {id(b)} | {id(add) for add in adds}
+        old_sizes.add(a.input[1])
+        merged += len(adds) - 1
+    if not merged:
+        return 0
+    nodes = []
+    for node in graph.node:
+        nodes += before.get(id(node), [])
+        if id(node) in replaced:
+            nodes += replaced[id(node)]
+        elif id(node) not in removed:
+            nodes.append(node)
+    read = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in read or t.name not in old_sizes]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return merged

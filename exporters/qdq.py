@@ -13,8 +13,9 @@ naming the layer: nothing is left fp32 silently. The initializer is replaced wit
 - float zero points (w = S * (q - z) + c per block, z the nearest integer zero point and c the fractional rest;
   DequantizeLinear's zero point is an integer): DequantizeLinear as above for S * (q - z), plus the rests' share
   x @ C = (x @ E) @ C_blocks, where E [K, K/B] sums x over each block and C_blocks [K/B, N] holds the rests: two
-  small MatMuls (1/B of the main one's work) and an Add after the main MatMul, which ONNX Runtime still fuses
-  into MatMulNBits;
+  small MatMuls (1/B of the main one's work) and an Add after the main MatMul. E is stored as k-bit codes of
+  the main weight's kind (0/1 levels, scale 1: exact), so ONNX Runtime runs it as a MatMulNBits too and
+  exporters.pack folds it into the main weight's kernel (one call computes x @ W and the block sums);
 - codebook types: uint indices [K, N] -> Cast(int32) -> Gather(codebook) -> Mul(block scales) -> MatMul. ONNX
   Runtime has no k-bit kernel for these: it constant-folds them back to fp32 at session start (small file, fp32
   speed and memory).
@@ -126,28 +127,44 @@ def _gathered_rows_nodes(name: str, gather: onnx.NodeProto, q: Quantized, scale:
     return nodes + [helper.make_node("Gather", [table, ids], [out], name=f"{tag}.Gather", axis=0)], "whole table"
 
 
+def _block_sum_nodes(name: str, q: Quantized, x: str, out: str) -> tuple[list, list]:
+    """out = x @ E, E [K, K/B] with E[k, j] = 1 where k is in block j: DequantizeLinear of 0/1 codes of the main
+    weight's code type, zero point 0 and scale 1 (exact in any scale dtype), blocked as the main weight is."""
+    rows, blocks = q.codes.shape[1], q.offsets.shape[1]
+    dtype = UNSIGNED[container_bits(q.bits)]
+    codes = np.zeros((rows, blocks), dtype)
+    codes[np.arange(rows), np.arange(rows) // q.block_size] = 1
+    scale_dtype = q.scales.numpy().dtype
+    initializers = [numpy_helper.from_array(codes, f"{name}.block_sum_codes"),
+                    numpy_helper.from_array(np.ones((blocks, blocks), scale_dtype), f"{name}.block_sum_scale"),
+                    numpy_helper.from_array(np.zeros((blocks, blocks), dtype), f"{name}.block_sum_zero_point")]
+    weight = f"{name}.block_sum_matrix"
+    nodes = _dequantize_node(f"{name}.block_sum", [t.name for t in initializers], weight, scale_dtype,
+                             {"axis": 0, "block_size": q.block_size})
+    nodes.append(helper.make_node("MatMul", [x, weight], [out], name=f"{name}.BlockSum"))
+    return nodes, initializers
+
+
 def _offset_nodes(name: str, q: Quantized, x: str, block_sums: str | None, main_out: str,
-                  out: str) -> tuple[list, list]:
+                  out: str) -> tuple[list, list, list]:
     """out = main_out + (x @ E) @ C_blocks: the float zero points' share of the product (see the module doc).
-    `block_sums` names an x @ E already computed for the same input and block size (Q, K and V share one)."""
+    `block_sums` names an x @ E already computed for the same input and block size (Q, K and V share one).
+    Returns the nodes that go before the main MatMul (x @ E: packed, it then leads the weights, so that the main
+    outputs stay side by side for merge_adds_over_splits), the nodes after it and the initializers."""
     offsets = np.ascontiguousarray(q.offsets.numpy().T)  # [K/B, N]
-    nodes, initializers = [], [numpy_helper.from_array(offsets, f"{name}.offsets")]
+    ahead, nodes, initializers = [], [], [numpy_helper.from_array(offsets, f"{name}.offsets")]
     offsets_name = f"{name}.offsets"
     if offsets.dtype != np.float32:
         nodes.append(helper.make_node("Cast", [offsets_name], [f"{name}.offsets32"], name=f"{name}.OffsetCast",
                                       to=TensorProto.FLOAT))
         offsets_name = f"{name}.offsets32"
     if block_sums is None:
-        cols = q.codes.shape[1]
-        sums = np.zeros((cols, offsets.shape[0]), np.float32)
-        sums[np.arange(cols), np.arange(cols) // q.block_size] = 1.0
         block_sums = f"{name}.block_sums"
-        initializers.append(numpy_helper.from_array(sums, f"{name}.block_sum_matrix"))
-        nodes.append(helper.make_node("MatMul", [x, f"{name}.block_sum_matrix"], [block_sums],
-                                      name=f"{name}.BlockSum"))
+        ahead, sum_inits = _block_sum_nodes(name, q, x, block_sums)
+        initializers += sum_inits
     nodes += [helper.make_node("MatMul", [block_sums, offsets_name], [f"{name}.offset_term"], name=f"{name}.Offsets"),
               helper.make_node("Add", [main_out, f"{name}.offset_term"], [out], name=f"{name}.AddOffsets")]
-    return nodes, initializers
+    return ahead, nodes, initializers
 
 
 def _codebook_nodes(name: str, q: Quantized, out: str) -> tuple[list, list]:
@@ -279,7 +296,8 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
         for name in _place(layer, weight, gather_tables, "Gather table"):
             table_of[name] = layer
     new_nodes, new_inits = [], []
-    after: dict[int, list] = {}  # nodes that read the MatMul's input or output go right after it
+    ahead: dict[int, list] = {}  # nodes that read the MatMul's input go right before it
+    after: dict[int, list] = {}  # and those that read its output right after it
     block_sums: dict[tuple[str, int], str] = {}
     activation_at = {}  # MatMul position -> how its input is quantized (W8A8 layers)
     built = set()
@@ -305,10 +323,10 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
             key = (node.input[0], q.block_size)
             final_out = node.output[0]
             node.output[0] = f"{name}.main.{position}"
-            offset_nodes, offset_inits = _offset_nodes(f"{name}.{position}", q, node.input[0], block_sums.get(key),
-                                                       node.output[0], final_out)
+            sum_nodes, offset_nodes, offset_inits = _offset_nodes(f"{name}.{position}", q, node.input[0],
+                                                                  block_sums.get(key), node.output[0], final_out)
             block_sums.setdefault(key, f"{name}.{position}.block_sums")
-            after[position] = offset_nodes
+            ahead[position], after[position] = sum_nodes, offset_nodes
             new_inits += offset_inits
     table_parts: dict[str, tuple] = {}
     replaced: dict[int, list] = {}  # Gather nodes of tied tables, by position: the nodes that stand for them
@@ -338,7 +356,8 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     before, activation_inits = quantize_matmul_inputs(graph, activation_at)
     new_inits += activation_inits
     nodes = [n for position, node in enumerate(graph.node)
-             for n in before.get(position, []) + replaced.get(position, [node]) + after.get(position, [])]
+             for n in ahead.get(position, []) + before.get(position, []) + replaced.get(position, [node])
+             + after.get(position, [])]
     read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
     dead = {out for out in through_transpose if out not in read}  # a tied weight's Transpose, bypassed above
     nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in dead)]

@@ -13,6 +13,7 @@ from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
 from compressor.inputs.checkpoint import load_checkpoint
 from compressor.tasks import TASKS
 from exporters.onnx_export import export_onnx
+from exporters.pack import pack_parallel_matmuls
 from exporters.qdq import LoweringError, lower_to_qdq
 from passes.quantize import QuantizeConfig, quantize_model
 
@@ -66,16 +67,22 @@ def test_every_data_type_exports_exactly(quantized_artifact, shipped, tmp_path, 
 ], ids=lambda c: f"{c.label()}-{c.scale_dtype}")
 def test_float_zero_points_export_exactly_and_keep_the_kbit_kernel(quantized_artifact, optimized_ops, shipped,
                                                                    tmp_path, config):
-    """w = S * (q - z) + c: DequantizeLinear for S * (q - z) plus the block-sum MatMuls for the rests c. With fp32
-    scales ORT still fuses every weight into MatMulNBits (fp16 scales: DequantizeLinear + Cast, exact, unfused)."""
+    """w = S * (q - z) + c: DequantizeLinear for S * (q - z) plus the block-sum MatMuls for the rests c, packed
+    as the pipeline packs them (each block-sum weight joins its main weight). With fp32 scales ORT fuses every
+    weight into MatMulNBits (fp16 scales: DequantizeLinear + Cast, exact, unfused)."""
     checkpoint, task, data, record, lowering, path = quantized_artifact(shipped, tmp_path, config)
+    proto = onnx.load(path)
+    inputs_read = sum(node.name.endswith(".BlockSum") for node in proto.graph.node)  # one x @ E per input
+    pack_parallel_matmuls(proto)
+    onnx.save(proto, path)
     linears = len(record["layers"])
     assert len(lowering["lowered"]) == linears and not lowering["left_fp32"]
     bits = {layer["module"]: layer["bits"] for layer in record["layers"]}
     assert bits["lm_head"] == (8 if config.overrides else config.bits)
     ops, _ = optimized_ops(path, tmp_path)
     if config.scale_dtype == "float32":
-        assert ops["MatMulNBits"] == linears and ops["DequantizeLinear"] == 0, ops
+        plain = sum(not entry.get("float_zero_points") for entry in lowering["lowered"])  # lm_head at 8 bits
+        assert ops["MatMulNBits"] == inputs_read + plain and ops["DequantizeLinear"] == 0, ops
     inputs = task.parity_inputs(data)
     exact = logits_fn(create_session(path, options=EXACT_MATMULNBITS))(inputs)
     result = parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), exact, EXACT_TOLERANCE)
