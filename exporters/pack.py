@@ -11,7 +11,9 @@ as it is. Values are unchanged: concatenation only.
 
 Float zero points (exporters.qdq) pack too: their block-sum weight joins the main weights' kernel and their
 offset MatMuls pack among themselves; the per-member Adds of main and offset terms then become one Add before
-the Split (merge_adds_over_splits), so a packed q/k/v costs one Add, not three.
+the Split (merge_adds_over_splits), so a packed q/k/v costs one Add, not three; so do constant biases
+(merge_bias_adds_over_splits). A packed q/k/v that only GroupQueryAttention reads goes to it unsplit: the op
+takes packed QKV in its query input (feed_packed_qkv_to_attention), as ONNX Runtime GenAI's models feed it.
 """
 from collections import defaultdict
 
@@ -116,6 +118,8 @@ def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     merge_adds_over_splits(proto)
+    merge_bias_adds_over_splits(proto)
+    feed_packed_qkv_to_attention(proto)
     return packed
 
 
@@ -189,3 +193,88 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return merged
+
+
+def _consumers(graph) -> dict[str, list]:
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    return consumers
+
+
+def merge_bias_adds_over_splits(proto: onnx.ModelProto) -> int:
+    """Add(piece_i, bias_i) for every piece of a last-axis Split, each bias a 1-D initializer of the piece's
+    width read by that Add alone -> one Add of the concatenated biases before the Split. Returns Adds removed."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
+    replaced, removed, dropped, new_inits, merged = {}, set(), set(), [], 0
+    for split in graph.node:
+        widths = _split_widths(split, initializers)
+        if widths is None or len(split.output) < 2:
+            continue
+        adds = [consumers[out][0] if len(consumers[out]) == 1 else None for out in split.output]
+        if any(add is None or add.op_type != "Add" for add in adds):
+            continue
+        biases = [add.input[1] if add.input[0] == out else add.input[0] for add, out in zip(adds, split.output)]
+        if any(b not in initializers or len(consumers[b]) != 1 or list(initializers[b].dims) != [w]
+               or initializers[b].data_type != initializers[biases[0]].data_type for b, w in zip(biases, widths)):
+            continue
+        name = f"{split.name}.bias"
+        new_inits.append(numpy_helper.from_array(
+            np.concatenate([numpy_helper.to_array(initializers[b]) for b in biases]), name))
+        replaced[id(split)] = [
+            helper.make_node("Add", [split.input[0], name], [f"{name}.sum"], name=f"{name}.Add"),
+            helper.make_node("Split", [f"{name}.sum", split.input[1]], [add.output[0] for add in adds],
+                             name=split.name, axis=-1)]
+        removed |= {id(add) for add in adds}
+        dropped |= set(biases)
+        merged += len(adds) - 1
+    if merged:
+        _rewrite(graph, replaced, removed, dropped, new_inits)
+    return merged
+
+
+def feed_packed_qkv_to_attention(proto: onnx.ModelProto) -> int:
+    """Split(packed) -> q, k, v read only as GroupQueryAttention's first three inputs -> the op reads `packed` as
+    its query and no key/value (its packed-QKV form: widths num_heads * head, then kv heads twice). Returns how
+    many Splits went."""
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    removed, fed = set(), 0
+    for attention in graph.node:
+        if attention.op_type != "GroupQueryAttention" or len(attention.input) < 3:
+            continue
+        split = producers.get(attention.input[0])
+        widths = _split_widths(split, initializers) if split is not None else None
+        if widths is None or list(split.output) != list(attention.input[:3]) \
+                or any(consumers[out] != [attention] for out in split.output):
+            continue
+        heads, kv_heads = _attrs(attention)["num_heads"], _attrs(attention)["kv_num_heads"]
+        if widths[1] != widths[2] or widths[0] * kv_heads != widths[1] * heads:
+            continue
+        attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""
+        removed.add(id(split))
+        fed += 1
+    if fed:
+        _rewrite(graph, {}, removed, set(), [])
+    return fed
+
+
+def _rewrite(graph, replaced: dict, removed: set, dropped: set, new_inits: list) -> None:
+    """Nodes by id: `replaced` ones swapped for their lists in place, `removed` ones dropped; initializers named
+    in `dropped` go, `new_inits` are added."""
+    nodes = []
+    for node in graph.node:
+        if id(node) in replaced:
+            nodes += replaced[id(node)]
+        elif id(node) not in removed:
+            nodes.append(node)
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    del graph.node[:]
+    graph.node.extend(nodes)

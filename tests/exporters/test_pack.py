@@ -22,9 +22,13 @@ def test_packed_decoder_gives_the_same_logits(shipped, tmp_path, optimized_ops):
     record = quantize_model(model, QuantizeConfig(bits=4, block_size=32), None)
     proto, _ = lower_to_qdq(build_decoder_graph(as_decoder(model)), record["quantized"])
     plain = proto.SerializeToString()
+    plain_adds = _ops(proto).count("Add")
     assert pack_parallel_matmuls(proto) == 2 * 2  # per block: k and v folded into q's MatMul
     onnx.checker.check_model(proto)
-    assert _ops(proto).count("MatMul") == 13 - 4 and _ops(proto).count("Split") == 2
+    assert _ops(proto).count("MatMul") == 13 - 4
+    attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert "Split" not in _ops(proto) and all(list(n.input[1:3]) == ["", ""] for n in attention)  # packed QKV
+    assert _ops(proto).count("Add") == plain_adds - 2 * 2  # per block: one bias Add for q/k/v, not three
     ids = {"input_ids": np.random.default_rng(0).integers(0, 256, (2, 20))}
     before = logits_fn(create_session(plain, options=EXACT_MATMULNBITS))(ids)
     after = logits_fn(create_session(proto.SerializeToString(), options=EXACT_MATMULNBITS))(ids)
@@ -60,7 +64,7 @@ def test_float_zero_points_pack_with_their_block_sums_and_add_once(shipped, tmp_
     ops = _ops(proto)
     inputs_read = linears - 2 * 2  # q/k/v read one input
     assert ops.count("MatMul") == 2 * inputs_read  # one kernel (weights + block sums) and one offset MatMul each
-    assert ops.count("Add") == unpacked.count("Add") - 2 * 2  # per block: one offset Add for q/k/v, not three
+    assert ops.count("Add") == unpacked.count("Add") - 2 * 2 * 2  # per block: one offset and one bias Add for q/k/v
     ids = {"input_ids": np.random.default_rng(0).integers(0, 256, (2, 20))}
     before = logits_fn(create_session(plain, options=EXACT_MATMULNBITS))(ids)
     after = logits_fn(create_session(proto.SerializeToString(), options=EXACT_MATMULNBITS))(ids)
