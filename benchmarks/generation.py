@@ -70,11 +70,23 @@ def _perplexity(path: str, windows: np.ndarray, threads: int) -> float:
                        str(threads), "--perplexity", str(Path(scratch) / "windows.npy")]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         return json.loads(out.splitlines()[-1])["perplexity"]
-    from compressor.ort_runtime import create_session, logits_fn
+    from compressor.ort_runtime import create_session
     from compressor.tasks import hf_language_modeling
 
     session = create_session(Path(path) / "model.onnx", threads=threads)
-    return hf_language_modeling.evaluate(logits_fn(session), windows)
+    decoder = json.loads((Path(path) / "genai_config.json").read_text())["model"]["decoder"]
+    kv_heads, head_size = decoder["num_key_value_heads"], decoder["head_size"]  # Model Builder's are symbolic
+
+    def logits(inputs: dict) -> np.ndarray:
+        ids = np.ascontiguousarray(inputs["input_ids"], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int64)}
+        for arg in session.get_inputs():
+            if arg.name.startswith("past_key_values."):
+                dtype = np.float16 if "float16" in arg.type else np.float32
+                feeds[arg.name] = np.zeros((ids.shape[0], kv_heads, 0, head_size), dtype)
+        return session.run(["logits"], feeds)[0].astype(np.float32)
+
+    return hf_language_modeling.evaluate(logits, windows)
 
 
 def _decode_bytes(path: str) -> int:
@@ -128,6 +140,8 @@ def main() -> None:
             print(f"round {round_index + 1} {label}: prefill {result['prefill_ms']:.1f} ms, decode "
                   f"{result['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
     load_after = os.getloadavg()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.timings.json").write_text(json.dumps(measured, indent=1) + "\n")  # kept if scoring fails
     windows = _windows(models, args.perplexity_windows) if args.perplexity_windows else None
     rows = []
     for label, runs in measured.items():
