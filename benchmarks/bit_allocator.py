@@ -5,7 +5,8 @@ report.json of a `compress run` (the int4 recipe plus --set overrides, embedding
 `--set quantize.embedding_bits=`): perplexity through ONNX Runtime CPU and total model bits as the report counts
 them (unquantized params at 32 bits).
 
-    python benchmarks/bit_allocator.py [--models gpt-s,gpt-m,gpt-l,smollm2] [--uniform-only] [--runs DIR]
+    python benchmarks/bit_allocator.py [--models gpt-s,gpt-m,gpt-l,fam-0.9m,fam-2.5m,fam-8m,smollm2]
+        [--uniform-only] [--runs DIR]
 
 Runs are cached in --runs (default /work/scratch/alloc/bench): a finished run is not measured again.
 Writes benchmarks/results/bit_allocator.json and bit_allocator.md.
@@ -33,7 +34,9 @@ BUDGETS = (("mid int3-B64 / int4-B64", "int3-B64-full", "int4-B64-full", 0.5),
 # SmolLM2 runs take ~15 minutes each on the shared 2-core machine: two budgets there
 MODELS = {"gpt-s": ("gpt-s", 300, GPT_UNIFORM, {}, BUDGETS), "gpt-m": ("gpt-m", 300, GPT_UNIFORM, {}, BUDGETS),
           "gpt-l": ("gpt-l", 300, GPT_UNIFORM, {}, BUDGETS),
-          "smollm2": (str(SMOLLM2), 32, SMOL_UNIFORM, {"calibration_samples": 32}, BUDGETS[1:])}
+          "smollm2": (str(SMOLLM2), 32, SMOL_UNIFORM, {"calibration_samples": 32}, BUDGETS[1:]),
+          # family members (docs/scaling.md; trained on the text corpus, resolved from the family cache)
+          **{name: (name, 300, GPT_UNIFORM, {}, BUDGETS) for name in ("fam-0.9m", "fam-2.5m", "fam-8m")}}
 PINNED = {"embedding_bits": ""}
 
 

@@ -143,6 +143,7 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
+    position = {id(node): index for index, node in enumerate(graph.node)}
     removed, replaced, before, new_inits, merged, old_sizes = set(), {}, {}, [], 0, set()
     for b in graph.node:
         b_widths = _split_widths(b, initializers)
@@ -170,7 +171,8 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
             new_inits.append(numpy_helper.from_array(np.asarray(widths, np.int64), f"{name}.split_a"))
             replaced[id(a)] = [helper.make_node("Split", [a.input[0], f"{name}.split_a"], pieces,
                                                 name=f"{name}.SplitA", axis=-1)]
-        before[id(adds[0])] = [helper.make_node("Add", [main, b.input[0]], [f"{name}.sum"],
+        earliest = min(adds, key=lambda add: position[id(add)])  # the first reader of an Add's output follows it
+        before[id(earliest)] = [helper.make_node("Add", [main, b.input[0]], [f"{name}.sum"],
                                                 name=f"{name}.Add"),
                                helper.make_node("Split", [f"{name}.sum", b.input[1]],
                                                 [add.output[0] for add in adds], name=f"{name}.Split", axis=-1)]

@@ -17,6 +17,15 @@ def _ops(proto):
     return [n.op_type for n in proto.graph.node]
 
 
+def _assert_topologically_sorted(proto):
+    """ONNX requires every node's inputs to be made before it (ONNX Runtime re-sorts; other runtimes may not)."""
+    known = {t.name for t in proto.graph.initializer} | {i.name for i in proto.graph.input} | {""}
+    for node in proto.graph.node:
+        missing = [name for name in node.input if name not in known]
+        assert not missing, f"{node.name} reads {missing} before they are made"
+        known.update(node.output)
+
+
 def test_packed_decoder_gives_the_same_logits(shipped, tmp_path, optimized_ops):
     model = load_checkpoint(shipped / "gpt-xs").model.eval()
     record = quantize_model(model, QuantizeConfig(bits=4, block_size=32), None)
@@ -25,6 +34,7 @@ def test_packed_decoder_gives_the_same_logits(shipped, tmp_path, optimized_ops):
     plain_adds = _ops(proto).count("Add")
     assert pack_parallel_matmuls(proto) == 2 * 2  # per block: k and v folded into q's MatMul
     onnx.checker.check_model(proto)
+    _assert_topologically_sorted(proto)
     assert _ops(proto).count("MatMul") == 13 - 4
     attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert "Split" not in _ops(proto) and all(list(n.input[1:3]) == ["", ""] for n in attention)  # packed QKV
@@ -61,6 +71,7 @@ def test_float_zero_points_pack_with_their_block_sums_and_add_once(shipped, tmp_
     assert unpacked.count("MatMul") == 3 * linears - 2 * 2  # main, block sums (q/k/v share one), offsets
     pack_parallel_matmuls(proto)
     onnx.checker.check_model(proto)
+    _assert_topologically_sorted(proto)
     ops = _ops(proto)
     inputs_read = linears - 2 * 2  # q/k/v read one input
     assert ops.count("MatMul") == 2 * inputs_read  # one kernel (weights + block sums) and one offset MatMul each
@@ -85,7 +96,9 @@ def test_adds_merge_only_over_matching_pieces():
         a_out, b_out = [f"a{i}" for i in range(len(a_widths))], [f"b{i}" for i in range(len(b_widths))]
         nodes = [helper.make_node("Split", ["x", "wa"], a_out, axis=-1),
                  helper.make_node("Split", ["y", "wb"], b_out, axis=-1)]
-        nodes += [helper.make_node("Add", [a_out[i + 1], b_out[i]], [f"z{i}"]) for i in range(len(b_widths))]
+        for i in reversed(range(len(b_widths))):  # the last piece's Add first, its reader right after it
+            nodes += [helper.make_node("Add", [a_out[i + 1], b_out[i]], [f"s{i}"]),
+                      helper.make_node("Relu", [f"s{i}"], [f"z{i}"])]
         outs = [helper.make_tensor_value_info(f"z{i}", TensorProto.FLOAT, [1, w]) for i, w in enumerate(b_widths)]
         outs.append(helper.make_tensor_value_info("a0", TensorProto.FLOAT, [1, a_widths[0]]))
         inits = [numpy_helper.from_array(np.asarray(a_widths, np.int64), "wa"),
@@ -100,6 +113,7 @@ def test_adds_merge_only_over_matching_pieces():
     before = create_session(proto.SerializeToString()).run(None, feed)
     assert merge_adds_over_splits(proto) == 1
     onnx.checker.check_model(proto)
+    _assert_topologically_sorted(proto)
     assert _ops(proto).count("Add") == 1
     for want, got in zip(before, create_session(proto.SerializeToString()).run(None, feed)):
         np.testing.assert_array_equal(want, got)
