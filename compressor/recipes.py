@@ -14,7 +14,7 @@ from torch import nn
 from compressor.errors import UserError
 from compressor.regex_safety import regex_backtracking_problem
 from passes.calibration import excerpt as _excerpt
-from passes.quantize import NOT_OVERRIDABLE
+from passes.quantize_config import NOT_OVERRIDABLE
 from passes.registry import PASSES, STAGE_ORDER
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is not one
