@@ -57,10 +57,7 @@ def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    consumers = _consumers(graph)
     groups = defaultdict(list)
     for node in graph.node:
         if node.op_type != "MatMul" or len(node.input) != 2:
@@ -105,18 +102,8 @@ def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
         packed += len(members) - 1
     if not packed:
         return 0
-    nodes = []
-    for node in graph.node:
-        if id(node) in replacements:
-            nodes += replacements[id(node)]
-        elif id(node) not in removed_nodes:
-            nodes.append(node)
     # DequantizeLinear nodes of packed weights read only initializers; the new one goes where the first MatMul was
-    kept = [t for t in graph.initializer if t.name not in removed_inits]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _rewrite(graph, replacements, removed_nodes, removed_inits, new_inits)
     merge_adds_over_splits(proto)
     merge_bias_adds_over_splits(proto)
     feed_packed_qkv_to_attention(proto)
@@ -139,10 +126,7 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    consumers = _consumers(graph)
     position = {id(node): index for index, node in enumerate(graph.node)}
     removed, replaced, before, new_inits, merged, old_sizes = set(), {}, {}, [], 0, set()
     for b in graph.node:
@@ -179,21 +163,8 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
         removed |= {id(b)} | {id(add) for add in adds}
         old_sizes.add(a.input[1])
         merged += len(adds) - 1
-    if not merged:
-        return 0
-    nodes = []
-    for node in graph.node:
-        nodes += before.get(id(node), [])
-        if id(node) in replaced:
-            nodes += replaced[id(node)]
-        elif id(node) not in removed:
-            nodes.append(node)
-    read = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in read or t.name not in old_sizes]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    if merged:
+        _rewrite(graph, replaced, removed, old_sizes, new_inits, before)
     return merged
 
 
@@ -266,16 +237,18 @@ def feed_packed_qkv_to_attention(proto: onnx.ModelProto) -> int:
     return fed
 
 
-def _rewrite(graph, replaced: dict, removed: set, dropped: set, new_inits: list) -> None:
-    """Nodes by id: `replaced` ones swapped for their lists in place, `removed` ones dropped; initializers named
-    in `dropped` go, `new_inits` are added."""
+def _rewrite(graph, replaced: dict, removed: set, dropped: set, new_inits: list, before: dict | None = None) -> None:
+    """Nodes by id: `replaced` ones swapped for their lists in place, `removed` ones dropped, `before` lists put
+    ahead of their node; initializers named in `dropped` go unless a node still reads them, `new_inits` are added."""
     nodes = []
     for node in graph.node:
+        nodes += (before or {}).get(id(node), [])
         if id(node) in replaced:
             nodes += replaced[id(node)]
         elif id(node) not in removed:
             nodes.append(node)
-    kept = [t for t in graph.initializer if t.name not in dropped]
+    read = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name not in dropped or t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     del graph.node[:]
