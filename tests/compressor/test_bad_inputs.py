@@ -462,7 +462,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])  # same path
 def test_sigterm_during_the_benchmark_cleans_up_and_a_rerun_succeeds(tmp_path, signum):
     out = tmp_path / "out"
     run = _Watched(out)

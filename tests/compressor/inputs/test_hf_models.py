@@ -117,6 +117,7 @@ def test_decoder_folder_int4_partial_blocks_and_check(compress, tiny_llama, tmp_
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.slow  # a full `compress run` of a HF folder, 40-70 s on 2 cores: run with -m slow
 def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(compress, tiny_llama, tmp_path):
     """The q4_1 preset at B = 64 (hidden 96: a short last block): float zero points on every projection, the tied
     lm_head at 8 bits stored once as the embedding's codes; exact-kernel parity with the torch model."""
@@ -136,6 +137,7 @@ def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(compress, tiny_llam
     assert report["accuracy"]["agreement"]["cpu"]["passed"]
 
 
+@pytest.mark.slow  # a full `compress run` of a HF folder, 40-70 s on 2 cores: run with -m slow
 def test_gpt2_conv1d_becomes_linear_and_quantizes(compress, tiny_gpt2, tmp_path):
     checkpoint = load_hf_checkpoint(tiny_gpt2)
     assert not any(type(m).__name__ == "Conv1D" for m in checkpoint.model.modules())
@@ -186,6 +188,7 @@ def test_structured_prune_of_an_unknown_family_is_refused_before_weights_load(co
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a full `compress run` of a HF folder, 40-70 s on 2 cores: run with -m slow
 def test_structured_prune_shrinks_a_llama_folder_end_to_end(compress, tiny_llama, tmp_path):
     out = tmp_path / "out"
     done = compress("run", str(tiny_llama), "--out", str(out), "--recipe", "structured25", "--set",
