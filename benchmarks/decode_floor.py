@@ -46,8 +46,8 @@ def onnx_decode_bytes(path: Path) -> int:
     for node in proto.graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
-    return sum(_initializer_bytes(t) for t in proto.graph.initializer
-               if not readers.get(t.name, set()) <= LOOKUP_OPS or not readers.get(t.name))
+    lookups_only = {name for name, ops in readers.items() if ops <= LOOKUP_OPS}
+    return sum(_initializer_bytes(t) for t in proto.graph.initializer if t.name not in lookups_only)
 
 
 def gguf_decode_bytes(path: Path) -> int:

@@ -18,7 +18,12 @@ def measure(folder: str, threads: int, runs: int, prompt_tokens: int = 128, new_
     config = og.Config(folder)
     config.clear_providers()
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
+    return timed_generation(og, og.Model(config), folder, runs, prompt_tokens, new_tokens)
+
+
+def timed_generation(og, model, folder: str, runs: int, prompt_tokens: int = 128, new_tokens: int = 128) -> dict:
+    """GenAI's loop on `model` (an og.Model of `folder`): a seeded random prompt, exactly `new_tokens` greedy
+    tokens, runs + 1 times; the first discarded, medians of the rest."""
     vocab = json.load(open(f"{folder}/genai_config.json"))["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).astype(np.int32)
     prefill, decode = [], []

@@ -6,11 +6,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
-import numpy as np
 import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)
 import onnxruntime_genai as og
+
+from genai_cpu_generation import timed_generation  # beside this script: the same timed loop as on the CPU
 
 OUT = os.environ.get("OUT", "/tmp/out")
 ROOT = os.environ.get("MODELS", "/tmp/gpu/models")
@@ -23,25 +23,8 @@ def measure(name: str, graph: str) -> dict:
     config.append_provider("cuda")
     config.set_provider_option("cuda", "enable_cuda_graph", graph)
     config.overlay(json.dumps({"search": {"past_present_share_buffer": True, "max_length": 256}}))
-    model = og.Model(config)
-    prompt = np.random.default_rng(0).integers(0, 49152, 128).astype(np.int32)
-    times = []
-    for run in range(4):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=256, min_length=256, do_sample=False)
-        generator = og.Generator(model, params)
-        start = time.perf_counter()
-        generator.append_tokens(prompt[None])
-        generator.generate_next_token()
-        first, count = time.perf_counter(), 1
-        while not generator.is_done():
-            generator.generate_next_token()
-            count += 1
-        end = time.perf_counter()
-        if run:
-            times.append(((first - start) * 1e3, (count - 1) / (end - first)))
-    return {"prefill_ms": statistics.median(t[0] for t in times),
-            "decode_tokens_per_s": statistics.median(t[1] for t in times)}
+    result = timed_generation(og, og.Model(config), f"{ROOT}/{name}", runs=3)
+    return {key: result[key] for key in ("prefill_ms", "decode_tokens_per_s")}
 
 
 def main() -> None:
