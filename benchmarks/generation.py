@@ -29,7 +29,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode_floor import gguf_decode_bytes, onnx_decode_bytes, read_bandwidth_bytes_per_s  # noqa: E402  (beside this script)
+from decode_floor import gguf_decode_bytes, onnx_decode_bytes, read_bandwidth_bytes_per_s  # noqa: E402
 from compressor.validate import BenchmarkSettings, run_generation_benchmark  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
