@@ -200,15 +200,16 @@ def check_command(artifact, baseline, tolerance):
 def generate_command(artifact, prompt, max_new_tokens, provider, temperature, top_k, top_p, seed, stats):
     """Continue PROMPT with the decoder ARTIFACT (an out folder or its model.onnx), streaming tokens."""
     from compressor.deployed import open_artifact
-    from compressor.generation import Sampling, generate
+    from compressor.generation import Sampling, generate, require_cache
     from compressor.ort_runtime import check_providers, create_session
     from compressor.text_codec import load_text_codec
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     deployed = open_artifact(artifact)
-    codec = load_text_codec(deployed.folder, deployed.family)
     check_providers((provider,))
     session = create_session(deployed.path, provider)
+    require_cache(session)  # an encoder or seq2seq artifact: say so, not that it lacks a tokenizer
+    codec = load_text_codec(deployed.folder, deployed.family)
     tokens, shown = [], ""
 
     def stream(token: int) -> None:

@@ -114,14 +114,18 @@ class _CudaStep:
         return values[0].numpy()[0, -1]
 
 
+def require_cache(session) -> None:
+    if not has_cache(session):
+        raise UserError("this artifact has no KV cache (no past_key_values inputs): it is not a decoder export "
+                        "that generates; re-run `compress run` on its checkpoint with this version")
+
+
 def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "cpu", sampling: Sampling = Sampling(),
              stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
              head_size: int | None = None) -> Generation:
     """New tokens after `prompt` (at most `max_new_tokens`; fewer where a stop token or the artifact's position
     limit comes first), with timings. `head_size`: for graphs whose cache inputs leave it symbolic."""
-    if not has_cache(session):
-        raise UserError("this artifact has no KV cache (no past_key_values inputs): it is not a decoder export "
-                        "that generates; re-run `compress run` on its checkpoint with this version")
+    require_cache(session)
     if not prompt:
         raise UserError("the prompt is empty: give at least one token")
     limit = max_positions(session)

@@ -1,4 +1,5 @@
 """ONNX Runtime sessions and the one place where inputs become ORT feeds."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,8 @@ from compressor.errors import UserError
 from compressor.kv_cache import complete_feeds
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_default_threads: int | None = None  # None: ONNX Runtime's own default (one thread per core)
+THREADS_VARIABLE = "COMPRESSOR_ORT_THREADS"  # intra-op threads of every session, for processes that share cores
+_default_threads: int | None = None  # None: $COMPRESSOR_ORT_THREADS, else ONNX Runtime's default (one per core)
 
 
 def set_default_threads(threads: int | None) -> None:
@@ -52,7 +54,7 @@ def create_session(path: Path | bytes, provider: str = "cpu", threads: int | Non
         raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (install onnxruntime-gpu for cuda)")
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 3
-    threads = threads or _default_threads
+    threads = threads or _default_threads or _threads_from_environment()
     if threads:
         session_options.intra_op_num_threads = threads
     for key, value in (options or {}).items():
@@ -62,6 +64,15 @@ def create_session(path: Path | bytes, provider: str = "cpu", threads: int | Non
     chosen = (PROVIDERS[provider], {"use_tf32": "0"}) if provider == "cuda" else PROVIDERS[provider]
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, session_options, providers=[chosen])
+
+
+def _threads_from_environment() -> int | None:
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{THREADS_VARIABLE} must be a whole number of threads, at least 1, not {value!r}")
+    return int(value)
 
 
 def logits_fn(session):

@@ -13,6 +13,19 @@ from samples.registry import SHIPPED_DIR
 REPO = Path(__file__).parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`), each worker and the `compress` processes it starts take 1/N of the cores:
+    torch's and ONNX Runtime's spinning thread pools, each sized for the whole machine, make N workers slower
+    than one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.update(OMP_NUM_THREADS=threads, COMPRESSOR_ORT_THREADS=threads)
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(scope="session")
 def shipped() -> Path:
     return SHIPPED_DIR
@@ -27,6 +40,28 @@ def run_compress(*args: str, cwd: Path | None = None) -> subprocess.CompletedPro
 @pytest.fixture(scope="session")
 def compress():
     return run_compress
+
+
+def run_compress_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The same `compress` CLI in this process (click's test runner: its exit code, stdout and stderr as a user
+    sees them), without a process start-up (~4 s, mostly importing torch): for refusals, which end before any
+    work. A few cases per kind still run as processes (run_compress)."""
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    before = os.getcwd()
+    os.chdir(cwd or before)
+    try:
+        result = CliRunner().invoke(main, list(args))
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def compress_here():
+    return run_compress_here
 
 
 def _quantized_artifact(shipped: Path, tmp_path: Path, config, name: str = "gpt-xs"):

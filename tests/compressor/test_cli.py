@@ -36,8 +36,9 @@ def test_help_lists_the_commands():
 
 
 @pytest.mark.parametrize("command", [["run"], ["check"], ["generate"], ["bench"], ["passes"], ["sample", "train"]])
-def test_every_subcommand_help_exits_0(compress, command):
-    done = compress(*command, "--help")  # the console script: exit code and stderr as a user sees them
+def test_every_subcommand_help_exits_0(compress, compress_here, command):
+    # one as the console script in a process (exit code and stderr as a user sees them), the rest in-process
+    done = (compress if command == ["run"] else compress_here)(*command, "--help")
     assert done.returncode == 0 and done.stdout.startswith("Usage: ") and done.stderr == "", done.stderr
 
 
@@ -62,7 +63,7 @@ def test_train_then_run_end_to_end(tmp_path):
 
 def test_shipped_seq2seq_by_name(tmp_path):
     result = CliRunner().invoke(main, ["run", "seq2seq-reverse", "--out", str(tmp_path / "o"), "--eval-limit",
-                                       "200", "--bench-runs", "3", "--quiet"])
+                                       "64", "--bench-runs", "3", "--quiet"])
     assert result.exit_code == 0, result.output
     accuracy = json.loads((tmp_path / "o" / "report.json").read_text())["accuracy"]
     assert accuracy["metric"] == "exact_match"
@@ -106,8 +107,8 @@ def test_stale_partial_files_are_cleared(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / ".model.onnx.abc.partial").write_bytes(b"half a model")
-    result = CliRunner().invoke(main, ["run", "seq2seq-reverse", "--out", str(out), "--eval-limit", "10",
-                                       "--bench-runs", "2", "--quiet"])
+    result = CliRunner().invoke(main, ["run", "gpt-xs", "--out", str(out), "--eval-limit", "4", "--bench-runs", "2",
+                                       "--quiet"])
     assert result.exit_code == 0, result.output
     assert not list(out.glob(".*.partial")) and (out / "model.onnx").exists()
 
@@ -126,7 +127,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("case", ["corrupt", "pickle", "missing"])
-def test_bad_checkpoints_fail_with_one_line(compress, tmp_path, shipped, case):
+def test_bad_checkpoints_fail_with_one_line(compress_here, tmp_path, shipped, case):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text((shipped / "gpt-xs" / "config.json").read_text())
@@ -139,7 +140,7 @@ def test_bad_checkpoints_fail_with_one_line(compress, tmp_path, shipped, case):
     else:
         ckpt = tmp_path / "does-not-exist"
         needle = "not found"
-    result = compress("run", str(ckpt), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    result = compress_here("run", str(ckpt), "--out", str(tmp_path / "out"), cwd=tmp_path)
     _assert_clean_failure(result, tmp_path / "out", needle)
     assert not (tmp_path / "pwned").exists()
 
@@ -180,31 +181,31 @@ def test_an_unexpected_exception_is_a_one_line_bug_with_its_own_exit_code(tmp_pa
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "mps"], "--device"),
     (["--seed", "-1"], "--seed"),
 ])
-def test_sample_train_refuses_bad_options_in_one_line(compress, tmp_path, args, needle):
-    done = compress("sample", "train", "gpt-xs", "--out", str(tmp_path / "ckpt"), *args)
+def test_sample_train_refuses_bad_options_in_one_line(compress_here, tmp_path, args, needle):
+    done = compress_here("sample", "train", "gpt-xs", "--out", str(tmp_path / "ckpt"), *args)
     assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_a_stray_gguf_does_not_reroute_our_checkpoint(compress, shipped, tmp_path):
+def test_a_stray_gguf_does_not_reroute_our_checkpoint(compress_here, shipped, tmp_path):
     import shutil
 
     folder = tmp_path / "ckpt"
     shutil.copytree(shipped / "gpt-xs", folder)
     (folder / "notes.gguf").write_bytes(b"GGUF but not a model")
-    done = compress("run", str(folder), "--out", str(tmp_path / "o"), "--eval-limit", "4", "--bench-runs", "2",
-                    "--quiet")
+    done = compress_here("run", str(folder), "--out", str(tmp_path / "o"), "--eval-limit", "4", "--bench-runs",
+                         "2", "--quiet")
     assert done.returncode == 0, done.stderr
 
 
-def test_a_folder_named_like_an_output_is_refused_before_work(compress, tmp_path):
+def test_a_folder_named_like_an_output_is_refused_before_work(compress_here, tmp_path):
     (tmp_path / "o" / "report.json").mkdir(parents=True)
-    done = compress("run", "gpt-xs", "--out", str(tmp_path / "o"), "--quiet")
+    done = compress_here("run", "gpt-xs", "--out", str(tmp_path / "o"), "--quiet")
     assert done.returncode == 2 and "report.json is a folder" in done.stderr, done.stderr
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.json"]
 
 
-def test_a_config_far_larger_than_its_weights_is_refused_at_once(compress, shipped, tmp_path):
+def test_a_config_far_larger_than_its_weights_is_refused_at_once(compress_here, shipped, tmp_path):
     import shutil
     import time
 
@@ -214,12 +215,12 @@ def test_a_config_far_larger_than_its_weights_is_refused_at_once(compress, shipp
     record["config"]["layers"] = 10**9
     (folder / "config.json").write_text(json.dumps(record))
     started = time.monotonic()
-    done = compress("run", str(folder), "--out", str(tmp_path / "o"), "--quiet")
+    done = compress_here("run", str(folder), "--out", str(tmp_path / "o"), "--quiet")
     assert done.returncode == 2 and "implies 49,984,000,041,088 parameters" in done.stderr, done.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "o").exists()
 
 
-def test_float8_weights_and_a_fifo_as_weights_file_are_refused(compress, shipped, tmp_path):
+def test_float8_weights_and_a_fifo_as_weights_file_are_refused(compress_here, shipped, tmp_path):
     import os
     import shutil
 
@@ -229,10 +230,10 @@ def test_float8_weights_and_a_fifo_as_weights_file_are_refused(compress, shipped
     shutil.copytree(shipped / "gpt-xs", folder)
     state = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(folder / "model.safetensors")).items()}
     save_file(state, str(folder / "model.safetensors"))
-    done = compress("run", str(folder), "--out", str(tmp_path / "o"), "--quiet")
+    done = compress_here("run", str(folder), "--out", str(tmp_path / "o"), "--quiet")
     assert done.returncode == 2 and "is stored as float8_e4m3fn" in done.stderr, done.stderr
     fifo = folder / "weights.safetensors"
     os.mkfifo(fifo)
-    done = compress("run", str(fifo), "--out", str(tmp_path / "o"), "--quiet")
+    done = compress_here("run", str(fifo), "--out", str(tmp_path / "o"), "--quiet")
     assert done.returncode == 2 and "is not a regular file" in done.stderr, done.stderr
     assert not (tmp_path / "o").exists()

@@ -63,18 +63,6 @@ def test_bad_generate_arguments_are_one_line(compress, gpt_int4, args, message):
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_generate_on_an_artifact_without_a_cache_is_refused(compress, tmp_path):
-    done = compress("run", "seq2seq-reverse", "--out", str(tmp_path / "s"), *FAST)
-    assert done.returncode == 0, done.stderr
-    refused = compress("generate", str(tmp_path / "s"), "--prompt", "abc")
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    bench = compress("bench", str(tmp_path / "s"), "--json", "--runs", "2")
-    assert bench.returncode == 0, bench.stderr
-    assert json.loads(bench.stdout)["batch1"]["p50_ms"] > 0  # no cache: batch latency instead
-    missing = compress("bench", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "no artifact at" in missing.stderr
-
-
 def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     from compressor.generation import generate
@@ -103,7 +91,7 @@ def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress, tmp_path):
     assert theirs == ours[:len(theirs)] and len(theirs) == 16
 
 
-def test_heads_gqa_cannot_take_export_without_a_cache(compress, tiny_llama, tmp_path):
+def test_heads_gqa_cannot_take_export_without_a_cache_and_generate_refuses_it(compress, tiny_llama, tmp_path):
     import onnx
 
     done = compress("run", str(tiny_llama), "--out", str(tmp_path / "o"), *FAST)  # heads of 24
@@ -111,6 +99,14 @@ def test_heads_gqa_cannot_take_export_without_a_cache(compress, tiny_llama, tmp_
     inputs = [i.name for i in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.input]
     assert inputs == ["input_ids"]
     assert "generation" not in json.loads((tmp_path / "o" / "report.json").read_text())
+    refused = compress("generate", str(tmp_path / "o"), "--prompt", "abc")  # as any encoder or seq2seq artifact
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "has no KV cache" in refused.stderr
+    bench = compress("bench", str(tmp_path / "o"), "--json", "--runs", "2")
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout)["batch1"]["p50_ms"] > 0  # no cache: batch latency instead
+    missing = compress("bench", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no artifact at" in missing.stderr
 
 
 def test_float16_export_for_cuda(compress, gpt_int4, tmp_path):

@@ -46,10 +46,11 @@ def test_onnx_input_int4_matches_the_checkpoint_path(compress, fp32_onnx, tmp_pa
     assert codes and all(t.data_type == onnx.TensorProto.INT4 for t in codes)
 
 
-def test_onnx_input_refuses_torch_only_passes(compress, fp32_onnx, tmp_path):
-    line = _one_line_error(compress("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe", "prune50"))
+def test_onnx_input_refuses_torch_only_passes(compress_here, fp32_onnx, tmp_path):
+    line = _one_line_error(compress_here("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe", "prune50"))
     assert "needs the torch model" in line
-    line = _one_line_error(compress("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe", "int4-gptq"))
+    line = _one_line_error(compress_here("run", str(fp32_onnx), "--out", str(tmp_path / "o"), "--recipe",
+                                         "int4-gptq"))
     assert "calibration" in line
     assert not (tmp_path / "o" / "model.onnx").exists()
 
@@ -72,7 +73,7 @@ def _with_external_data(source: Path, folder: Path, location: str) -> Path:
 
 
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../escape.bin"])
-def test_external_data_outside_the_folder_is_refused(compress, fp32_onnx, tmp_path, location):
+def test_external_data_outside_the_folder_is_refused(compress_here, fp32_onnx, tmp_path, location):
     model = _with_external_data(fp32_onnx, tmp_path / "m", location if not location.startswith("/") else "x.bin")
     if location.startswith("/"):  # rewrite the location after the fact: an absolute path
         proto = onnx.load(str(model), load_external_data=False)
@@ -81,7 +82,7 @@ def test_external_data_outside_the_folder_is_refused(compress, fp32_onnx, tmp_pa
                 if entry.key == "location":
                     entry.value = location
         model.write_bytes(proto.SerializeToString())
-    line = _one_line_error(compress("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int4"))
+    line = _one_line_error(compress_here("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int4"))
     assert "outside the model's folder" in line
     assert not (tmp_path / "o" / "model.onnx").exists()
 
@@ -93,7 +94,7 @@ def test_external_data_inside_the_folder_is_accepted(compress, fp32_onnx, tmp_pa
 
 
 @pytest.mark.parametrize("case", ["truncated", "garbage", "no-metadata", "nan"])
-def test_bad_onnx_inputs(compress, fp32_onnx, tmp_path, case):
+def test_bad_onnx_inputs(compress_here, fp32_onnx, tmp_path, case):
     path = tmp_path / "bad.onnx"
     raw = fp32_onnx.read_bytes()
     if case == "truncated":
@@ -110,5 +111,5 @@ def test_bad_onnx_inputs(compress, fp32_onnx, tmp_path, case):
             values.flat[0] = np.nan
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
         path.write_bytes(model.SerializeToString())
-    _one_line_error(compress("run", str(path), "--out", str(tmp_path / "o"), "--recipe", "int4"))
+    _one_line_error(compress_here("run", str(path), "--out", str(tmp_path / "o"), "--recipe", "int4"))
     assert not (tmp_path / "o" / "model.onnx").exists()
