@@ -239,8 +239,11 @@ SKIPPED = {"out-read-only": "root ignores directory permissions (out-under-a-fil
                             "written)"} if RUNS_AS_ROOT else {}
 
 
+ALL_CASES = {**CASES, **IN_PROCESS_CASES}
+
+
 def _arguments(name: str, folder: Path) -> list[str]:
-    build = (CASES.get(name) or IN_PROCESS_CASES[name])[0]
+    build = ALL_CASES[name][0]
     args = build(folder)
     return args if "--out" in args else [*args, "--out", str(folder / "out")]
 
@@ -282,7 +285,7 @@ def _assert_nothing_written(name: str, folder: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skip(SKIPPED[n])) if n in SKIPPED else n
-                                  for n in CASES])
+                                  for n in ALL_CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, monkeypatch, name):
     if name in IN_A_PROCESS:
         (returncode, stderr), folder = corpus[name]
@@ -290,16 +293,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, monke
         monkeypatch.chdir(tmp_path)  # where a pickle's payload would leave its marker
         result = CliRunner().invoke(main, ["run", *_arguments(name, tmp_path), *FAST])
         (returncode, stderr), folder = (result.exit_code, result.output), tmp_path
-    _assert_one_line_error(returncode, stderr, CASES[name][1])
+    _assert_one_line_error(returncode, stderr, ALL_CASES[name][1])
     _assert_nothing_written(name, folder)
-
-
-@pytest.mark.parametrize("name", IN_PROCESS_CASES)
-def test_more_bad_inputs_in_process(tmp_path, monkeypatch, name):
-    monkeypatch.chdir(tmp_path)  # where a pickle's payload would leave its marker
-    result = CliRunner().invoke(main, ["run", *_arguments(name, tmp_path), *FAST])
-    _assert_one_line_error(result.exit_code, result.output, IN_PROCESS_CASES[name][1])
-    _assert_nothing_written(name, tmp_path)
 
 
 # --- weights that cannot be mapped: an address-space limit (RLIMIT_AS, `ulimit -v`) ----------------------------
