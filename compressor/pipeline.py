@@ -23,6 +23,7 @@ from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, va
 from exporters.genai_config import generation_files
 from exporters.onnx_export import ExportError, finalize
 from exporters.float16 import to_float16
+from exporters.integer_matmul import fuse_integer_matmuls
 from exporters.pack import pack_parallel_matmuls
 from exporters.qdq import LoweringError, lower_to_qdq
 from passes.registry import GRAPH, PASSES, TORCH
@@ -152,7 +153,10 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     del quantized
     proto, graph_records = _graph_passes(proto, recipe, progress, log)
     if recipe.passes:  # an fp32 artifact keeps one weight per module: it is also an input (an ONNX one) for later runs
-        _pack(proto, float_zero_points=any(e.get("float_zero_points") for e in (lowering or {}).get("lowered", [])))
+        _pack(proto, float_zero_points=any(e.get("float_zero_points") for e in (lowering or {}).get("lowered", [])),
+              activations=activations)
+    if activations:  # after packing: the integer kernels themselves, bias Adds inside (exporters.integer_matmul)
+        lowering["activations"].update(fuse_integer_matmuls(proto))
     if float16:
         proto = to_float16(proto)
     pass_records += [{**record, **bits} for record in graph_records]
@@ -218,12 +222,13 @@ def _graph_passes(proto: onnx.ModelProto, recipe: Recipe, progress: bool, log) -
     return ir.serde.serialize_model(model), records
 
 
-def _pack(proto: onnx.ModelProto, float_zero_points: bool = False) -> None:
+def _pack(proto: onnx.ModelProto, float_zero_points: bool = False, activations: bool = False) -> None:
     """Decoders with a KV cache decode one token per call, where each MatMul call costs a thread-pool round trip:
     their q/k/v (and gate/up) MatMuls are packed into one each (exporters.pack; values unchanged). Float zero
     points pack in any graph: their block sums then run inside the main weights' MatMulNBits (left alone, ORT's
-    ConstantSharing merges the tiny equal E scales of models with K <= 2B and the block sums stay unfused)."""
-    if float_zero_points or any(i.name.startswith("past_key_values.") for i in proto.graph.input):
+    ConstantSharing merges the tiny equal E scales of models with K <= 2B and the block sums stay unfused).
+    W8A8 graphs pack too: siblings already share one quantization of their input, so one integer GEMM serves them."""
+    if float_zero_points or activations or any(i.name.startswith("past_key_values.") for i in proto.graph.input):
         pack_parallel_matmuls(proto)
 
 

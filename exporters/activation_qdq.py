@@ -7,8 +7,8 @@
 - SmoothQuant's division x / s: a Mul by 1/s before the quantization, folded into the scale and bias of the
   LayerNormalization that produces x when nothing else reads that output (pre-norm blocks); a post-norm block
   (BERT's LayerNorm output is also its residual) keeps the Mul.
-Bias Adds stay float Adds after the integer MatMul (ONNX Runtime runs them on its float output). MatMuls reading
-the same tensor with the same setting (q/k/v) share one quantization of it.
+MatMuls reading the same tensor with the same setting (q/k/v) share one quantization of it. The pipeline then
+writes each such MatMul as the integer kernel itself with its bias inside (exporters.integer_matmul).
 """
 import hashlib
 from collections import defaultdict

@@ -217,7 +217,7 @@ def feed_packed_qkv_to_attention(proto: onnx.ModelProto) -> int:
     initializers = {t.name: t for t in graph.initializer}
     consumers = _consumers(graph)
     producers = {out: node for node in graph.node for out in node.output}
-    removed, fed = set(), 0
+    removed, sizes, fed = set(), set(), 0
     for attention in graph.node:
         if attention.op_type != "GroupQueryAttention" or len(attention.input) < 3:
             continue
@@ -231,9 +231,10 @@ def feed_packed_qkv_to_attention(proto: onnx.ModelProto) -> int:
             continue
         attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""
         removed.add(id(split))
+        sizes.add(split.input[1])
         fed += 1
     if fed:
-        _rewrite(graph, {}, removed, set(), [])
+        _rewrite(graph, {}, removed, sizes, [])
     return fed
 
 

@@ -182,7 +182,6 @@ def test_embedding_tables_are_looked_up_from_their_codes(shipped, tmp_path, bits
     assert parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), exact, 1e-4)["passed"]
 
 
-@pytest.mark.slow
 def test_w8a8_run_end_to_end_with_the_kv_cache(compress, tmp_path, optimized_ops):
     out = tmp_path / "o"
     done = compress("run", "gpt-xs", "--recipe", "w8a8", "--out", str(out), "--eval-limit", "8", "--bench-runs", "3",
@@ -193,4 +192,9 @@ def test_w8a8_run_end_to_end_with_the_kv_cache(compress, tmp_path, optimized_ops
     ops, _ = optimized_ops(out / "model.onnx", tmp_path)
     # 13 Linears, q/k/v packed into one per block (exporters.pack): 9 integer GEMMs, no float MatMul
     assert ops["MatMulIntegerToFloat"] == 13 - 2 * 2 and "MatMul" not in ops, ops
+    # the artifact holds those kernels itself (exporters.integer_matmul), q/k/v's packed bias inside theirs
+    stored = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert stored.count("MatMulIntegerToFloat") == 9 and "MatMul" not in stored
+    assert report["artifact"]["lowering"]["activations"]["integer_matmuls"] == 9
+    assert report["artifact"]["lowering"]["activations"]["biases_fused"] >= 2  # at least each block's q/k/v
     assert report["passes"][0]["embeddings"]

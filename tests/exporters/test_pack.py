@@ -26,6 +26,12 @@ def _assert_topologically_sorted(proto):
         known.update(node.output)
 
 
+def _assert_every_initializer_is_read(proto):
+    """ONNX Runtime warns at every session start about each initializer no node reads."""
+    read = {name for node in proto.graph.node for name in node.input}
+    assert not [t.name for t in proto.graph.initializer if t.name not in read]
+
+
 def test_packed_decoder_gives_the_same_logits(shipped, tmp_path, optimized_ops):
     model = load_checkpoint(shipped / "gpt-xs").model.eval()
     record = quantize_model(model, QuantizeConfig(bits=4, block_size=32), None)
@@ -35,6 +41,7 @@ def test_packed_decoder_gives_the_same_logits(shipped, tmp_path, optimized_ops):
     assert pack_parallel_matmuls(proto) == 2 * 2  # per block: k and v folded into q's MatMul
     onnx.checker.check_model(proto)
     _assert_topologically_sorted(proto)
+    _assert_every_initializer_is_read(proto)
     assert _ops(proto).count("MatMul") == 13 - 4
     attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert "Split" not in _ops(proto) and all(list(n.input[1:3]) == ["", ""] for n in attention)  # packed QKV
@@ -72,6 +79,7 @@ def test_float_zero_points_pack_with_their_block_sums_and_add_once(shipped, tmp_
     pack_parallel_matmuls(proto)
     onnx.checker.check_model(proto)
     _assert_topologically_sorted(proto)
+    _assert_every_initializer_is_read(proto)
     ops = _ops(proto)
     inputs_read = linears - 2 * 2  # q/k/v read one input
     assert ops.count("MatMul") == 2 * inputs_read  # one kernel (weights + block sums) and one offset MatMul each
