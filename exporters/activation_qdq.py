@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from exporters import graph_index
 from passes.activation_quant import ActivationQuant
 
 ZERO_POINT_TYPES = {"uint8": np.uint8, "int8": np.int8}
@@ -74,12 +75,9 @@ def fold_smoothing_into_norms(proto: onnx.ModelProto) -> int:
     """Mul(norm output, 1/s) -> the norm's gamma and beta divided by s, where the norm's output is read by
     such Muls only (with one s) and its gamma / beta by that norm only. Returns how many Muls were folded."""
     graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    initializers = graph_index.initializers(graph)
+    producers = graph_index.producers(graph)
+    consumers = graph_index.consumers(graph)
     graph_outputs = {o.name for o in graph.output}
     folded, removed = 0, set()
     renames = {}

@@ -16,10 +16,10 @@ the activations, per Linear. Both kernels take the bias as an input, so this wri
 Same arithmetic (int32 accumulation, both scales on the result, then the float bias), so values are unchanged.
 Only a 1-D float32 initializer of the output's width counts as a bias; other Adds stay where they are.
 """
-from collections import defaultdict
-
 import onnx
 from onnx import TensorProto, helper
+
+from exporters.graph_index import attributes, consumers, initializers, producers
 
 MS = "com.microsoft"
 
@@ -27,37 +27,32 @@ MS = "com.microsoft"
 def fuse_integer_matmuls(proto: onnx.ModelProto) -> dict[str, int]:
     """Rewrites `proto` in place; returns {"integer_matmuls": n, "biases_fused": m}."""
     graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    inits, makers, readers = initializers(graph), producers(graph), consumers(graph)
     graph_outputs = {o.name for o in graph.output}
     replaced, removed, fused, biases = {}, set(), 0, 0
     for matmul in graph.node:
         if matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
             continue
-        activation, weight = (producers.get(name) for name in matmul.input)
-        if not (_is_dq(activation) and _is_dq(weight)) or not _per_channel_integer_weight(weight, initializers):
+        activation, weight = (makers.get(name) for name in matmul.input)
+        if not (_is_dq(activation) and _is_dq(weight)) or not _per_channel_integer_weight(weight, inits):
             continue
-        quantizer = producers.get(activation.input[0])
+        quantizer = makers.get(activation.input[0])
         if quantizer is None or quantizer.op_type not in ("QuantizeLinear", "DynamicQuantizeLinear") \
-                or len(consumers[weight.output[0]]) != 1:
+                or len(readers[weight.output[0]]) != 1:
             continue
         out, bias = matmul.output[0], ""
-        add = consumers[out][0] if len(consumers[out]) == 1 and out not in graph_outputs else None
+        add = readers[out][0] if len(readers[out]) == 1 and out not in graph_outputs else None
         if add is not None and add.op_type == "Add":
             other = add.input[1] if add.input[0] == out else add.input[0]
-            width = _width(weight, initializers)
-            if _is_vector(initializers.get(other), width):
+            width = _width(weight, inits)
+            if _is_vector(inits.get(other), width):
                 bias, out = other, add.output[0]
                 removed.add(id(add))
                 biases += 1
         w_codes, w_scale = weight.input[0], weight.input[1]
         w_zero = weight.input[2] if len(weight.input) > 2 else ""
         name = f"{matmul.name or out}.integer"
-        if quantizer.op_type == "DynamicQuantizeLinear" and _only_reader(activation, matmul, consumers):
+        if quantizer.op_type == "DynamicQuantizeLinear" and _only_reader(activation, matmul, readers):
             node = helper.make_node("DynamicQuantizeMatMul", [quantizer.input[0], w_codes, w_scale, w_zero, bias],
                                     [out], name=name, domain=MS)
         else:
@@ -87,36 +82,32 @@ def _is_dq(node) -> bool:
     return node is not None and node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
 
 
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _per_channel_integer_weight(dq, initializers: dict) -> bool:
+def _per_channel_integer_weight(dq, inits: dict) -> bool:
     """int8/uint8 codes [K, N] with a scalar or per-column ([N], axis 1) scale: what the integer kernels take."""
-    codes, scale = (initializers.get(name) for name in dq.input[:2])
+    codes, scale = (inits.get(name) for name in dq.input[:2])
     if codes is None or scale is None or len(codes.dims) != 2 \
             or codes.data_type not in (TensorProto.INT8, TensorProto.UINT8) or scale.data_type != TensorProto.FLOAT:
         return False
-    if len(dq.input) > 2 and dq.input[2] and dq.input[2] not in initializers:
+    if len(dq.input) > 2 and dq.input[2] and dq.input[2] not in inits:
         return False
-    attrs = _attrs(dq)
+    attrs = attributes(dq)
     if "block_size" in attrs and attrs["block_size"]:
         return False
     return len(scale.dims) == 0 or (list(scale.dims) == [codes.dims[1]] and attrs.get("axis", 1) in (1, -1))
 
 
-def _width(dq, initializers: dict) -> int:
-    return initializers[dq.input[0]].dims[1]
+def _width(dq, inits: dict) -> int:
+    return inits[dq.input[0]].dims[1]
 
 
 def _is_vector(tensor, width: int) -> bool:
     return tensor is not None and tensor.data_type == TensorProto.FLOAT and list(tensor.dims) == [width]
 
 
-def _only_reader(activation_dq, matmul, consumers) -> bool:
+def _only_reader(activation_dq, matmul, readers) -> bool:
     """The DynamicQuantizeLinear's codes feed this MatMul alone (through one DequantizeLinear)."""
     codes = activation_dq.input[0]
-    return consumers[activation_dq.output[0]] == [matmul] and consumers[codes] == [activation_dq]
+    return readers[activation_dq.output[0]] == [matmul] and readers[codes] == [activation_dq]
 
 
 def _trim_optional_tail(node) -> None:

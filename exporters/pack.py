@@ -21,9 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+from exporters import graph_index
 
 
 def _weight_kind(weight: str, producers: dict, initializers: dict, consumers: dict):
@@ -40,7 +38,7 @@ def _weight_kind(weight: str, producers: dict, initializers: dict, consumers: di
     inputs = [initializers.get(name) for name in node.input]
     if any(i is None for i in inputs) or len(inputs[0].dims) != 2:
         return None
-    attrs = _attrs(node)
+    attrs = graph_index.attributes(node)
     if attrs.get("axis", 1) == 0 and "block_size" not in attrs:
         return None
     if "axis" not in attrs and "block_size" not in attrs and len(inputs[1].dims) == 0:
@@ -57,7 +55,7 @@ def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    consumers = _consumers(graph)
+    consumers = graph_index.consumers(graph)
     groups = defaultdict(list)
     for node in graph.node:
         if node.op_type != "MatMul" or len(node.input) != 2:
@@ -90,7 +88,7 @@ def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
             dq = members[0][1][2]
             weight_out = f"{name}.dequantized"
             extra_nodes = [helper.make_node("DequantizeLinear", names, [weight_out], name=f"{name}.DequantizeLinear",
-                                            **_attrs(dq))]
+                                            **graph_index.attributes(dq))]
             removed_nodes |= {id(kind[2]) for _, kind in members}
         split_name = f"{name}.split"
         new_inits.append(numpy_helper.from_array(np.asarray(widths, np.int64), split_name))
@@ -112,7 +110,7 @@ def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
 
 def _split_widths(node: onnx.NodeProto, initializers: dict) -> list[int] | None:
     """The widths of a last-axis Split whose sizes are an initializer, else None."""
-    if node.op_type != "Split" or _attrs(node).get("axis") != -1 or len(node.input) != 2 \
+    if node.op_type != "Split" or graph_index.attributes(node).get("axis") != -1 or len(node.input) != 2 \
             or node.input[1] not in initializers:
         return None
     return [int(w) for w in numpy_helper.to_array(initializers[node.input[1]])]
@@ -126,7 +124,7 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    consumers = _consumers(graph)
+    consumers = graph_index.consumers(graph)
     position = {id(node): index for index, node in enumerate(graph.node)}
     removed, replaced, before, new_inits, merged, old_sizes = set(), {}, {}, [], 0, set()
     for b in graph.node:
@@ -168,20 +166,12 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
     return merged
 
 
-def _consumers(graph) -> dict[str, list]:
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    return consumers
-
-
 def merge_bias_adds_over_splits(proto: onnx.ModelProto) -> int:
     """Add(piece_i, bias_i) for every piece of a last-axis Split, each bias a 1-D initializer of the piece's
     width read by that Add alone -> one Add of the concatenated biases before the Split. Returns Adds removed."""
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
-    consumers = _consumers(graph)
+    consumers = graph_index.consumers(graph)
     replaced, removed, dropped, new_inits, merged = {}, set(), set(), [], 0
     for split in graph.node:
         widths = _split_widths(split, initializers)
@@ -215,7 +205,7 @@ def feed_packed_qkv_to_attention(proto: onnx.ModelProto) -> int:
     many Splits went."""
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
-    consumers = _consumers(graph)
+    consumers = graph_index.consumers(graph)
     producers = {out: node for node in graph.node for out in node.output}
     removed, sizes, fed = set(), set(), 0
     for attention in graph.node:
@@ -226,7 +216,8 @@ def feed_packed_qkv_to_attention(proto: onnx.ModelProto) -> int:
         if widths is None or list(split.output) != list(attention.input[:3]) \
                 or any(consumers[out] != [attention] for out in split.output):
             continue
-        heads, kv_heads = _attrs(attention)["num_heads"], _attrs(attention)["kv_num_heads"]
+        attrs = graph_index.attributes(attention)
+        heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
         if widths[1] != widths[2] or widths[0] * kv_heads != widths[1] * heads:
             continue
         attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""

@@ -1,4 +1,5 @@
 """Bad W8A8 settings fail before any model loads: one `error:` line naming the setting, exit 2, nothing written."""
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -37,8 +38,9 @@ def test_bad_activation_setting_is_one_line_exit_2(tmp_path, name):
     assert not out.exists()
 
 
-def test_static_activations_on_an_onnx_input_need_calibration(tmp_path, compress):
-    """An ONNX input has no torch model to calibrate through: static W8A8 is refused before --out is touched."""
+def test_onnx_input_takes_dynamic_activations_and_refuses_static(tmp_path, compress):
+    """An ONNX input has no torch model to calibrate through: static W8A8 is refused before --out is touched;
+    dynamic W8A8 needs no calibration and gives the same integer kernels as a checkpoint input."""
     fp32 = tmp_path / "fp32"
     done = compress("run", "gpt-xs", "--out", str(fp32), "--eval-limit", "4", "--bench-runs", "1", "--quiet")
     assert done.returncode == 0, done.stderr
@@ -46,3 +48,8 @@ def test_static_activations_on_an_onnx_input_need_calibration(tmp_path, compress
     done = compress("run", str(fp32 / "model.onnx"), "--recipe", "w8a8", "--out", str(out), "--quiet")
     assert done.returncode == 2 and "needs calibration through the torch model" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+    done = compress("run", str(fp32 / "model.onnx"), "--recipe", "w8a8-dynamic", "--out", str(out),
+                    "--eval-limit", "4", "--bench-runs", "1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert "MatMul" not in ops and ops.count("DynamicQuantizeMatMul") + ops.count("MatMulIntegerToFloat") > 0, ops

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.inputs.checkpoint import load_checkpoint
-from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
+from compressor.ort_runtime import create_session, to_ort_feeds
 from compressor.tasks import TASKS
 from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
 from exporters.qdq import lower_to_qdq
@@ -198,3 +198,20 @@ def test_w8a8_run_end_to_end_with_the_kv_cache(compress, tmp_path, optimized_ops
     assert report["artifact"]["lowering"]["activations"]["integer_matmuls"] == 9
     assert report["artifact"]["lowering"]["activations"]["biases_fused"] >= 2  # at least each block's q/k/v
     assert report["passes"][0]["embeddings"]
+
+
+def test_w8a8_after_structured_pruning_and_low_rank(compress, tmp_path, optimized_ops):
+    """The chain prune -> low-rank -> W8A8: the shrunk and factorized Linears (two per low-rank layer) all run
+    as integer GEMMs, and the artifact still matches its fake-quantized torch model."""
+    out = tmp_path / "o"
+    done = compress("run", "gpt-xs", "--recipe", "w8a8", "--set", "structured_prune.heads=0.25",
+                    "--set", "structured_prune.ffn=0.25", "--set", "lowrank.rank_ratio=0.5", "--out", str(out),
+                    "--eval-limit", "8", "--bench-runs", "1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["structured_prune", "lowrank", "quantize"]
+    assert report["parity"]["by_provider"]["cpu_decode"]["passed"]
+    activations = report["artifact"]["lowering"]["activations"]
+    assert activations["matmuls"] > 13  # low-rank made two Linears of most of gpt-xs's 13
+    ops, _ = optimized_ops(out / "model.onnx", tmp_path)
+    assert ops["MatMulIntegerToFloat"] == activations["integer_matmuls"] and "MatMul" not in ops, ops
