@@ -7,6 +7,7 @@ the same QuantizeLinear -> DequantizeLinear (or DynamicQuantizeLinear -> Dequant
 and, for SmoothQuant, the division by the smoothing scales (folded into a preceding LayerNormalization where the
 graph allows). Calibration data only: nothing here sees held-out data."""
 import contextlib
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +108,16 @@ def channel_absmax(model: nn.Module, layers: dict[str, nn.Linear], calibration: 
 def smooth_layers(model: nn.Module, layers: dict[str, nn.Linear], calibration: list[tuple],
                   alpha: float) -> dict[str, torch.Tensor]:
     """SmoothQuant: per group of layers sharing an input, s from that input's channel maxima and the group's
-    weight column maxima; the weights become W * s in place. Returns {layer: s}."""
+    weight column maxima; the weights become W * s in place. Returns {layer: s}. A group with a weight that
+    another module also holds (an lm_head tied to the token embedding) is not smoothed: scaling it would scale
+    the embedding's rows too."""
     groups = shared_inputs(model, layers, calibration[0])
     absmax = channel_absmax(model, layers, calibration)
+    holders = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
     smooth = {}
     for group in groups:
+        if any(holders[id(layers[name].weight)] > 1 for name in group):
+            continue
         weights = torch.cat([layers[name].weight.detach().float() for name in group])
         s = ap.smoothing_scales(absmax[group[0]], weights.abs().amax(dim=0), alpha)
         for name in group:

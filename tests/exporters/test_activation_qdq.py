@@ -146,6 +146,26 @@ def test_smoothquant_keeps_the_float_function_and_folds_into_pre_norms(shipped):
     assert parity(before, after, 1e-5)["passed"]
 
 
+def test_smoothquant_leaves_a_tied_lm_head_alone(shipped):
+    """An lm_head that shares its weight with the token embedding (SmolLM2, most small LLMs) is not smoothed:
+    W * s would scale the embedding rows as well and wreck the model (SmolLM2 W8A8 perplexity 25.4 -> 22,382
+    before this). The other layers still are, and the float function is kept."""
+    checkpoint = load_checkpoint(shipped / "gpt-xs")
+    task = TASKS[checkpoint.family]
+    model = checkpoint.model
+    model.lm_head.weight = model.token_emb.weight  # tie them, as Hugging Face's tie_word_embeddings does
+    embedding = model.token_emb.weight.detach().clone()
+    inputs = task.parity_inputs(task.heldout_data(checkpoint.config, 4))
+    before = torch_logits_fn(model, task.INPUT_NAMES)(inputs)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    smooth = smooth_layers(model, layers, task.calibration_data(checkpoint.config, 4), alpha=0.5)
+    assert "lm_head" not in smooth and set(smooth) == set(layers) - {"lm_head"}
+    assert torch.equal(model.token_emb.weight, embedding)
+    with dividing_inputs(layers, smooth):
+        after = torch_logits_fn(model, task.INPUT_NAMES)(inputs)
+    assert parity(before, after, 1e-5)["passed"]
+
+
 def test_smoothquant_artifact_folds_the_division_into_layernorms(shipped, tmp_path):
     """gpt-xs is pre-norm: q/k/v read ln_attn's output, fc_in reads ln_mlp's, and nothing else does, so their 1/s
     goes into the norms' scale and bias; out_proj and fc_out read activations (no norm) and keep a Mul."""
