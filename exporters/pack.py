@@ -53,8 +53,8 @@ def _weight_kind(weight: str, producers: dict, initializers: dict, consumers: di
 def pack_parallel_matmuls(proto: onnx.ModelProto) -> int:
     """Rewrite `proto` in place; returns how many MatMuls were folded into others."""
     graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    initializers = graph_index.initializers(graph)
+    producers = graph_index.producers(graph)
     consumers = graph_index.consumers(graph)
     groups = defaultdict(list)
     for node in graph.node:
@@ -122,8 +122,8 @@ def merge_adds_over_splits(proto: onnx.ModelProto) -> int:
     and B's input, then a Split into the Adds' outputs. Elementwise, so values are unchanged. Returns how many
     Adds were removed."""
     graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    initializers = graph_index.initializers(graph)
+    producers = graph_index.producers(graph)
     consumers = graph_index.consumers(graph)
     position = {id(node): index for index, node in enumerate(graph.node)}
     removed, replaced, before, new_inits, merged, old_sizes = set(), {}, {}, [], 0, set()
@@ -170,7 +170,7 @@ def merge_bias_adds_over_splits(proto: onnx.ModelProto) -> int:
     """Add(piece_i, bias_i) for every piece of a last-axis Split, each bias a 1-D initializer of the piece's
     width read by that Add alone -> one Add of the concatenated biases before the Split. Returns Adds removed."""
     graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
+    initializers = graph_index.initializers(graph)
     consumers = graph_index.consumers(graph)
     replaced, removed, dropped, new_inits, merged = {}, set(), set(), [], 0
     for split in graph.node:
@@ -204,9 +204,9 @@ def feed_packed_qkv_to_attention(proto: onnx.ModelProto) -> int:
     its query and no key/value (its packed-QKV form: widths num_heads * head, then kv heads twice). Returns how
     many Splits went."""
     graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
+    initializers = graph_index.initializers(graph)
     consumers = graph_index.consumers(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = graph_index.producers(graph)
     removed, sizes, fed = set(), set(), 0
     for attention in graph.node:
         if attention.op_type != "GroupQueryAttention" or len(attention.input) < 3:
