@@ -78,8 +78,8 @@ def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
         raise UserError(f"export.dtype {recipe.export.dtype} needs a checkpoint input: an "
                         f"{adapter.kind.upper()} input is written back at its own float32")
     if recipe.export.dtype != "float32" and any(getattr(c, "activations", "none") != "none" for _, c in recipe.passes):
-        raise UserError(f"quantize.activations needs export.dtype float32: ONNX Runtime's integer MatMul kernels "
-                        f"(MatMulIntegerToFloat, DynamicQuantizeMatMul) produce float32")
+        raise UserError("quantize.activations needs export.dtype float32: ONNX Runtime's integer MatMul kernels "
+                        "(MatMulIntegerToFloat, DynamicQuantizeMatMul) produce float32")
     for name, config in recipe.passes:
         if adapter.passes is not None and name not in adapter.passes:
             raise UserError(f"{name} needs the torch model: an {adapter.kind.upper()} input takes only "

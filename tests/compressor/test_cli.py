@@ -85,6 +85,7 @@ def test_int4_run_reports_bits_and_passes(tmp_path):
     assert report["parity"]["by_provider"]["cpu_exact"]["passed"] and report["parity"]["passed"]
     # the default int8-activation kernel is reported beside it; the exact-kernel figure is the gated one
     assert report["parity"]["by_provider"]["cpu"]["gated"] is False
+    assert "(default kernel, not gated: cpu " in result.output, result.output
     gated = [report["parity"]["by_provider"][k]["max_rel"] for k in ("cpu_exact", "cpu_decode")]
     assert report["parity"]["max_rel"] == max(gated) < 1e-4  # the worst of the exact-kernel entries
     assert report["artifact"]["lowering"]["lowered"] and not report["artifact"]["lowering"]["left_fp32"]

@@ -49,5 +49,6 @@ def test_onnx_input_takes_dynamic_activations_and_refuses_static(tmp_path, compr
     done = compress("run", str(fp32 / "model.onnx"), "--recipe", "w8a8-dynamic", "--out", str(out),
                     "--eval-limit", "4", "--bench-runs", "1", "--quiet")
     assert done.returncode == 0, done.stderr
+    assert "(integer activations: reported, the accuracy agreement gates)" in done.stdout, done.stdout
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert "MatMul" not in ops and ops.count("DynamicQuantizeMatMul") + ops.count("MatMulIntegerToFloat") > 0, ops
