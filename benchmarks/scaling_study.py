@@ -287,7 +287,7 @@ def write_report(members: list[str], eval_limit: int, smol_eval_limit: int) -> N
 def write_markdown(summary: dict) -> None:
     """study.md: every number the docs cite, per claim."""
     data, el = summary["family"], summary["eval_limit"]
-    lines = [f"# k-bit scaling study: the numbers (docs/scaling.md, `## The study`)", "",
+    lines = ["# k-bit scaling study: the numbers (docs/scaling.md, `## The study`)", "",
              f"Held-out perplexity per byte through ONNX Runtime CPU (onnxruntime 1.30.0 on the lent machine's cores for the "
              f"family, 1.32.0 for SmolLM2) on {el} windows of 128 bytes spread over the "
              "whole held-out split; Δ = ln(ppl / ppl fp32). bits/param as report.json counts them (fp32 scales, "

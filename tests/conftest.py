@@ -11,6 +11,10 @@ import pytest
 from samples.registry import SHIPPED_DIR
 
 REPO = Path(__file__).parents[1]
+_SCRIPT = Path(sys.executable).with_name("compress")
+COMPRESS = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "compressor.cli"]  # the console script
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+FAST = ["--eval-limit", "8", "--bench-runs", "2", "--quiet"]  # a run that ends soon
 
 
 def pytest_configure(config):

@@ -1,17 +1,13 @@
 """A corpus of bad inputs run through the installed `compress` console script, as a user meets them: each exits 2
-with one short `error:` line, no traceback, no artifact written, and no code from the input ever runs. Then runs
-killed mid-way (SIGKILL, SIGINT) leave no half-written model.onnx, and an existing artifact is only replaced
-with --force."""
+with one short `error:` line, no traceback, no artifact written, and no code from the input ever runs; an
+existing artifact is only replaced with --force. Runs killed part-way: test_interrupted_runs.py."""
 import json
 import os
 import pickle
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -23,11 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from samples.registry import SHIPPED_DIR
 
-ROOT = Path(__file__).parents[2]
-_SCRIPT = Path(sys.executable).with_name("compress")
-COMPRESS = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "compressor.cli"]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-FAST = ["--eval-limit", "8", "--bench-runs", "2", "--quiet"]  # should a bad case get through, it ends soon
+from conftest import COMPRESS, ENV, FAST
 MARKER = "pwned"  # what the pickled payloads would create, in the case's folder
 
 
@@ -356,146 +348,3 @@ def test_force_replaces_an_existing_artifact(tmp_path):
     assert result.returncode == 0, result.stderr
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
     assert json.loads((out / "report.json").read_text())["artifact"]["bytes"] == (out / "model.onnx").stat().st_size
-
-
-# --- runs killed part-way ------------------------------------------------------------------------------------
-
-KILLED_RUN = ["run", "gpt-xs", "--recipe", "int4", *FAST]
-
-
-class _Watched:
-    """A `compress run` whose stderr lines are collected as they come, so the test can act on its progress."""
-
-    def __init__(self, out: Path, args: tuple[str, ...] = ()):
-        self.process = subprocess.Popen([*COMPRESS, *KILLED_RUN, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, env=ENV)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def saw(self, needle: str) -> bool:
-        return any(needle in line for line in self.lines)
-
-    def wait_for(self, needle: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.saw(needle):
-            assert self.process.poll() is None, f"ended before {needle!r}: {self.lines}"
-            assert time.monotonic() < deadline, f"no {needle!r} in {timeout} s: {self.lines}"
-            time.sleep(0.01)
-
-    def finish(self) -> int:
-        code = self.process.wait(timeout=60)
-        self._reader.join(timeout=10)
-        return code
-
-
-def _assert_no_half_written_artifact(out: Path) -> None:
-    artifact = out / "model.onnx"
-    if artifact.exists():  # only ever complete: it appears by rename
-        onnx.checker.check_model(onnx.load(str(artifact)))
-
-
-def _killed_inside_an_atomic_write(out: Path) -> None:
-    """A writer SIGKILLed after writing half a model.onnx into its temp file: what `kill -9` mid-save leaves."""
-    code = ("import os, signal, sys; from pathlib import Path; from compressor.atomic import atomic_path\n"
-            "with atomic_path(Path(sys.argv[1]) / 'model.onnx') as tmp:\n"
-            "    tmp.write_bytes(b'half a model'); os.kill(os.getpid(), signal.SIGKILL)\n")
-    process = subprocess.run([sys.executable, "-c", code, str(out)], env=ENV, timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    assert not (out / "model.onnx").exists() and len(list(out.glob(".model.onnx.*.partial"))) == 1
-
-
-def test_sigkill_leaves_no_half_written_artifact_and_a_rerun_succeeds(tmp_path):
-    # killed during export: no model.onnx at all
-    mid_export = tmp_path / "mid-export"
-    run = _Watched(mid_export)
-    run.wait_for("exporting to")
-    time.sleep(0.5)  # torch.export + QDQ lowering take seconds; the artifact is written at their end
-    run.process.send_signal(signal.SIGKILL)
-    assert run.finish() == -signal.SIGKILL
-    assert not (mid_export / "model.onnx").exists()
-
-    # killed as soon as the artifact's temp file shows (or, if its write is too quick to see, once it is done)
-    at_write = tmp_path / "at-write"
-    run = _Watched(at_write)
-    run.wait_for("exporting to")
-    while not list(at_write.glob(".model.onnx.*.partial")) and not run.saw("validating"):
-        assert run.process.poll() is None, run.lines
-        time.sleep(0.0005)
-    run.process.send_signal(signal.SIGKILL)
-    assert run.finish() == -signal.SIGKILL
-    _assert_no_half_written_artifact(at_write)
-
-    # the same command again, over the first run's folder plus a temp file a killed writer left, succeeds
-    _killed_inside_an_atomic_write(mid_export)
-    rerun = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(mid_export)], capture_output=True, text=True,
-                           env=ENV, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
-    assert not list(mid_export.glob(".*.partial"))
-    onnx.checker.check_model(onnx.load(str(mid_export / "model.onnx")))
-
-
-def test_sigint_is_one_line_exit_2_and_no_artifact(tmp_path):
-    run = _Watched(tmp_path / "out")
-    run.wait_for("exporting to")
-    time.sleep(0.5)
-    run.process.send_signal(signal.SIGINT)
-    assert run.finish() == 2
-    assert not any("Traceback" in line for line in run.lines), run.lines
-    errors = [line for line in run.lines if line.startswith("error:")]
-    assert errors == [run.lines[-1]] and "interrupted" in errors[0], run.lines
-    assert not (tmp_path / "out" / "model.onnx").exists() and not list((tmp_path / "out").glob(".*.partial"))
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().split(") ", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])  # same path
-def test_sigterm_during_the_benchmark_cleans_up_and_a_rerun_succeeds(tmp_path, signum):
-    out = tmp_path / "out"
-    run = _Watched(out)
-    run.wait_for("validating")
-    deadline = time.monotonic() + 90
-    while not (children := _children(run.process.pid)):  # the benchmark's child process has started
-        assert run.process.poll() is None and time.monotonic() < deadline, run.lines
-        time.sleep(0.01)
-    run.process.send_signal(signum)
-    assert run.finish() == 2
-    errors = [line for line in run.lines if line.startswith("error:")]
-    assert errors == [run.lines[-1]] and "interrupted" in errors[0], run.lines
-    assert not any("Traceback" in line for line in run.lines)
-    time.sleep(0.5)
-    assert not any(Path(f"/proc/{child}").exists() for child in children), "the benchmark child outlived the run"
-    assert not out.exists(), sorted(p.name for p in out.iterdir())  # the run created it: nothing of it stays
-    rerun = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(out)], capture_output=True, text=True, env=ENV,
-                           timeout=180)
-    assert rerun.returncode == 0, rerun.stderr
-
-
-def test_two_runs_into_one_folder_one_succeeds_the_other_is_refused(tmp_path):
-    out = tmp_path / "out"
-    first = _Watched(out, ("--bench-runs", "400"))  # still benchmarking when the second run reaches the lock
-    first.wait_for("loaded")
-    second = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(out)], capture_output=True, text=True, env=ENV,
-                            timeout=120)
-    assert second.returncode == 2, second.stderr
-    line, = second.stderr.strip().splitlines()
-    assert f"pid {first.process.pid}" in line and "in use by another compress run" in line
-    assert first.finish() == 0, first.lines
-    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
-    report = json.loads((out / "report.json").read_text())
-    assert report["artifact"]["path"] == str(out / "model.onnx") and report["run"]["seed"] == 0
-    assert "--seed 0" in (out / "recipe.yaml").read_text()
-    assert not list(out.glob(".stage-*"))

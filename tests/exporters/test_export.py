@@ -5,7 +5,6 @@ Tolerance 1e-4 normwise relative (max|a-b| / max|a|): fp32 kernels differ only i
 """
 import hashlib
 
-import numpy as np
 import onnx
 import pytest
 

@@ -1,6 +1,5 @@
 """Activation quantization math against ONNX's own operators (exact) and plain references."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

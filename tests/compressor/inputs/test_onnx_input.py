@@ -1,9 +1,7 @@
 """`compress run model.onnx`: an fp32 ONNX model quantized as a graph, held to the same figures as the
 checkpoint path, and the ways an ONNX input can be wrong."""
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
