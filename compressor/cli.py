@@ -205,6 +205,7 @@ def generate_command(artifact, prompt, max_new_tokens, provider, temperature, to
     """Continue PROMPT with the decoder ARTIFACT (an out folder or its model.onnx), streaming tokens."""
     from compressor.deployed import open_artifact
     from compressor.generation import Sampling, generate, require_cache
+    from compressor.kv_cache import keeps_cache_in_place
     from compressor.ort_runtime import check_providers, create_session
     from compressor.text_codec import load_text_codec
 
@@ -225,7 +226,8 @@ def generate_command(artifact, prompt, max_new_tokens, provider, temperature, to
             shown = text
 
     click.echo(prompt, nl=False)
-    result = generate(session, codec.encode(prompt), max_new_tokens, provider, sampling, codec.stop_ids, stream)
+    result = generate(session, codec.encode(prompt), max_new_tokens, provider, sampling, codec.stop_ids, stream,
+                      in_place=keeps_cache_in_place(session, deployed.folder))
     click.echo()
     if stats:
         click.echo(f"{len(result.tokens)} tokens; prefill {result.prefill_ms:.1f} ms; decode "

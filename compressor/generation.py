@@ -1,8 +1,9 @@
 """Generation from a decoder artifact under ONNX Runtime with its KV cache: one prefill over the prompt, then one
 token per step, each step feeding the last step's present.N.* back as past_key_values.N.*.
 
-On CUDA the cache never leaves the device: every input and output is bound (I/O binding) and each step's
-presents are bound as the next step's pasts; only the last position's logits come back to pick a token.
+Where the graph keeps its cache in place (GroupQueryAttention: our exports, Model Builder's), past and present
+are one bound buffer per layer for the whole generation (I/O binding), as ONNX Runtime GenAI runs it; on CUDA
+the cache never leaves the device either way. Only the logits come back to pick a token.
 """
 import json
 import time
@@ -13,6 +14,8 @@ import numpy as np
 
 from compressor.errors import UserError
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
+
+IN_PLACE_BYTES = 2**31  # the most an in-place cache allocates before the first token
 
 
 @dataclass(frozen=True)
@@ -89,16 +92,19 @@ class _CpuStep:
         return values[0][0, -1]
 
 
-class _CudaStep:
-    """I/O binding: pasts and presents stay on the GPU; logits come back for the last position only."""
+class _BoundStep:
+    """I/O binding: the cache stays where the provider computes (on CUDA it never leaves the device); only the
+    logits come back. With `length` (a graph that keeps its cache in place: exporters.cache_in_place) each
+    layer's past and present are one buffer of that many positions for the whole generation, as ONNX Runtime
+    GenAI runs them: no step copies the cache. Without, each step's presents are bound as the next's pasts."""
 
-    def __init__(self, session, head_size: int | None):
+    def __init__(self, session, device: str, head_size: int | None, length: int | None):
         import onnxruntime as ort
 
-        self.ort, self.session = ort, session
+        self.session, self.device, self.in_place = session, device, length is not None
         self.outputs = [o.name for o in session.get_outputs()]
-        self.past = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
-                     for name, value in empty_cache(session, 1, head_size).items()}
+        self.past = {name: ort.OrtValue.ortvalue_from_numpy(value, device, 0)
+                     for name, value in empty_cache(session, 1, head_size, length or 0).items()}
 
     def __call__(self, ids: np.ndarray, total: int) -> np.ndarray:
         binding = self.session.io_binding()
@@ -107,10 +113,14 @@ class _CudaStep:
         for name, value in self.past.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
-            binding.bind_output(name, "cuda", 0)
+            if self.in_place and name.startswith(PRESENT_PREFIX):
+                binding.bind_ortvalue_output(name, self.past[past_name(name)])
+            else:
+                binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        self.past = {past_name(n): v for n, v in zip(self.outputs, values) if n.startswith(PRESENT_PREFIX)}
+        if not self.in_place:
+            self.past = {past_name(n): v for n, v in zip(self.outputs, values) if n.startswith(PRESENT_PREFIX)}
         return values[0].numpy()[0, -1]
 
 
@@ -122,9 +132,11 @@ def require_cache(session) -> None:
 
 def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "cpu", sampling: Sampling = Sampling(),
              stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
-             head_size: int | None = None) -> Generation:
+             head_size: int | None = None, in_place: bool = False) -> Generation:
     """New tokens after `prompt` (at most `max_new_tokens`; fewer where a stop token or the artifact's position
-    limit comes first), with timings. `head_size`: for graphs whose cache inputs leave it symbolic."""
+    limit comes first), with timings. `head_size`: for graphs whose cache inputs leave it symbolic. `in_place`:
+    the graph keeps its cache in one buffer (compressor.kv_cache.keeps_cache_in_place); the same tokens, no
+    copy of the cache per step."""
     require_cache(session)
     if not prompt:
         raise UserError("the prompt is empty: give at least one token")
@@ -133,7 +145,13 @@ def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "c
         raise UserError(f"the prompt has {len(prompt)} tokens; this model takes at most {limit} in all")
     if limit is not None:
         max_new_tokens = min(max_new_tokens, limit - len(prompt))
-    step = (_CudaStep if provider == "cuda" else _CpuStep)(session, head_size)
+    length = len(prompt) + max_new_tokens
+    if in_place and sum(a.nbytes for a in empty_cache(session, 1, head_size, 1).values()) * length > IN_PLACE_BYTES:
+        in_place = False  # a buffer that large up front (a graph with no position limit): grow it step by step
+    if provider == "cuda" or in_place:
+        step = _BoundStep(session, provider, head_size, length if in_place else None)
+    else:
+        step = _CpuStep(session, head_size)
     rng = np.random.default_rng(sampling.seed)
     result = Generation()
     ids, total = np.asarray([prompt], np.int64), len(prompt)

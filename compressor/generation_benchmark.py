@@ -36,6 +36,7 @@ def _genai_head_size(folder: Path) -> int | None:
 def benchmark(model_path: str, provider: str, prompt_tokens: int, new_tokens: int, runs: int,
               threads: int | None, progress: bool = False) -> dict:
     from compressor.generation import generate, max_positions, vocab_size
+    from compressor.kv_cache import keeps_cache_in_place
     from compressor.ort_runtime import create_session
 
     baseline = peak_rss_bytes()
@@ -43,16 +44,17 @@ def benchmark(model_path: str, provider: str, prompt_tokens: int, new_tokens: in
     prompt_tokens, new_tokens = fit_lengths(prompt_tokens, new_tokens, max_positions(session))
     prompt = np.random.default_rng(0).integers(0, vocab_size(session), prompt_tokens).tolist()
     head_size = _genai_head_size(Path(model_path).parent)
+    in_place = keeps_cache_in_place(session, Path(model_path).parent)
     prefill, decode = [], []
     for run in range(runs + 1):
-        result = generate(session, prompt, new_tokens, provider, head_size=head_size)
+        result = generate(session, prompt, new_tokens, provider, head_size=head_size, in_place=in_place)
         if run:  # the first run warms up (allocations, kernel choice)
             prefill.append(result.prefill_ms)
             decode.append(result.decode_tokens_per_s)
         if progress:
             print(PROGRESS_LINE, file=sys.stderr, flush=True)
     return {"provider": provider, "threads": threads, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "runs": runs, "prefill_ms": round(statistics.median(prefill), 3),
+            "runs": runs, "cache_in_place": in_place, "prefill_ms": round(statistics.median(prefill), 3),
             "decode_tokens_per_s": round(statistics.median(decode), 2),
             "decode_ms_per_token": round(1e3 / statistics.median(decode), 3),
             "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "rss_baseline_mb": round(baseline / 2**20, 1)}

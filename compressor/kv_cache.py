@@ -1,9 +1,13 @@
 """The KV-cache inputs of a decoder artifact (exporters.decoder_graph's, ONNX Runtime GenAI's names), as a
 session lists them: what a full-sequence call feeds (an all-ones mask, empty pasts) and what each decode step
-hands back (present.N.* becomes past_key_values.N.*)."""
+hands back (present.N.* becomes past_key_values.N.*), and whether the graph can keep its cache in one buffer."""
+import json
+from pathlib import Path
+
 import numpy as np
 
-PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+from exporters.cache_in_place import IN_PLACE, IN_PLACE_KEY, PAST_PREFIX, PRESENT_PREFIX
+
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -19,9 +23,10 @@ def past_name(present: str) -> str:
     return PAST_PREFIX + present[len(PRESENT_PREFIX):]
 
 
-def empty_cache(session, batch: int, head_size: int | None = None) -> dict[str, np.ndarray]:
-    """Zero-length pasts [batch, kv_heads, 0, head_dim]: a call with them is a prefill. `head_size` stands in
-    where the graph leaves that dimension symbolic (Model Builder's graphs do; genai_config.json has it)."""
+def empty_cache(session, batch: int, head_size: int | None = None, length: int = 0) -> dict[str, np.ndarray]:
+    """Zero pasts [batch, kv_heads, length, head_dim]. Zero-length ones make a call a prefill; `length` > 0 is
+    the one buffer of a cache kept in place (exporters.cache_in_place). `head_size` stands in where the graph
+    leaves that dimension symbolic (Model Builder's graphs do; genai_config.json has it)."""
     def dim(value):
         if isinstance(value, int):
             return value
@@ -29,7 +34,7 @@ def empty_cache(session, batch: int, head_size: int | None = None) -> dict[str, 
             raise ValueError(f"the cache input's dimension {value!r} is symbolic: give its size")
         return head_size
 
-    return {arg.name: np.zeros((batch, dim(arg.shape[1]), 0, dim(arg.shape[3])), NUMPY_TYPES[arg.type])
+    return {arg.name: np.zeros((batch, dim(arg.shape[1]), length, dim(arg.shape[3])), NUMPY_TYPES[arg.type])
             for arg in cache_inputs(session)}
 
 
@@ -39,3 +44,15 @@ def complete_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarra
         return feeds
     ids = feeds["input_ids"]
     return {"attention_mask": np.ones(ids.shape, np.int64), **empty_cache(session, ids.shape[0]), **feeds}
+
+
+def keeps_cache_in_place(session, folder: Path | None = None) -> bool:
+    """Whether to give this session one cache buffer for past and present: our exports say so in their metadata
+    (exporters.cache_in_place); another tool's folder through its genai_config.json (Model Builder's)."""
+    if session.get_modelmeta().custom_metadata_map.get(IN_PLACE_KEY) == IN_PLACE:
+        return True
+    try:
+        config = json.loads((Path(folder) / "genai_config.json").read_text()) if folder else {}
+        return config["search"]["past_present_share_buffer"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from exporters.cache_in_place import IN_PLACE, IN_PLACE_KEY, writes_cache_in_place
+
 OPSET = 21
 IR_VERSION = 10
 
@@ -66,9 +68,12 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
 
 
 def finalize(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Describe the artifact (source, tool version, recipe) in metadata_props; compressor.artifact.save_onnx
-    runs the full checker on the file it writes."""
+    """Describe the artifact (source, tool version, recipe) in metadata_props, and say so where its KV cache can
+    stay in one buffer (exporters.cache_in_place); compressor.artifact.save_onnx runs the full
+    checker on the file it writes."""
     del proto.metadata_props[:]
+    if writes_cache_in_place(proto.graph):
+        metadata = {**metadata, IN_PLACE_KEY: IN_PLACE}
     for key, value in sorted(metadata.items()):
         proto.metadata_props.add(key=key, value=str(value))
     return proto

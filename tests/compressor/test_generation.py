@@ -26,12 +26,29 @@ def test_report_measures_generation_against_the_fp32_export(gpt_int4):
         figures = generation[name]
         assert figures["prefill_ms"] > 0 and figures["decode_tokens_per_s"] > 0 and figures["peak_rss_mb"] > 0
         assert figures["prompt_tokens"] + figures["new_tokens"] <= 128  # gpt-xs's position table
+        assert figures["cache_in_place"] is True  # both timed alike: the fp32 export keeps its cache in place too
     assert generation["speedup"]["decode"] == pytest.approx(
         generation["artifact"]["decode_tokens_per_s"] / generation["input"]["decode_tokens_per_s"])
     assert report["summary"]["speedup"]["cpu"] == generation["speedup"]
     decode = report["parity"]["by_provider"]["cpu_decode"]  # the cache path, exact kernels, fp32 tolerance
     assert decode["passed"] and decode["tolerance_max_rel"] == 1e-4
     assert "## Generation, ONNX Runtime cpu" in (gpt_int4 / "report.md").read_text()
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_p": 0.9, "seed": 3}], ids=["greedy", "sampled"])
+def test_cache_kept_in_place_gives_the_same_tokens_as_the_copied_one(gpt_int4, sampling):
+    """One bound buffer per layer (GroupQueryAttention writes into it) against each step's presents fed back:
+    token for token the same, greedy and sampled (sampling reads the whole distribution, not just its top)."""
+    from compressor.generation import Sampling, generate
+    from compressor.kv_cache import keeps_cache_in_place
+    from compressor.ort_runtime import create_session
+
+    session = create_session(gpt_int4 / "model.onnx")
+    assert keeps_cache_in_place(session)  # the export says so in its metadata
+    prompt = [84, 104, 101, 32, 99, 105, 116, 121]
+    runs = [generate(session, prompt, 100, sampling=Sampling(**sampling), in_place=in_place).tokens
+            for in_place in (False, True, True)]
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 100  # a second in-place run starts from a clean buffer
 
 
 def test_generate_streams_a_continuation(compress, gpt_int4):
@@ -78,7 +95,9 @@ def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress, tmp_path):
     assert (config["decoder"]["num_hidden_layers"], config["decoder"]["num_key_value_heads"]) == (2, 2)
     assert (out / "tokenizer.json").is_file()
     prompt = [5, 17, 42, 99, 7]
-    ours = generate(create_session(out / "model.onnx"), prompt, 16).tokens
+    session = create_session(out / "model.onnx")
+    ours = generate(session, prompt, 16).tokens
+    assert generate(session, prompt, 16, in_place=True).tokens == ours  # rotary inside GroupQueryAttention too
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
@@ -115,7 +134,9 @@ def test_float16_export_for_cuda(compress, gpt_int4, tmp_path):
     out = tmp_path / "f16"
     done = compress("run", "gpt-xs", "--recipe", "int4", "--set", "export.dtype=float16", "--out", str(out), *FAST)
     assert done.returncode == 0, done.stderr
-    graph = onnx.load(str(out / "model.onnx")).graph
+    model = onnx.load(str(out / "model.onnx"))
+    graph = model.graph
+    assert {p.key: p.value for p in model.metadata_props}["compressor.kv_cache"] == "in_place"
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
     assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
