@@ -2,7 +2,7 @@
 
 GroupQueryAttention, given the same tensor as its past and its present (I/O binding), writes each new key and
 value into it at the sequence's position and attends over the mask's length: ONNX Runtime GenAI runs it so
-(past_present_share_buffer), and no step copies the cache (SmolLM2 int4, 2 CPU threads: 70 -> 94-100 tokens/s
+(past_present_share_buffer), and no step copies the cache (SmolLM2 int4, 2 CPU threads: 70 -> 93-100 tokens/s
 over 512 new tokens, the same tokens). Any other reader of a past (a Concat) grows it, so needs the copy.
 """
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
