@@ -25,25 +25,17 @@ def fit_lengths(prompt_tokens: int, new_tokens: int, limit: int | None) -> tuple
     return prompt, max(1, limit - prompt)
 
 
-def _genai_head_size(folder: Path) -> int | None:
-    """Model Builder's graphs leave the cache's head size symbolic; their genai_config.json says it."""
-    try:
-        return int(json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def benchmark(model_path: str, provider: str, prompt_tokens: int, new_tokens: int, runs: int,
               threads: int | None, progress: bool = False) -> dict:
     from compressor.generation import generate, max_positions, vocab_size
-    from compressor.kv_cache import keeps_cache_in_place
+    from compressor.kv_cache import genai_head_size, keeps_cache_in_place
     from compressor.ort_runtime import create_session
 
     baseline = peak_rss_bytes()
     session = create_session(model_path, provider, threads)
     prompt_tokens, new_tokens = fit_lengths(prompt_tokens, new_tokens, max_positions(session))
     prompt = np.random.default_rng(0).integers(0, vocab_size(session), prompt_tokens).tolist()
-    head_size = _genai_head_size(Path(model_path).parent)
+    head_size = genai_head_size(Path(model_path).parent)
     in_place = keeps_cache_in_place(session, Path(model_path).parent)
     prefill, decode = [], []
     for run in range(runs + 1):

@@ -46,13 +46,29 @@ def complete_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return {"attention_mask": np.ones(ids.shape, np.int64), **empty_cache(session, ids.shape[0]), **feeds}
 
 
+def genai_config(folder: Path | None) -> dict:
+    """The folder's genai_config.json (ONNX Runtime GenAI's description of a model folder), or {}."""
+    try:
+        config = json.loads((Path(folder) / "genai_config.json").read_text()) if folder else {}
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def genai_head_size(folder: Path | None) -> int | None:
+    """Model Builder's graphs leave the cache's head size symbolic; their genai_config.json says it."""
+    try:
+        return int(genai_config(folder)["model"]["decoder"]["head_size"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def keeps_cache_in_place(session, folder: Path | None = None) -> bool:
     """Whether to give this session one cache buffer for past and present: our exports say so in their metadata
     (exporters.cache_in_place); another tool's folder through its genai_config.json (Model Builder's)."""
     if session.get_modelmeta().custom_metadata_map.get(IN_PLACE_KEY) == IN_PLACE:
         return True
     try:
-        config = json.loads((Path(folder) / "genai_config.json").read_text()) if folder else {}
-        return config["search"]["past_present_share_buffer"] is True
-    except (OSError, ValueError, KeyError, TypeError):
+        return genai_config(folder)["search"]["past_present_share_buffer"] is True
+    except (KeyError, TypeError):
         return False
