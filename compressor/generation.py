@@ -80,19 +80,7 @@ def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) ->
     return int(rng.choice(probs.size, p=probs))
 
 
-class _CpuStep:
-    def __init__(self, session, head_size: int | None):
-        self.session, self.outputs = session, [o.name for o in session.get_outputs()]
-        self.past = empty_cache(session, 1, head_size)
-
-    def __call__(self, ids: np.ndarray, total: int) -> np.ndarray:
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **self.past}
-        values = self.session.run(None, feeds)
-        self.past = {past_name(n): v for n, v in zip(self.outputs, values) if n.startswith(PRESENT_PREFIX)}
-        return values[0][0, -1]
-
-
-class _BoundStep:
+class _Step:
     """I/O binding: the cache stays where the provider computes (on CUDA it never leaves the device); only the
     logits come back. With `length` (a graph that keeps its cache in place: exporters.cache_in_place) each
     layer's past and present are one buffer of that many positions for the whole generation, as ONNX Runtime
@@ -148,10 +136,7 @@ def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "c
     length = len(prompt) + max_new_tokens
     if in_place and sum(a.nbytes for a in empty_cache(session, 1, head_size, 1).values()) * length > IN_PLACE_BYTES:
         in_place = False  # a buffer that large up front (a graph with no position limit): grow it step by step
-    if provider == "cuda" or in_place:
-        step = _BoundStep(session, provider, head_size, length if in_place else None)
-    else:
-        step = _CpuStep(session, head_size)
+    step = _Step(session, provider, head_size, length if in_place else None)
     rng = np.random.default_rng(sampling.seed)
     result = Generation()
     ids, total = np.asarray([prompt], np.int64), len(prompt)
