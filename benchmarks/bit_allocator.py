@@ -123,7 +123,7 @@ def sensitivity_check(model_name: str, samples: int = 64) -> dict:
     from compressor.tasks import language_modeling
     from passes.bit_allocator import candidate_config, layer_statistics, predicted_kl
     from passes.quant_primitives import dequantize, relative_mse
-    from passes.quantize import QuantizeConfig, _quantize_weight
+    from passes.quantize import QuantizeConfig, quantize_weight
 
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(resolve_sample(Path(model_name)))
@@ -141,7 +141,7 @@ def sensitivity_check(model_name: str, samples: int = 64) -> dict:
     for (name, module), layer_stats in zip(layers, stats):
         weight = module.weight.detach().clone()
         for label in SENSITIVITY_CANDIDATES:
-            approx = dequantize(_quantize_weight(weight, candidate_config(base, label), layer_stats["H"]))
+            approx = dequantize(quantize_weight(weight, candidate_config(base, label), layer_stats["H"]))
             delta = approx - weight
             measures["fisher"].append(predicted_kl(weight, approx, layer_stats))
             measures["output_error"].append(float(((delta @ layer_stats["H"].float()) * delta).sum()))

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from passes.quantize import QuantizeConfig, _quantize_weight  # noqa: E402
+from passes.quantize import QuantizeConfig, quantize_weight  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # [out, in]
 
@@ -35,7 +35,7 @@ def main() -> None:
         started = time.perf_counter()
         for _ in range(args.layers):
             for weight in weights:
-                _quantize_weight(weight, config, None)
+                quantize_weight(weight, config, None)
         seconds = time.perf_counter() - started
         rows.append((config.label(), seconds))
         print(f"{config.label():<24} {seconds:7.1f} s for {params / 1e6:.0f}M Linear weights", flush=True)

@@ -16,16 +16,14 @@ from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
 from compressor.inputs import InputAdapter, Source, adapter_for
 from compressor.ort_runtime import check_providers
-from compressor.recipes import Recipe, check_recipe_fits, resolve_recipe
+from compressor.recipes import Recipe, check_recipe_fits, check_recipe_takes, resolve_recipe
 from compressor.report import write_reports
 from compressor.tasks import measure
 from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, validate
 from exporters.genai_config import generation_files
+from exporters.lowering import baseline_artifact, lower_artifact
 from exporters.onnx_export import ExportError, finalize
-from exporters.float16 import to_float16
-from exporters.integer_matmul import fuse_integer_matmuls
-from exporters.pack import pack_parallel_matmuls
-from exporters.qdq import LoweringError, lower_to_qdq
+from exporters.qdq import LoweringError
 from passes.registry import GRAPH, PASSES, TORCH
 
 
@@ -57,7 +55,7 @@ def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log
     check_out_dir(out_dir, options.force)
     path, found = adapter_for(Path(input_path))
     adapter = adapter or found
-    _check_recipe_takes(recipe, adapter)
+    check_recipe_takes(recipe, adapter)
     skeleton = adapter.skeleton(path)  # shapes from the config alone, before any weights
     if skeleton is not None:
         check_recipe_fits(recipe, skeleton)
@@ -73,29 +71,12 @@ def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log
             source.model = None  # what the passes left of the model is not the caller's to keep
 
 
-def _check_recipe_takes(recipe: Recipe, adapter: InputAdapter) -> None:
-    if recipe.export.dtype != "float32" and adapter.kind == "onnx":
-        raise UserError(f"export.dtype {recipe.export.dtype} needs a checkpoint input: an "
-                        f"{adapter.kind.upper()} input is written back at its own float32")
-    if recipe.export.dtype != "float32" and any(getattr(c, "activations", "none") != "none" for _, c in recipe.passes):
-        raise UserError("quantize.activations needs export.dtype float32: ONNX Runtime's integer MatMul kernels "
-                        "(MatMulIntegerToFloat, DynamicQuantizeMatMul) produce float32")
-    for name, config in recipe.passes:
-        if adapter.passes is not None and name not in adapter.passes:
-            raise UserError(f"{name} needs the torch model: an {adapter.kind.upper()} input takes only "
-                            f"{', '.join(adapter.passes)} (run it on the checkpoint instead)")
-        if not adapter.calibrates and getattr(config, "needs_calibration", False):
-            raise UserError(f"{name} {config.label()} needs calibration through the torch model: an "
-                            f"{adapter.kind.upper()} input takes round-to-nearest quantization only")
-
-
 def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions, log, scratch: Path) -> dict:
     task, model, progress = source.task, source.model, options.progress
     input_bits = source.bits(model, {})  # the input as given: fp32
-    float16 = recipe.export.dtype == "float16"
 
-    def bits_of(model, quantized: dict) -> dict:  # as the artifact stores it (ONNX inputs are refused float16)
-        return source.bits(model, quantized, float_bits=16) if float16 else source.bits(model, quantized)
+    def bits_of(model, quantized: dict) -> dict:  # as the artifact stores it
+        return source.bits(model, quantized, float_bits=recipe.export.float_bits)
 
     log(f"loaded {source.name} ({source.family}, {input_bits['params']:,} params) from {source.record['source']}; "
         f"recipe {recipe.name}")
@@ -122,7 +103,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         if PASSES[name].rewrites != TORCH:
             continue
         calibration = None
-        if getattr(config, "needs_calibration", False):
+        if config.needs_calibration:
             calibration = task.calibration_data(source.config, config.calibration_samples, options.seed)
         try:
             record = PASSES[name].run(model, config, calibration, progress)
@@ -139,26 +120,24 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     reference_logits = source.logits_fn(model, quantized)(parity_batch)
 
     log(f"exporting to {out_dir / ARTIFACT_NAME}")
+    graph_records = []
+
+    def graph_passes(proto: onnx.ModelProto) -> onnx.ModelProto:
+        proto, records = _graph_passes(proto, recipe, progress, log)
+        graph_records.extend(records)
+        return proto
+
     try:
         proto = source.export(model, parity_batch, progress)
         del model  # from here on the artifact and the logits above stand for it
         source.model = None
         gc.collect()  # Hugging Face modules hold reference cycles
-        lowering = None
-        if recipe.passes:
-            proto, lowering = lower_to_qdq(proto, quantized)
+        # an fp32 artifact (no passes) keeps one weight per module: it is also an input (an ONNX one) for later runs
+        proto, lowered = lower_artifact(proto, quantized if recipe.passes else None, recipe.export.dtype,
+                                        graph_passes)
     except (ExportError, LoweringError) as exc:
         raise UserError(str(exc)) from None
-    activations = any(layer.activation is not None for layer in quantized.values())
     del quantized
-    proto, graph_records = _graph_passes(proto, recipe, progress, log)
-    if recipe.passes:  # an fp32 artifact keeps one weight per module: it is also an input (an ONNX one) for later runs
-        _pack(proto, float_zero_points=any(e.get("float_zero_points") for e in (lowering or {}).get("lowered", [])),
-              activations=activations)
-    if activations:  # after packing: the integer kernels themselves, bias Adds inside (exporters.integer_matmul)
-        lowering["activations"].update(fuse_integer_matmuls(proto))
-    if float16:
-        proto = to_float16(proto)
     pass_records += [{**record, **bits} for record in graph_records]
     metadata = {**source.metadata,
                 "compressor.version": __version__,
@@ -187,16 +166,13 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         seed_line = f"# calibration sampling seed: --seed {options.seed}\n"
         atomic_write_text(stage / "recipe.yaml", recipe.to_yaml() + seed_line)
         log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
-        int_weights = bool(lowering and lowering["lowered"])
         results = validate(task, source.config, artifact, heldout, list(options.providers),
                            torch_accuracy=metrics[task.METRIC], reference_logits=reference_logits,
-                           tolerances=Tolerances.for_artifact(int_weights, float16, activations),
-                           bench=options.bench, progress=progress, input_artifact=input_artifact,
-                           # integer GEMMs have no approximate mode: the default session is the exact one
-                           exact=Tolerances.for_artifact(int_weights and activations, float16, activations))
+                           tolerances=Tolerances.for_lowered(lowered), bench=options.bench, progress=progress,
+                           input_artifact=input_artifact, exact=Tolerances.exact_for_lowered(lowered))
         results["memory"]["compress_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         model_record = {**source.record, "params": bits["params"], "input_params": input_bits["params"]}
-        report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts, lowering,
+        report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts, lowered.record,
                                  bits, input_bits, pass_records, reference_metrics, results, baseline_latency)
         report["run"] = {"seed": options.seed, "eval_limit": options.eval_limit, "providers": list(options.providers),
                          "bench_warmup": options.bench.warmup if options.bench else None,
@@ -222,25 +198,12 @@ def _graph_passes(proto: onnx.ModelProto, recipe: Recipe, progress: bool, log) -
     return ir.serde.serialize_model(model), records
 
 
-def _pack(proto: onnx.ModelProto, float_zero_points: bool = False, activations: bool = False) -> None:
-    """Decoders with a KV cache decode one token per call, where each MatMul call costs a thread-pool round trip:
-    their q/k/v (and gate/up) MatMuls are packed into one each (exporters.pack; values unchanged). Float zero
-    points pack in any graph: their block sums then run inside the main weights' MatMulNBits (left alone, ORT's
-    ConstantSharing merges the tiny equal E scales of models with K <= 2B and the block sums stay unfused).
-    W8A8 graphs pack too: siblings already share one quantization of their input, so one integer GEMM serves them."""
-    if float_zero_points or activations or any(i.name.startswith("past_key_values.") for i in proto.graph.input):
-        pack_parallel_matmuls(proto)
-
-
 def _export_input(source: Source, sample_inputs: dict, path: Path, dtype: str, log) -> Path:
     """The input model exported as the artifact will be (packed, at the artifact's float type), unquantized."""
     log(f"exporting the input model ({dtype}) as the speed baseline")
     try:
         metadata = {"compressor.model_config": json.dumps(source.config, sort_keys=True)}  # its position limit
-        proto = source.export(source.model, sample_inputs, False)
-        _pack(proto)  # as the artifact will be: the speed-ups compare quantization, not packing
-        if dtype == "float16":
-            proto = to_float16(proto)
+        proto = baseline_artifact(source.export(source.model, sample_inputs, False), dtype)
         save_onnx(finalize(proto, metadata), path)
     except ExportError as exc:
         raise UserError(str(exc)) from None

@@ -14,7 +14,8 @@ from torch import nn
 from compressor.errors import UserError
 from compressor.regex_safety import regex_backtracking_problem
 from passes.calibration import excerpt as _excerpt
-from passes.quantize_config import NOT_OVERRIDABLE
+from passes.model_bits import UNQUANTIZED_BITS
+from passes.quantize.config import NOT_OVERRIDABLE, QuantizeConfig
 from passes.registry import PASSES, STAGE_ORDER
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is not one
@@ -101,6 +102,11 @@ class Export:
     def __post_init__(self):
         if self.dtype not in EXPORT_DTYPES:
             raise ValueError(f"export.dtype must be one of {', '.join(EXPORT_DTYPES)}, not {_excerpt(self.dtype)}")
+
+    @property
+    def float_bits(self) -> int:
+        """The width of every float tensor the artifact stores (total model bits count them at it)."""
+        return 16 if self.dtype == "float16" else UNQUANTIZED_BITS
 
 
 @dataclass(frozen=True)
@@ -373,6 +379,24 @@ def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
     label = name if not overrides else f"{name} + {' '.join(overrides)}"
     return Recipe(label, built, _build_section(Gates, "gates", gate_fields),
                   _build_section(Export, "export", export_fields))
+
+
+def check_recipe_takes(recipe: Recipe, adapter) -> None:
+    """The recipe against what an input adapter (compressor.inputs.InputAdapter) can take, before it loads."""
+    if recipe.export.dtype != "float32" and adapter.kind == "onnx":
+        raise UserError(f"export.dtype {recipe.export.dtype} needs a checkpoint input: an "
+                        f"{adapter.kind.upper()} input is written back at its own float32")
+    if recipe.export.dtype != "float32" and any(isinstance(c, QuantizeConfig) and c.activations != "none"
+                                                for _, c in recipe.passes):
+        raise UserError("quantize.activations needs export.dtype float32: ONNX Runtime's integer MatMul kernels "
+                        "(MatMulIntegerToFloat, DynamicQuantizeMatMul) produce float32")
+    for name, config in recipe.passes:
+        if adapter.passes is not None and name not in adapter.passes:
+            raise UserError(f"{name} needs the torch model: an {adapter.kind.upper()} input takes only "
+                            f"{', '.join(adapter.passes)} (run it on the checkpoint instead)")
+        if not adapter.calibrates and config.needs_calibration:
+            raise UserError(f"{name} {config.label()} needs calibration through the torch model: an "
+                            f"{adapter.kind.upper()} input takes round-to-nearest quantization only")
 
 
 def check_recipe_fits(recipe: Recipe, model: nn.Module) -> None:

@@ -1,9 +1,6 @@
-"""Activation Q/DQ in front of the MatMuls of W8A8 layers (passes.activation_quant decides; this writes it).
+"""Activation Q/DQ placed in front of the MatMuls of W8A8 layers (passes.quantize.activations decides and owns
+the nodes of one quantized input; this places them in the graph).
 
-- static: x -> QuantizeLinear(scale, zero point) -> DequantizeLinear -> MatMul, with the weight's
-  DequantizeLinear (int8, per channel): ONNX Runtime's CPU QDQ transformer turns it into
-  com.microsoft MatMulIntegerToFloat (an integer GEMM, the scales applied to its int32 result);
-- dynamic: x -> DynamicQuantizeLinear -> DequantizeLinear -> MatMul, which it turns into DynamicQuantizeMatMul.
 - SmoothQuant's division x / s: a Mul by 1/s before the quantization, folded into the scale and bias of the
   LayerNormalization that produces x when nothing else reads that output (pre-norm blocks); a post-norm block
   (BERT's LayerNorm output is also its residual) keeps the Mul.
@@ -18,9 +15,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from exporters import graph_index
-from passes.activation_quant import ActivationQuant
+from passes.quantize.activations import ActivationQuant, activation_nodes
 
-ZERO_POINT_TYPES = {"uint8": np.uint8, "int8": np.int8}
 NORMS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None),
          "SkipLayerNormalization": (2, 3), "SkipSimplifiedLayerNormalization": (2, None)}  # (gamma, beta) inputs
 
@@ -28,30 +24,6 @@ NORMS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None)
 def _key(x: str, quant: ActivationQuant) -> tuple:
     smooth = None if quant.smooth is None else hashlib.sha256(quant.smooth.numpy().tobytes()).hexdigest()
     return x, quant.mode, quant.dtype, quant.scale, quant.zero_point, smooth
-
-
-def activation_nodes(name: str, x: str, quant: ActivationQuant) -> tuple[list, list, str]:
-    """(nodes, initializers, the dequantized tensor's name) for input `x`."""
-    nodes, inits = [], []
-    if quant.smooth is not None:
-        inits.append(numpy_helper.from_array((1.0 / quant.smooth.double()).float().numpy(), f"{name}.inv_smooth"))
-        nodes.append(helper.make_node("Mul", [x, f"{name}.inv_smooth"], [f"{name}.smoothed"], name=f"{name}.smooth"))
-        x = f"{name}.smoothed"
-    out = f"{name}.dequantized"
-    if quant.mode == "static":
-        inits += [numpy_helper.from_array(np.array(quant.scale, np.float32), f"{name}.scale"),
-                  numpy_helper.from_array(np.array(quant.zero_point, ZERO_POINT_TYPES[quant.dtype]),
-                                          f"{name}.zero_point")]
-        parts = [f"{name}.scale", f"{name}.zero_point"]
-        nodes += [helper.make_node("QuantizeLinear", [x] + parts, [f"{name}.quantized"],
-                                   name=f"{name}.QuantizeLinear"),
-                  helper.make_node("DequantizeLinear", [f"{name}.quantized"] + parts, [out],
-                                   name=f"{name}.DequantizeLinear")]
-    else:
-        parts = [f"{name}.quantized", f"{name}.scale", f"{name}.zero_point"]
-        nodes += [helper.make_node("DynamicQuantizeLinear", [x], parts, name=f"{name}.DynamicQuantizeLinear"),
-                  helper.make_node("DequantizeLinear", parts, [out], name=f"{name}.DequantizeLinear")]
-    return nodes, inits, out
 
 
 def quantize_matmul_inputs(graph: onnx.GraphProto, settings: dict[int, ActivationQuant]) -> tuple[dict, list]:

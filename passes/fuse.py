@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class FuseConfig:
     attention: bool = False
+    needs_calibration = False  # a graph pass: it sees no data
 
     def __post_init__(self):
         if not isinstance(self.attention, bool):

@@ -12,9 +12,10 @@ from exporters.integer_matmul import fuse_integer_matmuls
 from exporters.qdq import lower_to_qdq
 from passes import activation_primitives as ap
 from passes import quant_primitives as qp
-from passes.activation_quant import ActivationQuant
+from passes.quantize.activations import ActivationQuant
 from passes.quant_primitives import dequantize
 from passes.quantize import QuantizedLayer
+from passes.quantize.int_weights import IntWeights
 
 K, N = 96, 160
 TOLERANCE = 1e-5  # integer GEMMs are exact; the float scaling of the int32 result and the bias Add round
@@ -59,7 +60,7 @@ def test_integer_kernels_take_the_bias_and_compute_the_same(tmp_path, mode, sibl
     else:
         quant, x_q = ActivationQuant("dynamic"), ap.fake_quantize_dynamic(x)
     weights = {n: np.ascontiguousarray(dequantize(q).numpy().T) for n, q in quantized.items()}
-    layers = {n: QuantizedLayer(n, (f"{n}.weight",), q, quant) for n, q in quantized.items()}
+    layers = {n: QuantizedLayer(n, (f"{n}.weight",), q, IntWeights(bits=7, block_size=0), quant) for n, q in quantized.items()}
     proto, _ = lower_to_qdq(_linears(weights, biases), layers)
     counts = fuse_integer_matmuls(proto)
     assert counts == {"integer_matmuls": siblings, "biases_fused": siblings}
@@ -83,6 +84,6 @@ def test_weight_only_linears_are_left_alone():
     torch.manual_seed(0)
     q = qp.quantize_int_symmetric(torch.randn(N, K) * 0.05, 7, qp.PER_CHANNEL)
     proto, _ = lower_to_qdq(_linears({"y": np.ascontiguousarray(dequantize(q).numpy().T)}, {}),
-                            {"y": QuantizedLayer("y", ("y.weight",), q, None)})  # weight-only: no activation Q
+                            {"y": QuantizedLayer("y", ("y.weight",), q, IntWeights(bits=7, block_size=0), None)})  # weight-only: no activation Q
     assert fuse_integer_matmuls(proto) == {"integer_matmuls": 0, "biases_fused": 0}
     assert "MatMul" in [n.op_type for n in proto.graph.node]

@@ -13,7 +13,7 @@ from passes.bit_allocator import (DEFAULT_CANDIDATES, candidate_fields, layer_st
                                   solve_knapsack)
 from passes.model_bits import total_model_bits
 from passes.quant_primitives import dequantize
-from passes.quantize import QuantizeConfig, _quantize_weight, quantize_model
+from passes.quantize import QuantizeConfig, quantize_weight, quantize_model
 from samples.gpt import GPT, GPTConfig
 
 
@@ -183,7 +183,7 @@ def test_predicted_kl_tracks_the_measured_kl_of_one_layer():
     config = QuantizeConfig(**candidate_fields("int3-B32-full"))
     for (name, module), layer_stats in zip(layers, stats):
         weight = module.weight.detach().clone()
-        approx = dequantize(_quantize_weight(weight, config, None))
+        approx = dequantize(quantize_weight(weight, config, None))
         predicted.append(predicted_kl(weight, approx, layer_stats))
         module.weight.data = approx
         with torch.no_grad():

@@ -1,25 +1,27 @@
-"""The quantize pass's settings (QuantizeConfig): every field checked when the recipe is read, before any
-weights load; per-layer overrides are QuantizeConfigs too."""
+"""The quantize pass's settings as a recipe writes them (QuantizeConfig: one flat `quantize:` section, so that
+every recipe written so far still loads), checked when the recipe is read, before any weights load. Each layer's
+settings resolve into the schemes that do the work, each with its own home: passes.quantize.int_weights
+(IntWeights), passes.quantize.codebook (CodebookWeights), passes.quantize.activations (IntegerActivations) and
+passes.quantize.embeddings (EmbeddingTables). Per-layer overrides are QuantizeConfigs too."""
 import dataclasses
-import math
 from dataclasses import dataclass
 
-import torch
-
-from passes import activation_primitives as ap
 from passes import quant_primitives as qp
 from passes.bit_allocator import check_budget
-from passes.calibration import check_calibration_samples, check_int, check_patterns, excerpt, matches
+from passes.calibration import check_calibration_samples, check_patterns, excerpt, matches
+from passes.quantize import activations, codebook, embeddings, int_weights
+from passes.quantize.activations import IntegerActivations
+from passes.quantize.codebook import CodebookWeights
+from passes.quantize.embeddings import EmbeddingTables
+from passes.quantize.int_weights import IntWeights
 
-DTYPES = ("int", "log2", "float", "nf", "quantile", "kmeans")
+DTYPES = ("int",) + codebook.DTYPES
 SEQUENTIAL = ("layer", "block", "none")
-SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-ZERO_POINTS = ("int", "float")
-ACTIVATIONS = ("none", "static", "dynamic")
-EMBEDDING_BITS = (4, 8)
 # what `overrides` may change for the layers it names; selection and calibration stay the pass's own
 NOT_OVERRIDABLE = ("targets", "ignore", "overrides", "sequential", "calibration_samples")
-MAX_KMEANS_ITERATIONS = 10_000  # Lloyd iterations converge in tens; 10k is already minutes per large layer
+INT_FIELDS = tuple(f.name for f in dataclasses.fields(IntWeights))
+CODEBOOK_FIELDS = tuple(f.name for f in dataclasses.fields(CodebookWeights))
+ACTIVATION_FIELDS = tuple(f.name for f in dataclasses.fields(IntegerActivations))
 
 
 @dataclass(frozen=True)
@@ -71,46 +73,20 @@ class QuantizeConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"quantize.dtype must be one of {', '.join(DTYPES)}, not {excerpt(self.dtype)}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"quantize.bits must be an integer in 2..8, not {excerpt(self.bits)}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or (
-                self.block_size not in (qp.PER_CHANNEL, qp.PER_TENSOR) and (
-                self.block_size < 16 or self.block_size > 1024 or self.block_size & (self.block_size - 1))):
-            raise ValueError(f"quantize.block_size must be a power of two in 16..1024, 0 (per-channel) or -1 "
-                             f"(per-tensor), not {excerpt(self.block_size)}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"quantize.scale_dtype must be float32 or float16, not {excerpt(self.scale_dtype)}")
-        if self.method not in ("rtn", "gptq"):
-            raise ValueError(f"quantize.method must be rtn or gptq, not {excerpt(self.method)}")
-        if self.zero_point not in ZERO_POINTS:
-            raise ValueError(f"quantize.zero_point must be int or float, not {excerpt(self.zero_point)}")
-        for name in ("symmetric", "full_range", "activation_weighted"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"quantize.{name} must be true or false, not {excerpt(getattr(self, name))}")
-        if self.exponent_bits is not None:  # a float of 2..8 bits has 1 sign bit and 1..7 exponent bits
-            check_int("quantize.exponent_bits", self.exponent_bits, 1, 7)
-        if self.zero_point == "float" and (self.dtype != "int" or self.symmetric or self.block_size <= 0):
+        int_weights.check(self)
+        codebook.check(self)
+        if self.zero_point == "float" and self.dtype != "int":
             raise ValueError("quantize.zero_point=float needs dtype=int, symmetric=false and a block size")
-        if self.zero_point == "float" and self.method != "rtn":
-            raise ValueError("quantize.zero_point=float works with method=rtn only")
         if self.method == "gptq" and self.dtype != "int":
             raise ValueError("quantize.method=gptq works with dtype=int only")
-        if self.method == "gptq" and self.block_size == qp.PER_TENSOR:
-            raise ValueError("quantize.method=gptq needs per-channel (0) or block-wise scales")
-        if self.dtype == "float":
-            qp.float_codebook(self.bits, self.exponent_bits)  # raises on an impossible split
-        if self.codebook_scope not in ("tensor", "row"):
-            raise ValueError(f"quantize.codebook_scope must be tensor or row, not {excerpt(self.codebook_scope)}")
-        check_int("quantize.kmeans_iterations", self.kmeans_iterations, 1, MAX_KMEANS_ITERATIONS)
-        if isinstance(self.gptq_damp, bool) or not 0 < self.gptq_damp < math.inf:  # also refuses NaN
-            raise ValueError(f"quantize.gptq_damp must be a positive number, not {excerpt(self.gptq_damp)}")
+        self.weight_scheme()  # the scheme's own cross-field checks
         if self.sequential not in SEQUENTIAL:
             raise ValueError(f"quantize.sequential must be one of {', '.join(SEQUENTIAL)}, not "
                              f"{excerpt(self.sequential)}")
         check_calibration_samples("quantize", self.calibration_samples)
         check_patterns("quantize", targets=self.targets, ignore=self.ignore)
         self._check_activations()
-        self._check_embeddings()
+        embeddings.check(self)
         check_budget(self)
         self._check_overrides()
 
@@ -134,19 +110,7 @@ class QuantizeConfig:
                 raise ValueError(f"quantize.overrides[{excerpt(pattern)}]: {exc}") from None
 
     def _check_activations(self) -> None:
-        if self.activations not in ACTIVATIONS:
-            raise ValueError(f"quantize.activations must be one of {', '.join(ACTIVATIONS)}, not "
-                             f"{excerpt(self.activations)}")
-        if self.activation_dtype not in ap.ACTIVATION_DTYPES:
-            raise ValueError(f"quantize.activation_dtype must be uint8 or int8, not {excerpt(self.activation_dtype)}")
-        if self.integer_weights not in ("uint8", "int8"):
-            raise ValueError(f"quantize.integer_weights must be uint8 or int8, not {excerpt(self.integer_weights)}")
-        if self.activation_observer not in ap.OBSERVERS:
-            raise ValueError(f"quantize.activation_observer must be one of {', '.join(ap.OBSERVERS)}, not "
-                             f"{excerpt(self.activation_observer)}")
-        p = self.activation_percentile
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:  # also refuses NaN
-            raise ValueError(f"quantize.activation_percentile must be in (0, 100], not {excerpt(p)}")
+        activations.check(self)
         alpha = self.smoothquant_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                                   or not 0 <= alpha <= 1):
@@ -160,19 +124,23 @@ class QuantizeConfig:
                              f"per tensor (dtype int, bits 8 or 7, symmetric, block_size 0 or -1), not {self._own_label()}: "
                              "ONNX Runtime's integer MatMul kernels take no blocked or narrower weights")
 
-    def _check_embeddings(self) -> None:
-        if self.embedding_bits is not None and (isinstance(self.embedding_bits, bool)
-                                                or self.embedding_bits not in EMBEDDING_BITS):
-            raise ValueError(f"quantize.embedding_bits must be 8, 4 or null (float tables), not "
-                             f"{excerpt(self.embedding_bits)}")
-        block = self.embedding_block_size
-        if isinstance(block, bool) or not isinstance(block, int) or (block != qp.PER_CHANNEL and (
-                block < 16 or block > 1024 or block & (block - 1))):
-            raise ValueError(f"quantize.embedding_block_size must be 0 (one scale per row) or a power of two in "
-                             f"16..1024, not {excerpt(block)}")
-        if self.embedding_bits == 4 and block == qp.PER_CHANNEL:
-            raise ValueError("quantize.embedding_bits=4 needs an embedding_block_size (16..1024, e.g. 32): "
-                             "4-bit rows are looked up by com.microsoft GatherBlockQuantized, which takes blocks")
+    def weight_scheme(self) -> IntWeights | CodebookWeights:
+        """The weight scheme these settings name (this config's own; per layer: for_layer(name).weight_scheme())."""
+        if self.dtype == "int":
+            return IntWeights(**{name: getattr(self, name) for name in INT_FIELDS})
+        return CodebookWeights(**{name: getattr(self, name) for name in CODEBOOK_FIELDS})
+
+    def activation_scheme(self) -> IntegerActivations | None:
+        """How the layers' inputs are quantized, or None (weights only)."""
+        if self.activations == "none":
+            return None
+        return IntegerActivations(**{name: getattr(self, name) for name in ACTIVATION_FIELDS})
+
+    def embedding_scheme(self) -> EmbeddingTables | None:
+        """How untied nn.Embedding tables are stored, or None (float)."""
+        if self.embedding_bits is None:
+            return None
+        return EmbeddingTables(self.embedding_bits, self.embedding_block_size, self.scale_dtype)
 
     def for_layer(self, name: str) -> "QuantizeConfig":
         """This config with the first matching override applied (the pass's own config when none matches)."""
@@ -186,18 +154,15 @@ class QuantizeConfig:
 
     @property
     def input_multiple(self) -> int | None:
-        """What must divide a layer's in_features for it to be quantized (blocks run along the input dim). Plain
-        int rounding takes a shorter last block (ONNX's ceil(K / B) blocks); codebooks and GPTQ need whole ones."""
-        if self.block_size <= 0 or (self.dtype == "int" and self.method == "rtn"):
-            return None
-        return self.block_size
+        """What must divide a layer's in_features for it to be quantized (blocks run along the input dim)."""
+        return self.weight_scheme().input_multiple
 
     @property
     def needs_calibration(self) -> bool:
         if self.budget_bits_per_param is not None:  # the allocator measures sensitivity on calibration data
             return True
-        return any(c.method == "gptq" or (c.dtype == "kmeans" and c.activation_weighted)
-                   or c.activations == "static" or c.smoothquant_alpha is not None for c in self.layer_configs())
+        return any(c.weight_scheme().needs_statistics or c.activations == "static"
+                   or c.smoothquant_alpha is not None for c in self.layer_configs())
 
     def label(self) -> str:
         if self.budget_bits_per_param is not None:
@@ -211,26 +176,13 @@ class QuantizeConfig:
         return f"{base} ({others})"
 
     def _own_label(self) -> str:
-        granularity = {0: "channel", -1: "tensor"}.get(self.block_size, f"B{self.block_size}")
-        name = "log" if self.dtype == "log2" else self.dtype
-        parts = [f"{name}{self.bits}", granularity]
-        if self.dtype == "int" and not self.symmetric:
-            parts.append("asym" if self.zero_point == "int" else "asym-fzp")
-        if self.dtype == "int" and self.symmetric and self.full_range:
-            parts.append("full")
-        if self.dtype == "kmeans" and self.activation_weighted:
-            parts.append("aw")
-        if self.dtype in ("quantile", "kmeans") and self.codebook_scope == "row":
-            parts.append("row")
-        if self.method == "gptq":
-            parts.append("gptq")
-        if self.activations != "none":
-            parts.append(f"a8-{self.activations}")
-            if self.activations == "static":
-                parts.append(self.activation_dtype if self.activation_observer == "minmax" else
-                             f"{self.activation_dtype}-{self.activation_observer}")
+        parts = self.weight_scheme().label_parts()
+        activation = self.activation_scheme()
+        if activation is not None:
+            parts += activation.label_parts()
         if self.smoothquant_alpha is not None:
             parts.append(f"sq{self.smoothquant_alpha:g}")
-        if self.embedding_bits is not None:
-            parts.append(f"emb{self.embedding_bits}")
+        embedding = self.embedding_scheme()
+        if embedding is not None:
+            parts += embedding.label_parts()
         return "-".join(parts)
