@@ -29,7 +29,7 @@ from passes.registry import GRAPH, PASSES, TORCH
 
 @dataclass(frozen=True)
 class RunOptions:
-    recipe: str = "fp32"
+    recipe: str | Recipe = "fp32"  # a preset name or YAML path (then `overrides` apply), or a built Recipe
     overrides: tuple[str, ...] = ()
     providers: tuple[str, ...] = ("cpu",)
     eval_limit: int | None = None  # None: the whole held-out split
@@ -47,7 +47,11 @@ def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log
         adapter: InputAdapter | None = None) -> dict:
     """`adapter`: one to read the input with instead of the one adapter_for picks (a sweep's, which loads the
     checkpoint once and hands each run a copy)."""
-    recipe = resolve_recipe(options.recipe, options.overrides)  # a bad recipe fails before any model loads
+    recipe = options.recipe  # a bad recipe fails before any model loads
+    if not isinstance(recipe, Recipe):
+        recipe = resolve_recipe(recipe, options.overrides)
+    elif options.overrides:
+        raise UserError("overrides go with a preset or YAML recipe; a built Recipe holds its configs")
     check_providers(options.providers)
     if options.bench is None and recipe.gates.min_speedup is not None:
         raise UserError("gates.min_speedup needs the latency benchmark, which this run skips")
