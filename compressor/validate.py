@@ -18,7 +18,7 @@ from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import measure
-from passes.activation_quant import fake_quantized_activations
+from passes.quantize.activations import fake_quantized_activations
 
 BENCHMARK_BATCHES = (1, 16)
 
@@ -64,6 +64,18 @@ class Tolerances:
         if not int_weights:
             return cls()
         return cls(parity_max_rel=6e-2, perplexity_rel=1e-2, exact_match_abs=0.01)
+
+    @classmethod
+    def for_lowered(cls, lowered) -> "Tolerances":
+        """For an artifact as exporters.lowering.lower_artifact describes it (its Lowered), default session."""
+        return cls.for_artifact(lowered.int_weights, lowered.float16, lowered.integer_activations)
+
+    @classmethod
+    def exact_for_lowered(cls, lowered) -> "Tolerances":
+        """For the exact session (accuracy level 0). Integer GEMMs have no approximate mode: the default session is
+        the exact one."""
+        return cls.for_artifact(lowered.int_weights and lowered.integer_activations, lowered.float16,
+                                lowered.integer_activations)
 
 
 @dataclass(frozen=True)
