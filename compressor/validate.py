@@ -9,8 +9,6 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from compressor.errors import UserError
@@ -18,7 +16,6 @@ from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import measure
-from passes.quantize.activations import fake_quantized_activations
 
 BENCHMARK_BATCHES = (1, 16)
 
@@ -86,16 +83,6 @@ class BenchmarkSettings:
     prompt_tokens: int = 128  # decoders with a KV cache: generation speed on this prompt length
     new_tokens: int = 128
     generation_runs: int = 3  # after one warm-up run
-
-
-def torch_logits_fn(model: nn.Module, input_names: tuple[str, ...], quantized: dict | None = None):
-    """The model's logits; layers whose quantize record quantizes their input see it fake-quantized."""
-    @torch.no_grad()
-    def run(inputs: dict) -> np.ndarray:
-        with fake_quantized_activations(model, quantized or {}):
-            return model(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in input_names)).float().numpy()
-
-    return run
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray, max_rel_tolerance: float) -> dict:

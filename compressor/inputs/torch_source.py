@@ -6,7 +6,7 @@ from pathlib import Path
 from compressor.inputs.decoders import as_decoder, is_decoder
 from compressor.inputs.source import Checkpoint, Source
 from compressor.tasks import TASKS
-from compressor.validate import torch_logits_fn
+from compressor.torch_logits import torch_logits_fn
 from exporters.decoder_graph import build_decoder_graph
 from exporters.onnx_export import export_onnx
 from passes.model_bits import total_model_bits

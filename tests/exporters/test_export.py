@@ -11,7 +11,8 @@ import pytest
 from compressor.inputs.checkpoint import load_checkpoint
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import TASKS
-from compressor.validate import parity, torch_logits_fn
+from compressor.torch_logits import torch_logits_fn
+from compressor.validate import parity
 from exporters.onnx_export import IR_VERSION, OPSET, export_onnx, finalize
 from compressor.artifact import save_onnx
 

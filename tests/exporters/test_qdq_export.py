@@ -9,7 +9,8 @@ import onnx
 import pytest
 
 from compressor.ort_runtime import create_session, logits_fn
-from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
+from compressor.torch_logits import torch_logits_fn
+from compressor.validate import EXACT_MATMULNBITS, parity
 from compressor.inputs.checkpoint import load_checkpoint
 from compressor.tasks import TASKS
 from exporters.onnx_export import export_onnx

@@ -6,7 +6,7 @@ import torch
 
 from compressor.inputs.checkpoint import load_checkpoint
 from compressor.tasks import TASKS
-from compressor.validate import torch_logits_fn
+from compressor.torch_logits import torch_logits_fn
 from passes.blockwise import quantize_blockwise, transformer_blocks
 from passes.calibration import input_second_moments, selected_linears
 from passes.quantize import QuantizeConfig, quantize_model

@@ -69,7 +69,7 @@ def test_task_reads_the_corpus_the_config_names():
 @pytest.mark.slow
 def test_shipped_member_scores_on_the_text_corpus(shipped):
     """Needs the corpus built (`python -m samples.text_corpus build`: Debian packages, ~1 min)."""
-    from compressor.validate import torch_logits_fn
+    from compressor.torch_logits import torch_logits_fn
 
     checkpoint = load_checkpoint(shipped / "fam-0.1m")
     windows = language_modeling.heldout_data(checkpoint.config, 64)

@@ -3,7 +3,7 @@ import numpy as np
 
 from compressor.inputs.checkpoint import load_checkpoint
 from compressor.tasks import TASKS
-from compressor.validate import torch_logits_fn
+from compressor.torch_logits import torch_logits_fn
 from samples import reverse_task, wiki_corpus
 
 GPT_FAMILY = ["gpt-xs", "gpt-s", "gpt-m", "gpt-l"]

@@ -163,7 +163,7 @@ def test_heldout_windows_come_from_heldout_text_only(tiny_llama):
 
 def test_probe_is_fitted_on_train_split_and_scores_heldout(tiny_bert):
     checkpoint = load_hf_checkpoint(tiny_bert)
-    from compressor.validate import torch_logits_fn
+    from compressor.torch_logits import torch_logits_fn
 
     data = sentence_embedding.heldout_data(checkpoint.config, 64)
     fn = torch_logits_fn(checkpoint.model, sentence_embedding.INPUT_NAMES)
