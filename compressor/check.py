@@ -16,6 +16,7 @@ from compressor.errors import UserError
 from compressor.inputs.onnx import (check_external_data, check_graph_inputs, guarded_logits_fn, ort_session,
                                     read_task_metadata)
 from compressor.tasks import TASKS
+from exporters import metadata_keys
 from passes.calibration import excerpt
 
 MAX_REPORT_BYTES = 64 << 20  # a report.json is kilobytes; a larger file is not one
@@ -65,7 +66,7 @@ def _artifact_metadata(artifact: Path) -> tuple[onnx.ModelProto, dict]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{artifact} is not a readable ONNX model ({first[:120]})") from None
     metadata = {p.key: p.value for p in model.metadata_props}
-    if "compressor.family" not in metadata or "compressor.model_config" not in metadata:
+    if metadata_keys.FAMILY not in metadata or metadata_keys.MODEL_CONFIG not in metadata:
         raise UserError(f"{artifact} was not written by `compress run` (no compressor metadata)")
     check_external_data(model, artifact.parent)  # ONNX Runtime would read whatever the locations name
     return model, metadata
@@ -120,10 +121,10 @@ def _finite(value) -> bool:
 
 def _task_state(artifact: Path, task, data, metadata: dict, session) -> None:
     """Restore what fit_reference learned (e.g. the sentiment probe) from the artifact's compressor.task_state."""
-    if "compressor.task_state" not in metadata:
+    if metadata_keys.TASK_STATE not in metadata:
         raise UserError(f"{artifact} lacks compressor.task_state, which its task needs to score it")
     try:
-        state = json.loads(metadata["compressor.task_state"])
+        state = json.loads(metadata[metadata_keys.TASK_STATE])
     except (ValueError, RecursionError):
         raise UserError(f"{artifact}: compressor.task_state is not valid JSON") from None
     if not isinstance(state, dict):

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from compressor.errors import UserError
+from exporters import metadata_keys
 
 ARTIFACT_NAME = "model.onnx"  # compressor.artifact's, without importing its report and plotting modules
 
@@ -31,9 +32,9 @@ def open_artifact(path: Path) -> Deployed:
         raise UserError(f"{model}: not an ONNX model ({str(exc).splitlines()[0][:120] if str(exc) else exc})") from None
     metadata = {p.key: p.value for p in proto.metadata_props}
     try:
-        config = json.loads(metadata.get("compressor.model_config", "{}"))
+        config = json.loads(metadata.get(metadata_keys.MODEL_CONFIG, "{}"))
     except ValueError:
         config = {}
     decodes = any(i.name.startswith("past_key_values.") for i in proto.graph.input)
-    return Deployed(path=model, folder=model.parent, family=metadata.get("compressor.family"),
+    return Deployed(path=model, folder=model.parent, family=metadata.get(metadata_keys.FAMILY),
                     config=config if isinstance(config, dict) else {}, decodes=decodes)

@@ -14,6 +14,7 @@ import numpy as np
 
 from compressor.errors import UserError
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
+from exporters import metadata_keys
 
 IN_PLACE_BYTES = 2**31  # the most an in-place cache allocates before the first token
 
@@ -47,7 +48,7 @@ class Generation:
 
 def max_positions(session) -> int | None:
     """The longest total sequence the artifact takes (its position table / rotary cache), from its metadata."""
-    config = session.get_modelmeta().custom_metadata_map.get("compressor.model_config")
+    config = session.get_modelmeta().custom_metadata_map.get(metadata_keys.MODEL_CONFIG)
     try:
         config = json.loads(config) if config else {}
     except ValueError:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.cache_in_place import IN_PLACE, IN_PLACE_KEY, PAST_PREFIX, PRESENT_PREFIX
+from exporters import metadata_keys
+from exporters.cache_in_place import IN_PLACE, PAST_PREFIX, PRESENT_PREFIX
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -66,7 +67,7 @@ def genai_head_size(folder: Path | None) -> int | None:
 def keeps_cache_in_place(session, folder: Path | None = None) -> bool:
     """Whether to give this session one cache buffer for past and present: our exports say so in their metadata
     (exporters.cache_in_place); another tool's folder through its genai_config.json (Model Builder's)."""
-    if session.get_modelmeta().custom_metadata_map.get(IN_PLACE_KEY) == IN_PLACE:
+    if session.get_modelmeta().custom_metadata_map.get(metadata_keys.KV_CACHE) == IN_PLACE:
         return True
     try:
         return genai_config(folder)["search"]["past_present_share_buffer"] is True

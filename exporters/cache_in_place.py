@@ -6,7 +6,7 @@ value into it at the sequence's position and attends over the mask's length: ONN
 over 512 new tokens, the same tokens). Any other reader of a past (a Concat) grows it, so needs the copy.
 """
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
-IN_PLACE_KEY, IN_PLACE = "compressor.kv_cache", "in_place"  # metadata an in-place graph carries (finalize)
+IN_PLACE = "in_place"  # the metadata_keys.KV_CACHE value an in-place graph carries (finalize)
 
 
 def writes_cache_in_place(graph) -> bool:

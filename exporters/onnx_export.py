@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from exporters.cache_in_place import IN_PLACE, IN_PLACE_KEY, writes_cache_in_place
+from exporters import metadata_keys
+from exporters.cache_in_place import IN_PLACE, writes_cache_in_place
 
 OPSET = 21
 IR_VERSION = 10
@@ -73,7 +74,7 @@ def finalize(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProt
     checker on the file it writes."""
     del proto.metadata_props[:]
     if writes_cache_in_place(proto.graph):
-        metadata = {**metadata, IN_PLACE_KEY: IN_PLACE}
+        metadata = {**metadata, metadata_keys.KV_CACHE: IN_PLACE}
     for key, value in sorted(metadata.items()):
         proto.metadata_props.add(key=key, value=str(value))
     return proto
