@@ -11,6 +11,7 @@ import onnx
 from compressor.atomic import atomic_path, sha256_file
 from compressor.errors import UserError
 from compressor.gates import evaluate_gates
+from compressor.ort_runtime import headline_provider
 from compressor.plots import PLOTS
 from compressor.report import SCHEMA_VERSION, environment, tool_record
 from exporters.genai_config import GENAI_CONFIG, TOKENIZER_FILES
@@ -139,7 +140,7 @@ def summarize(report: dict, input_bits: dict) -> dict:
     """How much was gained: the input model's total model bits and fp32 parameter bytes over the artifact's, and
     the artifact's ONNX Runtime metric against the input model's (relative; positive = better, negative = worse)."""
     accuracy = report["accuracy"]
-    provider = "cpu" if "cpu" in accuracy["onnxruntime"] else next(iter(accuracy["onnxruntime"]))
+    provider = headline_provider(accuracy["onnxruntime"])
     measured, reference = accuracy["onnxruntime"][provider], accuracy["reference"]
     change = (measured - reference) / abs(reference) if reference else 0.0
     improvement = change if accuracy["higher_is_better"] else -change

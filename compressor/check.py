@@ -15,9 +15,9 @@ from compressor.atomic import sha256_file
 from compressor.errors import UserError
 from compressor.inputs.onnx import (check_external_data, check_graph_inputs, guarded_logits_fn, ort_session,
                                     read_task_metadata)
-from compressor.tasks import TASKS
+from compressor.tasks import TASKS, worsening
 from exporters import metadata_keys
-from passes.calibration import excerpt
+from passes.calibration import excerpt, first_line
 
 MAX_REPORT_BYTES = 64 << 20  # a report.json is kilobytes; a larger file is not one
 MAX_HELDOUT_EXAMPLES = 1_000_000  # more than any task's held-out split (seq2seq would generate that many)
@@ -63,8 +63,7 @@ def _artifact_metadata(artifact: Path) -> tuple[onnx.ModelProto, dict]:
     try:
         model = onnx.load(str(artifact), load_external_data=False)
     except Exception as exc:  # protobuf errors are long; the first line names the problem
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{artifact} is not a readable ONNX model ({first[:120]})") from None
+        raise UserError(f"{artifact} is not a readable ONNX model ({first_line(exc, 120)})") from None
     metadata = {p.key: p.value for p in model.metadata_props}
     if metadata_keys.FAMILY not in metadata or metadata_keys.MODEL_CONFIG not in metadata:
         raise UserError(f"{artifact} was not written by `compress run` (no compressor metadata)")
@@ -163,9 +162,6 @@ def check_artifact(artifact: Path, baseline: Path, tolerance: float = 0.01) -> C
     if hasattr(task, "restore_state"):
         _task_state(artifact, task, data, metadata, session)
     measured = task.evaluate(guarded_logits_fn(session, artifact), data)
-    if task.HIGHER_IS_BETTER:
-        change = reference["value"] - measured
-    else:
-        change = (measured - reference["value"]) / reference["value"]
+    change = worsening(reference["value"], measured, task.HIGHER_IS_BETTER)
     same = None if reference["sha256"] is None else sha256_file(artifact) == reference["sha256"]
     return CheckResult(task.METRIC, reference["value"], measured, change, tolerance, change <= tolerance, same)

@@ -8,6 +8,7 @@ import onnx
 
 from compressor.errors import UserError
 from exporters import metadata_keys
+from passes.calibration import first_line
 
 ARTIFACT_NAME = "model.onnx"  # compressor.artifact's, without importing its report and plotting modules
 
@@ -29,7 +30,7 @@ def open_artifact(path: Path) -> Deployed:
     try:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError, ValueError, ... on a bad file)
-        raise UserError(f"{model}: not an ONNX model ({str(exc).splitlines()[0][:120] if str(exc) else exc})") from None
+        raise UserError(f"{model}: not an ONNX model ({first_line(exc, 120)})") from None
     metadata = {p.key: p.value for p in proto.metadata_props}
     try:
         config = json.loads(metadata.get(metadata_keys.MODEL_CONFIG, "{}"))

@@ -42,16 +42,16 @@ def check_providers(providers) -> None:
             raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (install onnxruntime-gpu for cuda)")
 
 
+def headline_provider(by_provider: dict) -> str:
+    """Which of a run's per-provider figures is its headline: cpu's where cpu was measured, else the first."""
+    return "cpu" if "cpu" in by_provider else next(iter(by_provider))
+
+
 def create_session(path: Path | bytes, provider: str = "cpu", threads: int | None = None, options: dict | None = None):
     """A session over a model file, or over a serialized model (bytes)."""
-    if provider == "cuda":
-        import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)
+    check_providers((provider,))
     import onnxruntime as ort
 
-    if provider not in PROVIDERS:
-        raise UserError(f"unknown execution provider {provider!r} (known: {', '.join(PROVIDERS)})")
-    if PROVIDERS[provider] not in ort.get_available_providers():
-        raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (install onnxruntime-gpu for cuda)")
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 3
     threads = threads or _default_threads or _threads_from_environment()

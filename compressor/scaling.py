@@ -19,6 +19,7 @@ from pathlib import Path
 from compressor import __version__
 from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
+from compressor.ort_runtime import headline_provider
 from compressor.pareto import SUMMARY_KEYS, best_per_budget, best_under, pareto_front  # noqa: F401  (tests use them from here)
 
 DTYPES = ("int", "nf", "float", "quantile", "kmeans", "log2")
@@ -226,7 +227,7 @@ def measure_job(job: Job) -> dict:
 
 def _from_report(report: dict) -> dict:
     accuracy = report["accuracy"]
-    provider = "cpu" if "cpu" in accuracy["onnxruntime"] else next(iter(accuracy["onnxruntime"]))
+    provider = headline_provider(accuracy["onnxruntime"])
     quantize = next((p for p in report["passes"] if p["name"] == "quantize"), {})
     allocation = {k: v for k, v in quantize.items() if k.startswith(("budget", "allocation"))}
     return {"total_model_bits": report["total_model_bits"], "bits_per_param": report["bits_per_param"],

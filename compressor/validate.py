@@ -15,7 +15,7 @@ from compressor.errors import UserError
 from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
 from compressor.ort_runtime import create_session, logits_fn
-from compressor.tasks import measure
+from compressor.tasks import measure, worsening
 
 BENCHMARK_BATCHES = (1, 16)
 
@@ -98,12 +98,11 @@ def parity(reference: np.ndarray, candidate: np.ndarray, max_rel_tolerance: floa
 
 
 def accuracy_agreement(task: ModuleType, reference: float, candidate: float, tolerances: Tolerances) -> dict:
-    if task.METRIC == "perplexity":
-        delta, limit = abs(candidate - reference) / reference, tolerances.perplexity_rel
-        kind = "relative"
+    delta = abs(worsening(reference, candidate, task.HIGHER_IS_BETTER))
+    if task.HIGHER_IS_BETTER:
+        limit, kind = tolerances.exact_match_abs, "absolute"
     else:
-        delta, limit = abs(candidate - reference), tolerances.exact_match_abs
-        kind = "absolute"
+        limit, kind = tolerances.perplexity_rel, "relative"
     return {"delta": delta, "kind": kind, "tolerance": limit, "passed": delta <= limit}
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from exporters import metadata_keys
 from exporters.cache_in_place import IN_PLACE, writes_cache_in_place
+from passes.calibration import first_line
 
 OPSET = 21
 IR_VERSION = 10
@@ -57,7 +58,7 @@ def export_onnx(model: nn.Module, example_inputs: dict[str, np.ndarray], dynamic
                     optimize=True,
                 )
         except Exception as exc:  # the exporter's own errors are long; keep the first line
-            raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:200]}") from None
+            raise ExportError(f"ONNX export failed: {first_line(exc, 200)}") from None
         proto = program.model_proto
         name_linear_weights(proto)
         for node in proto.graph.node:  # source paths and stack traces: bytes that differ by checkout, not model

@@ -1,5 +1,5 @@
-"""Statistics of the inputs that Linear layers see on calibration batches (training distribution only), and the
-targets / ignore module selection every pass shares."""
+"""Statistics of the inputs that Linear layers see on calibration batches (training distribution only), the
+targets / ignore module selection every pass shares, and how messages quote a user's value or an exception."""
 import re
 import reprlib
 
@@ -61,6 +61,13 @@ def excerpt(value, limit: int = 60) -> str:
     if isinstance(value, str) and len(value) > limit:
         text += f" ({len(value):,} characters)"
     return text
+
+
+def first_line(exc: BaseException, limit: int | None = 160) -> str:
+    """An exception's message as a one-line error quotes it: its first line, cut to `limit` characters (None: uncut)
+    (parsers' and exporters' messages run to pages; the first line names the problem), or its type where it has
+    none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
 def check_int(name: str, value, low: int, high: int) -> None:

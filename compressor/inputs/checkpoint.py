@@ -18,6 +18,7 @@ from compressor.atomic import atomic_path, atomic_write_text, sha256_file
 from compressor.errors import UserError
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
+from passes.calibration import first_line
 from samples.registry import SAMPLES, build_model, trained_dir
 
 CONFIG_NAME = "config.json"
@@ -107,7 +108,7 @@ def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
             if out_of_memory(exc):  # the file is mapped, not read: its size counts against the address space
                 raise out_of_memory_error(weights) from None
             if isinstance(exc, (SafetensorError, OSError, ValueError)):
-                raise UserError(f"{weights} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+                raise UserError(f"{weights} is not a readable safetensors file ({first_line(exc)})") from None
             raise
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
@@ -128,8 +129,7 @@ def _build(record: dict, config_path: Path, device: str | None = None) -> nn.Mod
         with torch.device(device) if device else contextlib.nullcontext():
             return build_model(record["family"], record["config"])
     except (TypeError, ValueError, ArithmeticError, RuntimeError) as exc:  # e.g. heads 0, a negative width
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{config_path}: invalid model config ({reason})") from None
+        raise UserError(f"{config_path}: invalid model config ({first_line(exc)})") from None
 
 
 def expected_params(build, config: dict, layer_keys: list[str]) -> int:

@@ -21,6 +21,7 @@ from compressor.inputs.checkpoint import check_plausible_size, expected_params, 
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
 from compressor.inputs.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
+from passes.calibration import first_line
 
 # Architectures we know how to feed and evaluate: encoders become sentence embedders, decoders LMs.
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2")
@@ -78,7 +79,7 @@ def dequantized_gguf_folder(gguf: Path, progress: bool = False) -> Path:
     except ImportError as exc:
         raise UserError(f"GGUF loading needs the gguf package: pip install 'compressor[hf]' ({exc})") from None
     except Exception as exc:  # the GGUF reader fails in many ways (struct, reshape, version): all mean "unreadable"
-        raise UserError(f"{gguf} is not a GGUF decoder transformers can read ({_first_line(exc)})") from None
+        raise UserError(f"{gguf} is not a GGUF decoder transformers can read ({first_line(exc, 200)})") from None
     # The weights are plain fp32 now; drop the GGUF marker so the folder saves and loads as an ordinary model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -93,11 +94,6 @@ def dequantized_gguf_folder(gguf: Path, progress: bool = False) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _read_hf_config(folder: Path) -> dict:
@@ -171,7 +167,7 @@ def hf_model_skeleton(path: Path) -> torch.nn.Module | None:
         with torch.device("meta"):
             inner = auto.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise UserError(f"{path}/config.json: invalid model config ({_first_line(exc)})") from None
+        raise UserError(f"{path}/config.json: invalid model config ({first_line(exc, 200)})") from None
     conv1d_to_linear(inner)
     return SentenceEmbedder(inner) if family == "hf-encoder" else CausalLMLogits(inner)
 
@@ -200,7 +196,7 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
     except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError, MemoryError) as exc:
         if out_of_memory(exc):  # safetensors maps the weights: their size counts against the address space
             raise out_of_memory_error(weights) from None
-        raise UserError(f"{folder}: transformers could not load the model ({_first_line(exc)})") from None
+        raise UserError(f"{folder}: transformers could not load the model ({first_line(exc, 200)})") from None
     inner.eval()
     _check_weights(inner, weights)
     conv1d_to_linear(inner)

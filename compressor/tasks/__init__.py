@@ -26,3 +26,9 @@ def measure(task: ModuleType, logits_fn, data, progress: bool = False) -> dict:
     if hasattr(task, "evaluate_all"):
         return task.evaluate_all(logits_fn, data, progress)
     return {task.METRIC: task.evaluate(logits_fn, data, progress)}
+
+
+def worsening(reference: float, measured: float, higher_is_better: bool) -> float:
+    """How much worse `measured` is than `reference`, positive = worse: absolute where higher is better (accuracy
+    and exact match are fractions), relative where lower is (perplexity: its scale is the model's)."""
+    return reference - measured if higher_is_better else (measured - reference) / reference
