@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from compressor.atomic import sha256_file
@@ -16,6 +15,7 @@ from compressor.errors import UserError
 from compressor.inputs.onnx import (check_external_data, check_graph_inputs, guarded_logits_fn, ort_session,
                                     read_task_metadata)
 from compressor.tasks import TASKS, worsening
+from compressor.tasks.protocol import ReferenceTask, UnusableState
 from exporters import metadata_keys
 from passes.calibration import excerpt, first_line
 
@@ -118,7 +118,7 @@ def _finite(value) -> bool:
         return False
 
 
-def _task_state(artifact: Path, task, data, metadata: dict, session) -> None:
+def _task_state(artifact: Path, task: ReferenceTask, data, metadata: dict, session) -> None:
     """Restore what fit_reference learned (e.g. the sentiment probe) from the artifact's compressor.task_state."""
     if metadata_keys.TASK_STATE not in metadata:
         raise UserError(f"{artifact} lacks compressor.task_state, which its task needs to score it")
@@ -128,18 +128,14 @@ def _task_state(artifact: Path, task, data, metadata: dict, session) -> None:
         raise UserError(f"{artifact}: compressor.task_state is not valid JSON") from None
     if not isinstance(state, dict):
         raise UserError(f"{artifact}: compressor.task_state must be a JSON object, not {excerpt(state)}")
+    width = session.get_outputs()[0].shape[-1]  # e.g. the embedding width, when the graph states it
     try:
-        task.restore_state(data, state)
+        task.restore_state(data, state, width if isinstance(width, int) else None)
+    except UnusableState as exc:
+        raise UserError(f"{artifact}: compressor.task_state {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{artifact}: compressor.task_state does not hold what its task needs "
                         f"({type(exc).__name__}: {excerpt(str(exc), 80)})") from None
-    probe = getattr(data, "probe", None)  # the sentence-embedding task's: weights and bias, all finite
-    if probe is not None:
-        width = session.get_outputs()[0].shape[-1]  # the embedding width, when the graph states it
-        if probe.ndim != 1 or len(probe) < 2 or not np.isfinite(probe).all() or (
-                isinstance(width, int) and len(probe) != width + 1):
-            raise UserError(f"{artifact}: compressor.task_state holds no usable probe (finite weights, one per "
-                            f"embedding dimension, and a bias)")
 
 
 def check_artifact(artifact: Path, baseline: Path, tolerance: float = 0.01) -> CheckResult:
@@ -159,7 +155,7 @@ def check_artifact(artifact: Path, baseline: Path, tolerance: float = 0.01) -> C
     if len(data) != reference["examples"]:
         raise UserError(f"the baseline was scored on {reference['examples']:,} held-out examples; the artifact's task "
                         f"has {len(data):,}")
-    if hasattr(task, "restore_state"):
+    if task.FITS_REFERENCE:
         _task_state(artifact, task, data, metadata, session)
     measured = task.evaluate(guarded_logits_fn(session, artifact), data)
     change = worsening(reference["value"], measured, task.HIGHER_IS_BETTER)

@@ -6,7 +6,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 from tqdm import tqdm
@@ -16,6 +15,7 @@ from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import measure, worsening
+from compressor.tasks.protocol import Task
 
 BENCHMARK_BATCHES = (1, 16)
 
@@ -97,7 +97,7 @@ def parity(reference: np.ndarray, candidate: np.ndarray, max_rel_tolerance: floa
             "passed": max_rel <= max_rel_tolerance}
 
 
-def accuracy_agreement(task: ModuleType, reference: float, candidate: float, tolerances: Tolerances) -> dict:
+def accuracy_agreement(task: Task, reference: float, candidate: float, tolerances: Tolerances) -> dict:
     delta = abs(worsening(reference, candidate, task.HIGHER_IS_BETTER))
     if task.HIGHER_IS_BETTER:
         limit, kind = tolerances.exact_match_abs, "absolute"
@@ -106,7 +106,7 @@ def accuracy_agreement(task: ModuleType, reference: float, candidate: float, tol
     return {"delta": delta, "kind": kind, "tolerance": limit, "passed": delta <= limit}
 
 
-def run_benchmark(artifact: Path, task: ModuleType, config: dict, provider: str,
+def run_benchmark(artifact: Path, task: Task, config: dict, provider: str,
                   settings: BenchmarkSettings, progress: bool = False) -> dict:
     """Latency p50/p90 at each batch size and peak RSS, measured in a fresh child process. With `progress`, a bar
     on stderr counts the child's warm-up and timed runs (it reports each on its stderr)."""
@@ -210,7 +210,7 @@ GENERATION_ROUNDS = 2
 EXACT_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
-def validate(task: ModuleType, config: dict, artifact: Path, heldout, providers: list[str],
+def validate(task: Task, config: dict, artifact: Path, heldout, providers: list[str],
              torch_accuracy: float, reference_logits: np.ndarray, tolerances: Tolerances = Tolerances(),
              bench: BenchmarkSettings | None = BenchmarkSettings(), progress: bool = False,
              input_artifact: Path | None = None, exact: Tolerances = Tolerances()) -> dict:

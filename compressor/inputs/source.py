@@ -2,12 +2,11 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import onnx
 from torch import nn
 
-LogitsFn = Callable[[dict], object]  # {input name: int array} -> logits array (compressor.tasks' evaluate)
+from compressor.tasks.protocol import LogitsFn, Task
 
 
 @dataclass
@@ -24,7 +23,7 @@ class Checkpoint:
 @dataclass
 class Source:
     name: str
-    task: ModuleType  # compressor.tasks module: data, metric, inputs
+    task: Task  # data, metric, inputs
     config: dict  # what the task needs of the model (context, vocabulary, tokenizer, ...)
     model: nn.Module  # the torch model, or an ONNX graph's weights as nn.Linear shells; passes rewrite it in place
     record: dict  # the report's `model` entry: name, family, source, sha256, config, input_format

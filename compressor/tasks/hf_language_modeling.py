@@ -12,6 +12,7 @@ METRIC = "perplexity"
 HIGHER_IS_BETTER = False
 INPUT_NAMES = ("input_ids",)
 OUTPUT_NAME = "logits"
+FITS_REFERENCE = False
 EVAL_BATCH = 4  # 4 x 256 x 49152 fp32 logits = 200 MB
 
 
@@ -35,6 +36,10 @@ def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
 
 def evaluate(logits_fn, windows: np.ndarray, progress: bool = False) -> float:
     return language_modeling.evaluate(logits_fn, windows, progress, batch_size=EVAL_BATCH)
+
+
+def evaluate_all(logits_fn, windows: np.ndarray, progress: bool = False) -> dict:
+    return {METRIC: evaluate(logits_fn, windows, progress)}
 
 
 def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ METRIC = "perplexity"
 HIGHER_IS_BETTER = False
 INPUT_NAMES = ("input_ids",)
 OUTPUT_NAME = "logits"
+FITS_REFERENCE = False
 EVAL_BATCH = 32
 
 
@@ -56,6 +57,10 @@ def evaluate(logits_fn, windows: np.ndarray, progress: bool = False, batch_size:
         total += _nll_sum(logits_fn({"input_ids": batch[:, :-1]}), batch[:, 1:])
         count += batch[:, 1:].size
     return math.exp(total / count)
+
+
+def evaluate_all(logits_fn, windows: np.ndarray, progress: bool = False) -> dict:
+    return {METRIC: evaluate(logits_fn, windows, progress)}
 
 
 def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:

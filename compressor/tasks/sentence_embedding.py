@@ -11,12 +11,14 @@ import torch
 from tqdm import tqdm
 
 from compressor.tasks.hf_tokenizer import load_tokenizer
+from compressor.tasks.protocol import UnusableState
 from samples import movie_reviews
 
 METRIC = "probe_accuracy"
 HIGHER_IS_BETTER = True
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embeddings"
+FITS_REFERENCE = True  # the probe
 EVAL_BATCH = 64
 PROBE_TRAIN_SNIPPETS = 4000  # of 8457: the probe's accuracy saturates well before; fp32 embedding time halves
 PROBE_L2 = 1e-3
@@ -91,8 +93,12 @@ def task_state(data: EmbeddingData) -> dict:
     return {"probe": [float(v) for v in data.probe]}
 
 
-def restore_state(data: EmbeddingData, state: dict) -> None:
-    data.probe = np.asarray(state["probe"], dtype=np.float64)
+def restore_state(data: EmbeddingData, state: dict, output_width: int | None = None) -> None:
+    probe = np.asarray(state["probe"], dtype=np.float64)
+    if probe.ndim != 1 or len(probe) < 2 or not np.isfinite(probe).all() or (
+            output_width is not None and len(probe) != output_width + 1):
+        raise UnusableState("holds no usable probe (finite weights, one per embedding dimension, and a bias)")
+    data.probe = probe
 
 
 def evaluate_all(logits_fn, data: EmbeddingData, progress: bool = False) -> dict:

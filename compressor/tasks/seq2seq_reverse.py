@@ -8,6 +8,7 @@ METRIC = "exact_match"
 HIGHER_IS_BETTER = True
 INPUT_NAMES = ("src_ids", "tgt_ids")
 OUTPUT_NAME = "logits"
+FITS_REFERENCE = False
 HELDOUT_EXAMPLES = 1000
 HELDOUT_SEED = 0
 EVAL_BATCH = 250
@@ -32,6 +33,10 @@ def evaluate(logits_fn, sources: np.ndarray, progress: bool = False) -> float:
         batch = sources[start : start + EVAL_BATCH]
         hits.append(reverse_task.exact_match(reverse_task.greedy_decode(step, batch), batch))
     return float(np.concatenate(hits).mean())
+
+
+def evaluate_all(logits_fn, sources: np.ndarray, progress: bool = False) -> dict:
+    return {METRIC: evaluate(logits_fn, sources, progress)}
 
 
 def parity_inputs(sources: np.ndarray) -> dict[str, np.ndarray]:
