@@ -7,10 +7,15 @@ initializer names), write the dequantized values back (the "fake-quantized" fp32
 artifact is held to) and lower that graph with exporters.qdq, which finds each shell's initializer by its name.
 The input graph in ONNX Runtime is the reference; the input must carry the task metadata `compress run` writes
 (compressor.family, compressor.model_config), so that its held-out data and metric are known.
+
+Before quantization the graph is simplified by onnxsim (simplify_graph): a third-party export, e.g. from torch's
+TorchScript exporter, carries Constant nodes and Shape -> Gather -> Unsqueeze -> Concat chains that it folds.
 """
+import inspect
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,28 @@ CONFIG_INTS = {"context": MAX_SEQUENCE, "max_length": MAX_SEQUENCE, "max_positio
 TASK_CONFIG_KEYS = {"gpt": ("context", "vocab_size"), "seq2seq": ("max_length",),
                     "hf-causal-lm": ("context", "max_positions", "vocab_size", "tokenizer"),
                     "hf-encoder": ("max_length", "vocab_size", "tokenizer")}
+
+
+# onnxsim on the input graph. Weights are held out of it: every float initializer, and any other over
+# HOLD_OUT_BYTES, goes in as a graph input of its own type and shape, so onnxsim can neither fold a weight into a new
+# initializer (Transpose(table) into a transposed copy, three projections into one) nor hold the weights (its
+# serialization follows the graph's size, not the model's), and each weight comes back as it was, under the name
+# the QDQ lowering places it by. What stays foldable: Constant nodes and small integer initializers (shapes, axes).
+SIMPLIFY = True  # False: quantize the input graph as given
+# Larger models keep their graph as given: checking the simplified graph takes a second serialized copy of the
+# weights and a second ONNX Runtime session (1 GiB: half the protobuf 2 GiB limit such a copy must stay under).
+SIMPLIFY_MAX_BYTES = 1 << 30
+HOLD_OUT_BYTES = 1024
+FOLD_LIMIT = "16MB"  # onnxsim's tensor_size_threshold: no folded constant larger than this
+# optimizer passes that would move a weight away from the MatMul that reads it (Q/K/V into one concatenated
+# weight; MatMul + Add into Gemm, which the QDQ lowering does not lower) or bake other values into a weight
+SKIPPED_OPTIMIZERS = ("fuse_qkv", "fuse_matmul_add_bias_into_gemm", "fuse_transpose_into_gemm",
+                      "fuse_bn_into_conv", "fuse_add_bias_into_conv", "fuse_pad_into_conv")
+# The simplified graph is kept only if every output matches the input graph's on the task's inputs within
+# max |a - b| <= SIMPLIFY_RTOL * max |a|. onnxsim's rewrite is exact op for op (equal outputs with ONNX Runtime's
+# graph optimizations off, tested); with them on, ONNX Runtime fuses more of the simplified graph and sums in
+# another order: 4.2e-7 relative on an opset-17 TorchScript export of gpt-xs (a few fp32 roundings), 0 at opset 21.
+SIMPLIFY_RTOL = 1e-5
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -240,16 +267,189 @@ def write_back(proto: onnx.ModelProto, shells: WeightShells) -> onnx.ModelProto:
     return fake
 
 
-def graph_bits(proto: onnx.ModelProto, shells: WeightShells, quantized: dict) -> dict:
-    """Total model bits of the graph: the shells' k-bit weights plus every other float initializer at 32 bits."""
-    shell_bits = total_model_bits(shells, quantized)
+def graph_bits(proto: onnx.ModelProto, shells: WeightShells, quantized: dict,
+               float_bits: int = UNQUANTIZED_BITS) -> dict:
+    """Total model bits of the graph: the shells' k-bit weights plus every other float initializer at `float_bits`
+    (always 32: an ONNX input is written back at its own float32)."""
+    shell_bits = total_model_bits(shells, quantized, float_bits)
     in_shells = set(shells.onnx_names.values())
     other = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
                 if t.name not in in_shells and t.data_type == onnx.TensorProto.FLOAT)
     params = shell_bits["params"] + other
-    total = shell_bits["total_model_bits"] + other * UNQUANTIZED_BITS
+    total = shell_bits["total_model_bits"] + other * float_bits
     return {"total_model_bits": total, "bits_per_param": total / params, "params": params,
-            "quantized_params": shell_bits["quantized_params"], "unquantized_bits_per_param": UNQUANTIZED_BITS}
+            "quantized_params": shell_bits["quantized_params"], "unquantized_bits_per_param": float_bits}
+
+
+def simplify_graph(proto: onnx.ModelProto, reference, inputs: dict) -> tuple[onnx.ModelProto, dict]:
+    """(the graph to quantize, what simplification did): `proto` simplified by onnxsim when that removes nodes,
+    keeps every weight read where it was read and matches `reference` (the input graph's session) on `inputs`;
+    else `proto` itself and the reason it was kept."""
+    before = len(proto.graph.node)
+
+    def kept(reason: str) -> tuple[onnx.ModelProto, dict]:
+        return proto, {"applied": False, "nodes_before": before, "nodes_after": before, "reason": reason}
+
+    if not SIMPLIFY:
+        return kept("off (compressor.inputs.onnx.SIMPLIFY)")
+    size = proto.ByteSize()
+    if size > SIMPLIFY_MAX_BYTES:
+        return kept(f"the model is {size / 2**20:,.1f} MiB, over the {SIMPLIFY_MAX_BYTES / 2**20:,.1f} MiB this "
+                    f"step takes")
+    light, held = _weights_as_inputs(proto)
+    try:
+        import onnxsim
+
+        # no Z3 proof attempt (onnxsim >= 0.8 tries one when z3-solver is installed): time and memory stay bounded
+        certify = {"certify": False} if "certify" in inspect.signature(onnxsim.simplify).parameters else {}
+        simplified, _ = onnxsim.simplify(light, skipped_optimizers=list(SKIPPED_OPTIMIZERS),
+                                         tensor_size_threshold=FOLD_LIMIT, **certify)
+        onnx.checker.check_model(simplified)
+    except Exception as exc:  # noqa: BLE001  (any failure keeps the input graph, and says why in the report)
+        return kept(f"onnxsim failed: {_first_line(exc)}")
+    if len(simplified.graph.node) >= before:
+        return kept(f"onnxsim removed no node ({len(simplified.graph.node)} after)")
+    result = _weights_restored(proto, simplified, held)
+    moved = _weight_reads(proto, held) ^ _weight_reads(result, held)
+    if moved:
+        name, op, position = sorted(moved)[0]
+        return kept(f"onnxsim changed how weights are read ({len(moved)} reads, e.g. {excerpt(name)} as input "
+                    f"{position} of {op})")
+    differs = _output_difference(result, reference, inputs)
+    if differs:
+        return kept(differs)
+    ops_before = Counter(node.op_type for node in proto.graph.node)
+    ops_after = Counter(node.op_type for node in result.graph.node)
+    changes = {op: ops_after[op] - ops_before[op] for op in sorted(ops_before | ops_after)
+               if ops_after[op] != ops_before[op]}
+    return result, {"applied": True, "nodes_before": before, "nodes_after": len(result.graph.node),
+                    "op_changes": changes, "onnxsim": onnxsim.__version__}
+
+
+def _weights_as_inputs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """A copy of `proto` without its weights' data (each a graph input of its type and shape instead), and their
+    names. Other initializers, nodes and model fields are copied; the weights are not."""
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    light = _model_fields(proto)
+    graph = light.graph
+    for field, value in proto.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(graph, field, value)
+    inputs = {i.name for i in graph.input}
+    held = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_type in floats or tensor.ByteSize() > HOLD_OUT_BYTES:
+            held.add(tensor.name)
+            if tensor.name not in inputs:  # IR < 4 lists initializers among the inputs already
+                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                      list(tensor.dims)))
+        else:
+            graph.initializer.append(tensor)
+    return light, held
+
+
+def _weights_restored(proto: onnx.ModelProto, simplified: onnx.ModelProto, held: set[str]) -> onnx.ModelProto:
+    """`simplified`'s nodes with `proto`'s weights, inputs, outputs, shape hints and model fields: the initializers
+    in `proto`'s order (those still read), then the constants onnxsim folded."""
+    result = _model_fields(proto)
+    graph = result.graph
+    graph.CopyFrom(simplified.graph)
+    for name in ("input", "output", "value_info", "initializer"):
+        graph.ClearField(name)
+    graph.input.extend(proto.graph.input)
+    graph.output.extend(proto.graph.output)
+    read = _names_read(graph) | {o.name for o in graph.output}
+    graph.value_info.extend(v for v in proto.graph.value_info if v.name in read)
+    folded = {t.name: t for t in simplified.graph.initializer}
+    for tensor in proto.graph.initializer:
+        if tensor.name in held:
+            if tensor.name in read:
+                graph.initializer.append(tensor)
+        elif tensor.name in folded:
+            graph.initializer.append(folded.pop(tensor.name))
+    graph.initializer.extend(folded.values())
+    for name in ("name", "doc_string"):  # onnxsim drops doc strings
+        setattr(graph, name, getattr(proto.graph, name))
+    return result
+
+
+def _model_fields(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A ModelProto with `proto`'s fields other than its graph (opset, IR version, metadata, functions)."""
+    model = onnx.ModelProto()
+    for field, value in proto.ListFields():
+        if field.name != "graph":
+            _copy_field(model, field, value)
+    return model
+
+
+def _copy_field(message, field, value) -> None:
+    target = getattr(message, field.name)
+    if isinstance(value, (int, float, str, bytes)):
+        setattr(message, field.name, value)
+    elif hasattr(target, "extend"):  # a repeated field
+        target.extend(value)
+    else:
+        target.CopyFrom(value)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node of `graph` reads, those read from inside its subgraphs (If, Loop, Scan) included."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                names |= _names_read(subgraph)
+    return names
+
+
+def _weight_reads(proto: onnx.ModelProto, names: set[str]) -> set[tuple[str, str, int]]:
+    """(weight, op, input position) for each read of a weight by a node, through Identity nodes (which
+    TorchScript exports put between a tensor and its second user, and onnxsim removes) and through a Transpose (a
+    tied table): simplification must leave each weight read by the same kinds of node in the same places."""
+    alias = {}  # value -> (the weight it is, whether transposed)
+    reads = set()
+    for node in proto.graph.node:
+        sources = [alias.get(name, (name, False)) if name in names or name in alias else None for name in node.input]
+        if node.op_type == "Identity" and sources and sources[0]:
+            alias[node.output[0]] = sources[0]
+        elif node.op_type == "Transpose" and sources and sources[0] and not sources[0][1]:
+            alias[node.output[0]] = (sources[0][0], True)
+        else:
+            reads |= {(source[0], f"Transpose -> {node.op_type}" if source[1] else node.op_type, position)
+                      for position, source in enumerate(sources) if source}
+    return reads
+
+
+def _output_difference(proto: onnx.ModelProto, reference, inputs: dict) -> str | None:
+    """Why `proto`'s outputs do not match the reference session's on `inputs` (SIMPLIFY_RTOL), or None."""
+    try:
+        session = create_session(proto.SerializeToString())
+        got = session.run(None, to_ort_feeds(inputs, session))
+        expected = reference.run(None, to_ort_feeds(inputs, reference))
+    except Exception as exc:  # noqa: BLE001  (a graph ONNX Runtime cannot run is no simplification of ours)
+        return f"the simplified graph failed to run ({_first_line(exc)})"
+    names = [o.name for o in reference.get_outputs()]
+    for name, a, b in zip(names, expected, got):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return f"the simplified graph's {name} has shape {list(b.shape)}, not {list(a.shape)}"
+        if a.size:
+            worst = float(np.abs(a.astype(np.float64) - b).max())
+            scale = float(np.abs(a).max())
+            if not worst <= SIMPLIFY_RTOL * scale:  # NaN fails too
+                return (f"the simplified graph's {name} differs from the input graph's by {worst:.3g} "
+                        f"(max |{name}| {scale:.3g}; allowed {SIMPLIFY_RTOL:g} of it)")
+    return None
+
+
+def describe_simplification(record: dict) -> str:
+    """The one log line for simplify_graph's record."""
+    if not record["applied"]:
+        return f"onnxsim: input graph kept as given, {record['nodes_before']} nodes ({record['reason']})"
+    changes = ", ".join(f"{op} {change:+d}" for op, change in
+                        sorted(record["op_changes"].items(), key=lambda item: (item[1], item[0])))
+    return f"onnxsim: {record['nodes_before']} -> {record['nodes_after']} nodes ({changes})"
 
 
 def onnx_source(path: Path, progress: bool = False) -> Source:
@@ -264,11 +464,15 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
     reference_fn = guarded_logits_fn(reference, path)
     # one batch-1 run at the task's working shape (e.g. `context` tokens below `vocab_size`): a config that does
     # not fit the graph (a context past its position table) fails here, before --out is touched
-    reference_fn(TASKS[family].benchmark_inputs(config, 1))
+    check_inputs = TASKS[family].benchmark_inputs(config, 1)
+    reference_fn(check_inputs)
+    # `weights` stay those of the input graph: simplify_graph keeps their names, values and readers
+    proto, simplified = simplify_graph(proto, reference, check_inputs)
+    print(describe_simplification(simplified), flush=True)
     shells = WeightShells(weights)
     digest = sha256_file(path)
     record = {"name": Path(path).stem, "family": family, "source": str(path), "source_sha256": digest,
-              "config": config, "input_format": "onnx"}
+              "config": config, "input_format": "onnx", "simplified": simplified}
 
     def fake_quantized_fn(model, quantized):  # the shells' current values, written back into the graph
         graph = write_back(proto, model)
@@ -279,5 +483,6 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
     return Source(name=record["name"], task=TASKS[family], config=config, model=shells, record=record,
                   metadata={**metadata, "compressor.source": str(path), "compressor.source_sha256": digest},
                   logits_fn=fake_quantized_fn, export=lambda model, inputs, progress: write_back(proto, model),
-                  bits=lambda model, quantized: graph_bits(proto, model, quantized),
+                  bits=lambda model, quantized, float_bits=UNQUANTIZED_BITS: graph_bits(proto, model, quantized,
+                                                                                      float_bits),
                   reference_fn=reference_fn)
