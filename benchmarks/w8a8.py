@@ -36,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "weights"
 OURS = {"fp32": ("fp32", ()), "w8a8": ("w8a8", ()), "w8a8-dynamic": ("w8a8-dynamic", ())}
 SMOLLM2 = {"fp32": ("fp32", ()), "int8 (weight-only)": ("int8", ()), "w8a8": ("w8a8", ()),
-           "w8a8-sq0.5": ("w8a8", ("quantize.smoothquant_alpha=0.5",))}
+           "w8a8-sq0.5": ("w8a8", ("smoothquant.alpha=0.5",))}
 
 
 def model_path(name: str) -> Path:

@@ -115,6 +115,14 @@ class Recipe:
     passes: tuple[tuple[str, object], ...]  # (pass name, frozen config)
     gates: Gates = field(default_factory=Gates)
     export: Export = field(default_factory=Export)
+    notes: tuple[str, ...] = ()  # one line each, printed by the run: e.g. a field read from where it used to be
+
+    def __post_init__(self):
+        names = [name for name, _ in self.passes]
+        quantize = next((config for name, config in self.passes if name == "quantize"), None)
+        if "smoothquant" in names and (quantize is None or quantize.activations == "none"):
+            raise UserError("smoothquant needs quantize.activations static or dynamic: smoothing only pays when the "
+                            "activations are quantized")
 
     def to_dict(self) -> dict:
         return {"name": self.name,
@@ -247,6 +255,31 @@ def _check_backtracking(pass_name: str, config) -> None:
                     raise UserError(f"{pass_name}.{config_field.name}: {_excerpt(pattern)} {problem}")
 
 
+# fields that moved to a pass of their own: (pass, field) -> (pass, field). A recipe that sets one at its old place
+# is read as if it set the new one (with a note saying so); the new pass takes the old pass's layer selection.
+MOVED_FIELDS = {("quantize", "smoothquant_alpha"): ("smoothquant", "alpha")}
+SELECTION_FIELDS = ("targets", "ignore", "calibration_samples")
+
+
+def _move_fields(passes: dict[str, dict]) -> tuple[str, ...]:
+    notes = []
+    for (old_pass, old_key), (new_pass, new_key) in MOVED_FIELDS.items():
+        fields = passes.get(old_pass, {})
+        if old_key not in fields:
+            continue
+        value = fields.pop(old_key)
+        notes.append(f"recipe: {old_pass}.{old_key} has moved; read as {new_pass}.{new_key} (write "
+                     f"`{new_pass}: {{{new_key}: ...}}` in the recipe)")
+        if value is None or (isinstance(value, str) and value.strip() in ("", "null", "~")):
+            continue  # off: no pass
+        moved = passes.setdefault(new_pass, {})
+        moved.setdefault(new_key, value)
+        for key in SELECTION_FIELDS:
+            if key in fields:
+                moved.setdefault(key, fields[key])
+    return tuple(notes)
+
+
 def _build(pass_name: str, fields: dict):
     config_type = PASSES[pass_name].config
     known = {f.name: f for f in dataclasses.fields(config_type)}
@@ -374,11 +407,12 @@ def resolve_recipe(name: str, overrides: tuple[str, ...] = ()) -> Recipe:
             raise UserError(f"--set {_excerpt(text)}: unknown pass {_excerpt(pass_name)} "
                             f"({_did_you_mean(pass_name, PASSES)})")
         passes.setdefault(pass_name, {})[key] = value
+    notes = _move_fields(passes)
     order = sorted(passes, key=lambda p: PASSES[p].stage)  # a pass added by --set takes its stage's place
     built = tuple((pass_name, _build(pass_name, passes[pass_name])) for pass_name in order)
     label = name if not overrides else f"{name} + {' '.join(overrides)}"
     return Recipe(label, built, _build_section(Gates, "gates", gate_fields),
-                  _build_section(Export, "export", export_fields))
+                  _build_section(Export, "export", export_fields), notes)
 
 
 def check_recipe_takes(recipe: Recipe, adapter) -> None:

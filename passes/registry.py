@@ -16,6 +16,7 @@ from passes.heal import HealConfig, heal_model
 from passes.lowrank import LowRankConfig, factorizable, lowrank_model
 from passes.prune import PruneConfig, prunable, prune_model
 from passes.quantize import QuantizeConfig, quantizable, quantize_model
+from passes.smoothquant import SmoothQuantConfig, smoothable, smoothquant_model
 from passes.structured_prune import StructuredPruneConfig, structured_prunable, structured_prune_model
 
 TORCH, GRAPH = "torch", "graph"
@@ -32,7 +33,7 @@ class PassConfig(Protocol):
 @dataclass(frozen=True)
 class PassSpec:
     name: str
-    stage: int  # recipes run passes in stage order: prune -> low-rank / heal -> quantize -> fuse
+    stage: int  # recipes run passes in stage order: prune -> low-rank / heal -> smoothquant -> quantize -> fuse
     rewrites: str  # TORCH (the nn.Module, before export) or GRAPH (the exported ONNX model)
     config: type[PassConfig]
     run: Callable
@@ -47,8 +48,9 @@ PASSES: dict[str, PassSpec] = {spec.name: spec for spec in (
              select=structured_prunable, reshapes=True),
     PassSpec("lowrank", 1, TORCH, LowRankConfig, lowrank_model, select=factorizable, reshapes=True),
     PassSpec("heal", 1, TORCH, HealConfig, heal_model),
-    PassSpec("quantize", 2, TORCH, QuantizeConfig, quantize_model, select=quantizable),
-    PassSpec("fuse", 3, GRAPH, FuseConfig, fuse_onnx),
+    PassSpec("smoothquant", 2, TORCH, SmoothQuantConfig, smoothquant_model, select=smoothable),
+    PassSpec("quantize", 3, TORCH, QuantizeConfig, quantize_model, select=quantizable),
+    PassSpec("fuse", 4, GRAPH, FuseConfig, fuse_onnx),
 )}
 
 STAGE_ORDER = " -> ".join("/".join(p.name for p in PASSES.values() if p.stage == stage)

@@ -2,6 +2,7 @@
 runs integer GEMMs. One home: the config, SmoothQuant's migration, calibration of static ranges with an observer,
 fake quantization while the model is scored (so that the torch column of the report computes what ONNX Runtime's
 integer kernels compute; passes.activation_primitives has the math), and the ONNX form of one quantized input.
+SmoothQuant's migration is a pass of its own (passes.smoothquant) whose scales this scheme takes over.
 
 What each layer gets travels with its weight record (QuantizedLayer.activation) to the exporter, which places
 the same QuantizeLinear -> DequantizeLinear (or DynamicQuantizeLinear -> DequantizeLinear, activation_nodes below)
@@ -14,9 +15,7 @@ DequantizeLinear -> MatMul with the weight's DequantizeLinear (int8, per channel
 MatMulIntegerToFloat; dynamic x -> DynamicQuantizeLinear -> DequantizeLinear -> MatMul becomes
 DynamicQuantizeMatMul.
 """
-import contextlib
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import nn
 from passes import activation_primitives as ap
 from passes import quant_primitives as qp
 from passes.calibration import excerpt
+from passes.hooks import dividing_inputs, forward_pre_hooks, run_batches
 
 MODES = ("none", "static", "dynamic")
 INTEGER_WEIGHTS = ("uint8", "int8")
@@ -110,94 +110,6 @@ class ActivationQuant:
         return entry
 
 
-def _run(model: nn.Module, calibration: list[tuple]) -> None:
-    with torch.no_grad():
-        for batch in calibration:
-            model(*batch)
-
-
-@contextlib.contextmanager
-def _hooks(pairs):
-    """Forward pre-hooks [(module, hook)] for the duration of the block."""
-    handles = [module.register_forward_pre_hook(hook) for module, hook in pairs]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _divide_by(smooth: torch.Tensor):
-    def hook(_, args):
-        return (args[0] / smooth.to(args[0].dtype),) + tuple(args[1:])
-    return hook
-
-
-def dividing_inputs(layers: dict[str, nn.Linear], smooth: dict[str, torch.Tensor]):
-    """Context: the smoothed layers see x / s (their weights hold W * s), e.g. while GPTQ measures inputs."""
-    return _hooks([(layers[name], _divide_by(s)) for name, s in smooth.items()])
-
-
-def shared_inputs(model: nn.Module, layers: dict[str, nn.Linear], batch: tuple) -> list[list[str]]:
-    """Groups of layers that read the very same input tensor (a block's q/k/v, a gated MLP's gate/up): they must
-    share one smoothing vector, as the exporter divides that tensor once."""
-    seen: dict[int, list[str]] = {}
-    keep = []  # the inputs stay alive until the pass ends, so that no id is reused
-
-    def hook_for(name):
-        def hook(_, args):
-            keep.append(args[0])
-            seen.setdefault(id(args[0]), []).append(name)
-        return hook
-
-    with _hooks([(module, hook_for(name)) for name, module in layers.items()]):
-        _run(model, [batch])
-    groups, placed = [], set()
-    for names in seen.values():
-        fresh = [n for n in dict.fromkeys(names) if n not in placed]
-        if fresh:
-            groups.append(fresh)
-            placed.update(fresh)
-    return groups + [[n] for n in layers if n not in placed]
-
-
-def channel_absmax(model: nn.Module, layers: dict[str, nn.Linear], calibration: list[tuple]) -> dict[str, torch.Tensor]:
-    """max |x_j| per input channel of each layer over the calibration batches."""
-    found = {name: torch.zeros(module.in_features) for name, module in layers.items()}
-
-    def hook_for(name, module):
-        def hook(_, args):
-            x = args[0].detach().reshape(-1, module.in_features).abs().float()
-            found[name] = torch.maximum(found[name], x.amax(dim=0))
-        return hook
-
-    with _hooks([(module, hook_for(name, module)) for name, module in layers.items()]):
-        _run(model, calibration)
-    return found
-
-
-def smooth_layers(model: nn.Module, layers: dict[str, nn.Linear], calibration: list[tuple],
-                  alpha: float) -> dict[str, torch.Tensor]:
-    """SmoothQuant: per group of layers sharing an input, s from that input's channel maxima and the group's
-    weight column maxima; the weights become W * s in place. Returns {layer: s}. A group with a weight that
-    another module also holds (an lm_head tied to the token embedding) is not smoothed: scaling it would scale
-    the embedding's rows too."""
-    groups = shared_inputs(model, layers, calibration[0])
-    absmax = channel_absmax(model, layers, calibration)
-    holders = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
-    smooth = {}
-    for group in groups:
-        if any(holders[id(layers[name].weight)] > 1 for name in group):
-            continue
-        weights = torch.cat([layers[name].weight.detach().float() for name in group])
-        s = ap.smoothing_scales(absmax[group[0]], weights.abs().amax(dim=0), alpha)
-        for name in group:
-            module = layers[name]
-            module.weight.data = (module.weight.detach().float() * s).to(module.weight.dtype)
-            smooth[name] = s
-    return smooth
-
-
 def calibrate_static(model: nn.Module, layers: dict[str, nn.Linear], calibration: list[tuple],
                      smooth: dict[str, torch.Tensor], observer: str, percentile: float,
                      dtype: str) -> dict[str, ActivationQuant]:
@@ -217,8 +129,9 @@ def calibrate_static(model: nn.Module, layers: dict[str, nn.Linear], calibration
                 samples[name].append(ap.sample_values(x, per_batch))
         return hook
 
-    with dividing_inputs(layers, smooth), _hooks([(module, hook_for(name)) for name, module in layers.items()]):
-        _run(model, calibration)
+    watching = forward_pre_hooks([(module, hook_for(name)) for name, module in layers.items()])
+    with dividing_inputs(layers, smooth), watching:
+        run_batches(model, calibration)
     found = {}
     for name in layers:
         values = torch.cat(samples[name]) if samples[name] else torch.empty(0)
@@ -243,7 +156,7 @@ def fake_quantized_activations(model: nn.Module, quantized: dict):
     modules = dict(model.named_modules())
     pairs = [(modules[name], _fake_quantizing(layer.activation)) for name, layer in quantized.items()
              if layer.activation is not None and name in modules]
-    return _hooks(pairs)
+    return forward_pre_hooks(pairs)
 
 
 def activation_nodes(name: str, x: str, quant: ActivationQuant) -> tuple[list, list, str]:

@@ -46,7 +46,6 @@ class QuantizeConfig:
     activation_dtype: str = "uint8"  # static: uint8 with a zero point (QuantizeLinear's default), or int8 symmetric
     activation_observer: str = "minmax"  # static: minmax, percentile, mse or entropy
     activation_percentile: float = 99.99  # the percentile observer's, in (0, 100]
-    smoothquant_alpha: float | None = None  # SmoothQuant migration strength in [0, 1]; None: off
     # how W8A8 weights are stored: "int8" (ONNX Runtime's U8S8 GEMM: fast with and without VNNI, but AVX2 CPUs
     # without VNNI saturate u8 x s8 pair sums in 16 bits unless the weights have 7 bits, `bits: 7`, as the w8a8
     # presets do) or "uint8" (codes + 128, zero point 128: the U8U8 GEMM, exact at 8 bits everywhere but 2x slower
@@ -111,13 +110,6 @@ class QuantizeConfig:
 
     def _check_activations(self) -> None:
         activations.check(self)
-        alpha = self.smoothquant_alpha
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                                  or not 0 <= alpha <= 1):
-            raise ValueError(f"quantize.smoothquant_alpha must be in [0, 1] (or null: off), not {excerpt(alpha)}")
-        if alpha is not None and self.activations == "none":
-            raise ValueError("quantize.smoothquant_alpha needs quantize.activations static or dynamic: smoothing "
-                             "only pays when the activations are quantized")
         if self.activations != "none" and not (self.dtype == "int" and self.bits in (7, 8) and self.symmetric
                                                and self.block_size in (qp.PER_CHANNEL, qp.PER_TENSOR)):
             raise ValueError(f"quantize.activations={self.activations} needs int8 symmetric weights per channel or "
@@ -161,8 +153,7 @@ class QuantizeConfig:
     def needs_calibration(self) -> bool:
         if self.budget_bits_per_param is not None:  # the allocator measures sensitivity on calibration data
             return True
-        return any(c.weight_scheme().needs_statistics or c.activations == "static"
-                   or c.smoothquant_alpha is not None for c in self.layer_configs())
+        return any(c.weight_scheme().needs_statistics or c.activations == "static" for c in self.layer_configs())
 
     def label(self) -> str:
         if self.budget_bits_per_param is not None:
@@ -180,8 +171,6 @@ class QuantizeConfig:
         activation = self.activation_scheme()
         if activation is not None:
             parts += activation.label_parts()
-        if self.smoothquant_alpha is not None:
-            parts.append(f"sq{self.smoothquant_alpha:g}")
         embedding = self.embedding_scheme()
         if embedding is not None:
             parts += embedding.label_parts()

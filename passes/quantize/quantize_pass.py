@@ -12,9 +12,11 @@ from tqdm import tqdm
 from passes import quant_primitives as qp
 from passes.bit_allocator import allocate, record_allocation
 from passes.blockwise import quantize_blockwise
-from passes.calibration import input_second_moments, matches, selected_linears, split_by_input_multiple
+from passes.calibration import excerpt, input_second_moments, matches, selected_linears, split_by_input_multiple
 from passes.model_bits import total_model_bits
-from passes.quantize.activations import ActivationQuant, calibrate_static, dividing_inputs, smooth_layers
+from passes.quantize.activations import ActivationQuant, calibrate_static
+from passes.hooks import dividing_inputs
+from passes.smoothquant import take_smoothing
 from passes.quantize.config import QuantizeConfig
 from passes.quantize.embeddings import quantize_tables
 from passes.quantize.record import QuantizedLayer
@@ -79,11 +81,13 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         layers.append({"module": name, "shape": list(weight.shape), "bits": q.bits,
                        "relative_mse": qp.relative_mse(weight, approx)})
 
-    # W8A8: SmoothQuant first (the weights become W * s, quantized as such), the ranges last (on quantized weights)
+    # W8A8: the weights of smoothed layers hold W * s (quantized as such); the ranges last (on quantized weights)
     with_activations = {name: module for name, module in chosen if config.for_layer(name).activations != "none"}
-    smoothed = {name: module for name, module in with_activations.items()
-                if config.for_layer(name).smoothquant_alpha is not None}
-    smooth = smooth_layers(model, smoothed, calibration, config.smoothquant_alpha) if smoothed else {}
+    smooth = take_smoothing(model)  # the smoothquant pass's scales: this pass now divides the inputs by them
+    unquantized = [name for name in smooth if name not in with_activations]
+    if unquantized:
+        raise ValueError(f"smoothquant smoothed {len(unquantized)} layers whose inputs this pass does not quantize "
+                         f"(e.g. {excerpt(unquantized[0])}): give smoothquant the same targets and ignore")
     weights_need_statistics = any(c.weight_scheme().needs_statistics for c in config.layer_configs())
     bar = tqdm(total=len(chosen), desc=f"quantize {config.label()}", disable=not progress, leave=False)
     rest = chosen

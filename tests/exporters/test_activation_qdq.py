@@ -13,20 +13,26 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.inputs.checkpoint import load_checkpoint
 from compressor.ort_runtime import create_session, to_ort_feeds
 from compressor.tasks import TASKS
-from compressor.validate import EXACT_MATMULNBITS, parity, torch_logits_fn
+from compressor.torch_logits import torch_logits_fn
+from compressor.validate import EXACT_MATMULNBITS, parity
 from exporters.qdq import lower_to_qdq
 from passes import activation_primitives as ap
-from passes.activation_quant import ActivationQuant, dividing_inputs, smooth_layers
+from passes.hooks import dividing_inputs
+from passes.quantize.activations import ActivationQuant
+from passes.smoothquant import SmoothQuantConfig, smooth_layers, smoothquant_model
 from passes.quant_primitives import dequantize
-from passes.quantize import QuantizeConfig, QuantizedLayer, _as_unsigned, quantize_model
+from passes.quantize import QuantizeConfig, QuantizedLayer, quantize_model
+from passes.quantize.activations import IntegerActivations
+from passes.quantize.int_weights import IntWeights
 from passes import quant_primitives as qp
 
 W8A8 = QuantizeConfig(bits=7, block_size=0, activations="static")
 
 
-def _decoder_artifact(shipped, tmp_path, config: QuantizeConfig):
-    """gpt-xs quantized with `config` and written as the pipeline writes GPT samples (the KV-cache decoder graph,
-    built directly: no torch.onnx tracing), unpacked: (checkpoint, task, held-out data, record, lowering, path)."""
+def _decoder_artifact(shipped, tmp_path, config: QuantizeConfig, smoothquant: SmoothQuantConfig | None = None):
+    """gpt-xs quantized with `config` (smoothed first with `smoothquant`) and written as the pipeline writes GPT
+    samples (the KV-cache decoder graph, built directly: no torch.onnx tracing), unpacked: (checkpoint, task,
+    held-out data, record, lowering, path)."""
     from compressor.inputs.decoders import as_decoder
     from exporters.decoder_graph import build_decoder_graph
     from exporters.onnx_export import finalize
@@ -34,6 +40,8 @@ def _decoder_artifact(shipped, tmp_path, config: QuantizeConfig):
     checkpoint = load_checkpoint(shipped / "gpt-xs")
     task = TASKS[checkpoint.family]
     calibration = task.calibration_data(checkpoint.config, 16) if config.needs_calibration else None
+    if smoothquant is not None:
+        smoothquant_model(checkpoint.model, smoothquant, calibration)
     record = quantize_model(checkpoint.model, config, calibration)
     proto, lowering = lower_to_qdq(build_decoder_graph(as_decoder(checkpoint.model)), record["quantized"])
     path = tmp_path / "artifact.onnx"
@@ -67,7 +75,7 @@ def test_each_integer_kernel_is_the_fake_quantized_layer_exactly(tmp_path, mode,
     if weights.startswith("int8"):
         q = qp.quantize_int_symmetric(weight, 7, qp.PER_CHANNEL)
     else:
-        q = _as_unsigned(qp.quantize_int_symmetric(weight, 8, qp.PER_CHANNEL))
+        q = IntegerActivations(integer_weights="uint8").stored_weights(qp.quantize_int_symmetric(weight, 8, qp.PER_CHANNEL))
     if mode == "static":
         scale, zero = ap.static_qparams(float(x.min()), float(x.max()), dtype)
         quant = ActivationQuant("static", dtype, scale, zero)
@@ -75,7 +83,7 @@ def test_each_integer_kernel_is_the_fake_quantized_layer_exactly(tmp_path, mode,
     else:
         quant = ActivationQuant("dynamic")
         expected = ap.fake_quantize_dynamic(x) @ dequantize(q).T
-    proto, record = lower_to_qdq(_one_linear(np.ascontiguousarray(dequantize(q).numpy().T)), {"layer": QuantizedLayer("layer", ("layer.weight",), q, quant)})
+    proto, record = lower_to_qdq(_one_linear(np.ascontiguousarray(dequantize(q).numpy().T)), {"layer": QuantizedLayer("layer", ("layer.weight",), q, IntWeights(bits=8, block_size=0), quant)})
     assert record["activations"]["matmuls"] == 1
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -169,8 +177,9 @@ def test_smoothquant_leaves_a_tied_lm_head_alone(shipped):
 def test_smoothquant_artifact_folds_the_division_into_layernorms(shipped, tmp_path):
     """gpt-xs is pre-norm: q/k/v read ln_attn's output, fc_in reads ln_mlp's, and nothing else does, so their 1/s
     goes into the norms' scale and bias; out_proj and fc_out read activations (no norm) and keep a Mul."""
-    config = QuantizeConfig(bits=7, block_size=0, activations="static", smoothquant_alpha=0.5)
-    checkpoint, task, data, record, lowering, path = _decoder_artifact(shipped, tmp_path, config)
+    config = QuantizeConfig(bits=7, block_size=0, activations="static")
+    checkpoint, task, data, record, lowering, path = _decoder_artifact(shipped, tmp_path, config,
+                                                                       SmoothQuantConfig(alpha=0.5))
     graph = onnx.load(str(path)).graph
     muls = sum(n.op_type == "Mul" and n.name.endswith(".smooth") for n in graph.node)
     # per block: the Mul before q/k/v (one: they share it) and before fc_in fold, out_proj's and fc_out's stay; ln_final
@@ -204,7 +213,7 @@ def test_embedding_tables_are_looked_up_from_their_codes(shipped, tmp_path, bits
 
 def test_w8a8_run_end_to_end_with_the_kv_cache(compress, tmp_path, optimized_ops):
     out = tmp_path / "o"
-    done = compress("run", "gpt-xs", "--recipe", "w8a8", "--out", str(out), "--eval-limit", "8", "--bench-runs", "3",
+    done = compress("run", "gpt-xs", "--recipe", "w8a8", "--out", str(out), "--eval-limit", "8", "--no-bench",
                     "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
@@ -228,7 +237,7 @@ def test_w8a8_after_structured_pruning_and_low_rank(compress, tmp_path, optimize
     out = tmp_path / "o"
     done = compress("run", "gpt-xs", "--recipe", "w8a8", "--set", "structured_prune.heads=0.25",
                     "--set", "structured_prune.ffn=0.25", "--set", "lowrank.rank_ratio=0.5", "--out", str(out),
-                    "--eval-limit", "8", "--bench-runs", "1", "--quiet")
+                    "--eval-limit", "8", "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["structured_prune", "lowrank", "quantize"]
