@@ -21,6 +21,7 @@ from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
 from compressor.ort_runtime import headline_provider
 from compressor.pareto import SUMMARY_KEYS, best_per_budget, best_under, pareto_front  # noqa: F401  (tests use them from here)
+from passes.quantize.labels import granularity, weight_label
 
 DTYPES = ("int", "nf", "float", "quantile", "kmeans", "log2")
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -48,8 +49,7 @@ class SweepConfig:
     def label(self) -> str:
         if self.budget is not None:
             return f"budget-{self.budget:g}"
-        name = "log" if self.dtype == "log2" else self.dtype  # as the quantize pass labels it: log4-B64
-        return f"{name}{self.bits}-{block_name(self.block_size)}"
+        return weight_label(self.dtype, self.bits, self.block_size)  # as the quantize pass labels it: log4-B64
 
     recipe = "fp32"
 
@@ -80,7 +80,7 @@ class Settings:
 
 
 def block_name(block_size: int | None) -> str:
-    return {0: "channel", -1: "tensor", None: "-"}.get(block_size, f"B{block_size}")
+    return "-" if block_size is None else granularity(block_size)
 
 
 def _items(option: str, values) -> list[str]:

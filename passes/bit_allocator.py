@@ -39,36 +39,14 @@ from tqdm import tqdm
 from passes import quant_primitives as qp
 from passes.calibration import excerpt, matches, selected_linears
 from passes.model_bits import UNQUANTIZED_BITS, quantized_tensor_bits
+from passes.quantize.labels import weight_fields, weight_label
 
 BUDGET_FIELDS = ("budget_bits_per_param", "budget_candidates")
 # int symmetric with level -2^(k-1) (ORT's MatMulNBits kernel) at every k, NormalFloat where it beats int (k <= 4);
 # block sizes 32 / 64 / 128 and per output channel
-DEFAULT_CANDIDATES = tuple(f"int{k}-{b}-full" for k in (2, 3, 4, 5, 6, 8) for b in ("B32", "B64", "B128", "channel")) \
-    + tuple(f"nf{k}-{b}" for k in (2, 3, 4) for b in ("B32", "B64", "B128", "channel"))
+DEFAULT_CANDIDATES = tuple(weight_label("int", k, b, "full") for k in (2, 3, 4, 5, 6, 8) for b in (32, 64, 128, 0)) \
+    + tuple(weight_label("nf", k, b) for k in (2, 3, 4) for b in (32, 64, 128, 0))
 MAX_UNITS = 100_000  # DP columns: exact below, coarsened (and repaired) above
-_DTYPE_NAMES = {"int": "int", "nf": "nf", "float": "float", "log": "log2", "quantile": "quantile", "kmeans": "kmeans"}
-_FLAGS = {"full": {"full_range": True}, "asym": {"symmetric": False}, "fzp": {"zero_point": "float"},
-          "gptq": {"method": "gptq"}, "row": {"codebook_scope": "row"}, "aw": {"activation_weighted": True}}
-
-
-def candidate_fields(label: str) -> dict:
-    """A candidate as QuantizeConfig.label() writes it (int4-B64-full, nf3-channel, int3-B32-asym, ...) -> the
-    fields it sets; every field a label can name is set, so nothing leaks in from the pass's own config."""
-    parts = label.split("-") if isinstance(label, str) else []
-    head = re.fullmatch(r"(int|nf|float|log|quantile|kmeans)([2-8])", parts[0]) if parts else None
-    block = parts[1] if len(parts) > 1 else ""
-    if head is None or not re.fullmatch(r"B\d+|channel|tensor", block) or not set(parts[2:]) <= set(_FLAGS):
-        raise ValueError(f"quantize.budget_candidates: {excerpt(label)} is not a candidate such as int4-B64-full, "
-                         f"nf3-B128 or int3-channel-asym (flags: {', '.join(_FLAGS)})")
-    fields = {"dtype": _DTYPE_NAMES[head[1]], "bits": int(head[2]), "symmetric": True, "full_range": False,
-              "zero_point": "int", "method": "rtn", "exponent_bits": None, "codebook_scope": "tensor",
-              "activation_weighted": False,
-              "block_size": {"channel": qp.PER_CHANNEL, "tensor": qp.PER_TENSOR}.get(block, None)}
-    if fields["block_size"] is None:
-        fields["block_size"] = int(block[1:])
-    for flag in parts[2:]:
-        fields.update(_FLAGS[flag])
-    return fields
 
 
 def check_budget(config) -> None:
@@ -91,7 +69,7 @@ def check_budget(config) -> None:
         raise ValueError("quantize.budget_bits_per_param chooses every layer's settings itself: drop "
                          "quantize.overrides (or the budget)")
     for label in candidates or DEFAULT_CANDIDATES:
-        fields = candidate_fields(label)
+        fields = weight_fields(label)
         try:
             dataclasses.replace(config, budget_bits_per_param=None, budget_candidates=(), **fields)
         except (TypeError, ValueError) as exc:
@@ -100,7 +78,7 @@ def check_budget(config) -> None:
 
 def candidate_config(config, label: str):
     return dataclasses.replace(config, budget_bits_per_param=None, budget_candidates=(), overrides=None,
-                               **candidate_fields(label))
+                               **weight_fields(label))
 
 
 def _logits(output) -> torch.Tensor:
@@ -313,7 +291,7 @@ def allocate(model: nn.Module, config, calibration: list[tuple], quantize_weight
                   "sensitivity": "1/2 sum_o F_o (dW H dW^T)_oo / T: Fisher-weighted output error, nats/token",
                   "calibration_tokens": stats[0]["tokens"], "candidates": labels, "layers": rows,
                   "unallocated": unallocated}
-    overrides = {name: candidate_fields(labels[c]) for (name, _), c in zip(layers, chosen)}
+    overrides = {name: weight_fields(labels[c]) for (name, _), c in zip(layers, chosen)}
     allocated = dataclasses.replace(config, budget_bits_per_param=None, budget_candidates=(),
                                     targets=tuple(name for name, _ in layers), overrides=overrides)
     return allocated, allocation

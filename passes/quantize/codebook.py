@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from passes import quant_primitives as qp
 from passes.calibration import check_int, excerpt
 from passes.model_bits import container_bits
-from passes.quantize.int_weights import SCALE_DTYPES, check_bits_and_groups, granularity
+from passes.quantize.int_weights import SCALE_DTYPES, check_bits_and_groups
+from passes.quantize.labels import weight_label
 from passes.quantize.onnx_nodes import UNSIGNED, by_column
 
 DTYPES = ("log2", "float", "nf", "quantile", "kmeans")
@@ -66,7 +67,7 @@ class CodebookWeights:
         return self.block_size if self.block_size > 0 else None
 
     def label_parts(self) -> list[str]:
-        parts = [f"{'log' if self.dtype == 'log2' else self.dtype}{self.bits}", granularity(self.block_size)]
+        parts = [weight_label(self.dtype, self.bits, self.block_size)]
         if self.dtype == "kmeans" and self.activation_weighted:
             parts.append("aw")
         if self.dtype in ("quantile", "kmeans") and self.codebook_scope == "row":

@@ -23,6 +23,7 @@ from passes import quant_primitives as qp
 from passes.calibration import excerpt
 from passes.gptq import gptq_quantize
 from passes.model_bits import container_bits
+from passes.quantize.labels import weight_label
 from passes.quantize.onnx_nodes import UNSIGNED, by_column, code_type, dequantize_node
 
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -88,7 +89,7 @@ class IntWeights:
         return self.block_size if self.block_size > 0 and self.method == "gptq" else None
 
     def label_parts(self) -> list[str]:
-        parts = [f"int{self.bits}", granularity(self.block_size)]
+        parts = [weight_label("int", self.bits, self.block_size)]
         if not self.symmetric:
             parts.append("asym" if self.zero_point == "int" else "asym-fzp")
         if self.symmetric and self.full_range:
@@ -114,10 +115,6 @@ class IntWeights:
     def lower_around_matmul(self, name: str, q: qp.Quantized, x: str, main_out: str, out: str,
                             block_sums: str | None) -> tuple[list, list, list, str | None]:
         return offset_nodes(name, q, x, block_sums, main_out, out)
-
-
-def granularity(block_size: int) -> str:
-    return {qp.PER_CHANNEL: "channel", qp.PER_TENSOR: "tensor"}.get(block_size, f"B{block_size}")
 
 
 def weight_nodes(name: str, q: qp.Quantized, out: str) -> tuple[list, list]:

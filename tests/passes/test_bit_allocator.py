@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from compressor.report import allocation_lines
-from passes.bit_allocator import (DEFAULT_CANDIDATES, candidate_fields, layer_statistics, predicted_kl,
+from passes.quantize.labels import weight_fields
+from passes.bit_allocator import (DEFAULT_CANDIDATES, layer_statistics, predicted_kl,
                                   solve_knapsack)
 from passes.model_bits import total_model_bits
 from passes.quant_primitives import dequantize
@@ -72,7 +73,7 @@ def test_knapsack_infeasible():
 
 def test_candidate_labels_round_trip():
     for label in DEFAULT_CANDIDATES + ("int3-B64-asym", "int4-B32-asym-fzp", "int4-B64-full-gptq", "kmeans3-B64-aw"):
-        config = QuantizeConfig(overrides=None, **candidate_fields(label))
+        config = QuantizeConfig(overrides=None, **weight_fields(label))
         assert config._own_label() == label
 
 
@@ -180,7 +181,7 @@ def test_predicted_kl_tracks_the_measured_kl_of_one_layer():
     with torch.no_grad():
         reference = [torch.log_softmax(model(*b), -1) for b in batches]
     predicted, measured = [], []
-    config = QuantizeConfig(**candidate_fields("int3-B32-full"))
+    config = QuantizeConfig(**weight_fields("int3-B32-full"))
     for (name, module), layer_stats in zip(layers, stats):
         weight = module.weight.detach().clone()
         approx = dequantize(quantize_weight(weight, config, None))
