@@ -84,7 +84,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
 
     log(f"loaded {source.name} ({source.family}, {input_bits['params']:,} params) from {source.record['source']}; "
         f"recipe {recipe.name}")
-    for note in recipe.notes:
+    for note in source.notes + recipe.notes:
         log(note)
     heldout = task.heldout_data(source.config, options.eval_limit)
     if options.reference_metrics is not None and not hasattr(task, "fit_reference"):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, numpy_helper, version_converter
 from torch import nn
 
 from compressor.atomic import sha256_file
@@ -30,6 +30,7 @@ from compressor.inputs.source import Source
 from compressor.kv_cache import PAST_PREFIX, has_cache
 from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
+from exporters.onnx_export import OPSET
 from exporters.qdq import lower_to_qdq
 from passes.calibration import excerpt
 from passes.model_bits import UNQUANTIZED_BITS, total_model_bits
@@ -421,26 +422,48 @@ def _weight_reads(proto: onnx.ModelProto, names: set[str]) -> set[tuple[str, str
     return reads
 
 
-def _output_difference(proto: onnx.ModelProto, reference, inputs: dict) -> str | None:
+def _output_difference(proto: onnx.ModelProto, reference, inputs: dict,
+                       what: str = "the simplified graph") -> str | None:
     """Why `proto`'s outputs do not match the reference session's on `inputs` (SIMPLIFY_RTOL), or None."""
     try:
         session = create_session(proto.SerializeToString())
         got = session.run(None, to_ort_feeds(inputs, session))
         expected = reference.run(None, to_ort_feeds(inputs, reference))
     except Exception as exc:  # noqa: BLE001  (a graph ONNX Runtime cannot run is no simplification of ours)
-        return f"the simplified graph failed to run ({_first_line(exc)})"
+        return f"{what} failed to run ({_first_line(exc)})"
     names = [o.name for o in reference.get_outputs()]
     for name, a, b in zip(names, expected, got):
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape:
-            return f"the simplified graph's {name} has shape {list(b.shape)}, not {list(a.shape)}"
+            return f"{what}'s {name} has shape {list(b.shape)}, not {list(a.shape)}"
         if a.size:
             worst = float(np.abs(a.astype(np.float64) - b).max())
             scale = float(np.abs(a).max())
             if not worst <= SIMPLIFY_RTOL * scale:  # NaN fails too
-                return (f"the simplified graph's {name} differs from the input graph's by {worst:.3g} "
+                return (f"{what}'s {name} differs from the input graph's by {worst:.3g} "
                         f"(max |{name}| {scale:.3g}; allowed {SIMPLIFY_RTOL:g} of it)")
     return None
+
+
+def at_artifact_opset(proto: onnx.ModelProto, reference, inputs: dict, where) -> tuple[onnx.ModelProto, dict | None]:
+    """The graph at the artifact's opset (exporters.onnx_export.OPSET: the k-bit lowering writes DequantizeLinear
+    with block_size, which older opsets lack): an older graph goes through ONNX's version converter and must then
+    compute what it did (SIMPLIFY_RTOL: measured 2e-7 relative on an opset-17 TorchScript export of gpt-xs).
+    Returns the graph and {from, to} when converted. UserError when it cannot be."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    if version >= OPSET:
+        return proto, None
+    fix = f"re-export the model at opset {OPSET}"
+    try:
+        converted = version_converter.convert_version(proto, OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001  (the converter's failures have no common type)
+        raise UserError(f"{where} is at opset {version} and ONNX's version converter cannot bring it to opset "
+                        f"{OPSET}, which k-bit weights need ({_first_line(exc, 100)}): {fix}") from None
+    problem = _output_difference(converted, reference, inputs, what=f"the graph converted to opset {OPSET}")
+    if problem is not None:
+        raise UserError(f"{where} is at opset {version}: {problem}: {fix}")
+    return converted, {"from": version, "to": OPSET}
 
 
 def describe_simplification(record: dict) -> str:
@@ -466,13 +489,14 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
     # not fit the graph (a context past its position table) fails here, before --out is touched
     check_inputs = TASKS[family].benchmark_inputs(config, 1)
     reference_fn(check_inputs)
+    proto, converted = at_artifact_opset(proto, reference, check_inputs, path)
     # `weights` stay those of the input graph: simplify_graph keeps their names, values and readers
     proto, simplified = simplify_graph(proto, reference, check_inputs)
-    print(describe_simplification(simplified), flush=True)
     shells = WeightShells(weights)
     digest = sha256_file(path)
     record = {"name": Path(path).stem, "family": family, "source": str(path), "source_sha256": digest,
-              "config": config, "input_format": "onnx", "simplified": simplified}
+              "config": config, "input_format": "onnx", "simplified": simplified,
+              **({"opset_converted": converted} if converted else {})}
 
     def fake_quantized_fn(model, quantized):  # the shells' current values, written back into the graph
         graph = write_back(proto, model)
@@ -485,4 +509,6 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
                   logits_fn=fake_quantized_fn, export=lambda model, inputs, progress: write_back(proto, model),
                   bits=lambda model, quantized, float_bits=UNQUANTIZED_BITS: graph_bits(proto, model, quantized,
                                                                                       float_bits),
-                  reference_fn=reference_fn)
+                  reference_fn=reference_fn, notes=(
+                      (f"opset {converted['from']} -> {converted['to']} (ONNX's version converter)",) if converted
+                      else ()) + (describe_simplification(simplified),))

@@ -36,6 +36,7 @@ class Source:
     bits: Callable[[nn.Module, dict], dict]
     reference_fn: LogitsFn | None = None  # the input model's logits when not logits_fn(model) before any pass
     generates: bool = False  # exported as a decoder with a KV cache: generation speed is measured
+    notes: tuple[str, ...] = ()  # one line each for the run's log: what the adapter did to the input
 
     @property
     def family(self) -> str:

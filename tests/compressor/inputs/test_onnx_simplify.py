@@ -22,18 +22,14 @@ from compressor.tasks import TASKS
 FAST = ("--eval-limit", "16", "--bench-runs", "2", "--quiet")
 
 
-@pytest.fixture(scope="module")
-def torchscript_onnx(shipped, tmp_path_factory) -> Path:
-    """gpt-xs as a third party exports it: torch's TorchScript exporter (dynamo=False) with dynamic batch and
-    sequence axes, which leaves Constant nodes and Shape -> Gather -> Unsqueeze -> Concat chains; plus the task
-    metadata an ONNX input must carry. Opset 21: the QDQ lowering's blocked DequantizeLinear needs it."""
+def _torchscript_export(shipped, folder: Path, opset: int) -> Path:
     checkpoint = load_checkpoint(shipped / "gpt-xs")
     ids = torch.from_numpy(TASKS["gpt"].benchmark_inputs(checkpoint.config, 1)["input_ids"]).long()
-    path = tmp_path_factory.mktemp("torchscript") / "gpt-xs.onnx"
+    path = folder / f"gpt-xs-opset{opset}.onnx"
     axes = {0: "batch", 1: "sequence"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(checkpoint.model.eval(), (ids,), str(path), dynamo=False, opset_version=21,
+        torch.onnx.export(checkpoint.model.eval(), (ids,), str(path), dynamo=False, opset_version=opset,
                           input_names=["input_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": axes, "logits": axes})
     model = onnx.load(str(path))
@@ -41,6 +37,30 @@ def torchscript_onnx(shipped, tmp_path_factory) -> Path:
                                    "compressor.model_config": json.dumps(checkpoint.config)})
     path.write_bytes(model.SerializeToString())
     return path
+
+
+@pytest.fixture(scope="module")
+def torchscript_onnx(shipped, tmp_path_factory) -> Path:
+    """gpt-xs as a third party exports it: torch's TorchScript exporter (dynamo=False) with dynamic batch and
+    sequence axes, which leaves Constant nodes and Shape -> Gather -> Unsqueeze -> Concat chains; plus the task
+    metadata an ONNX input must carry. Opset 21: the QDQ lowering's blocked DequantizeLinear needs it."""
+    return _torchscript_export(shipped, tmp_path_factory.mktemp("torchscript"), 21)
+
+
+def test_an_older_opset_is_converted_and_checked(shipped, tmp_path, compress_here, monkeypatch):
+    """Opset 17 has no blocked DequantizeLinear: the input is converted to opset 21 (ONNX's version converter),
+    checked against the input graph, and said so; a graph the converter cannot take is one line, exit 2."""
+    path = _torchscript_export(shipped, tmp_path, 17)
+    done = compress_here("run", str(path), "--out", str(tmp_path / "out"), "--recipe", "int4", "--eval-limit", "4",
+                         "--no-bench")
+    assert done.returncode == 0, done.stderr
+    assert "opset 17 -> 21 (ONNX's version converter)" in done.stderr  # the run's log
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"]["opset_converted"] == {"from": 17, "to": 21} and report["artifact"]["opset"] == 21
+    monkeypatch.setattr(adapter.version_converter, "convert_version", _raise)
+    done = compress_here("run", str(path), "--out", str(tmp_path / "refused"), "--recipe", "int4", "--quiet")
+    assert done.returncode == 2 and "re-export the model at opset 21" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused").exists()
 
 
 def _simplify(path: Path):
@@ -198,8 +218,8 @@ def test_run_on_a_torchscript_export_simplifies_and_lowers_every_weight_by_name(
     simplified = report["model"]["simplified"]
     assert simplified["applied"] and simplified["nodes_after"] < simplified["nodes_before"], simplified
     line = f"onnxsim: {simplified['nodes_before']} -> {simplified['nodes_after']} nodes ("
-    assert [text for text in done.stdout.splitlines() if text.startswith("onnxsim:")] == [
-        text for text in done.stdout.splitlines() if text.startswith(line)] != []
+    log = done.stderr.splitlines()  # the run's log
+    assert [text for text in log if text.startswith("onnxsim:")] == [text for text in log if text.startswith(line)] != []
     lowered = report["artifact"]["lowering"]["lowered"]
     proto = onnx.load(str(torchscript_onnx))
     assert sorted(entry["initializer"] for entry in lowered) == sorted(matmul_weights(proto))
