@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode_floor import gguf_decode_bytes, onnx_decode_bytes, read_bandwidth_bytes_per_s  # noqa: E402
 from compressor.validate import BenchmarkSettings, run_generation_benchmark  # noqa: E402
+from exporters import metadata_keys  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,8 +58,8 @@ def _windows(models: dict[str, str], limit: int) -> np.ndarray:
         path = Path(folder) / "model.onnx"
         if path.is_file():
             metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            if "compressor.model_config" in metadata:
-                return hf_language_modeling.heldout_data(json.loads(metadata["compressor.model_config"]), limit)
+            if metadata_keys.MODEL_CONFIG in metadata:
+                return hf_language_modeling.heldout_data(json.loads(metadata[metadata_keys.MODEL_CONFIG]), limit)
     raise SystemExit("no folder of ours (model.onnx with compressor metadata) to take the held-out windows from")
 
 

@@ -94,7 +94,7 @@ def ort_peers(fp32: Path, folder: Path, task, config: dict) -> dict[str, Path]:
 def score(paths: dict[str, Path], task, config: dict, limit: int | None) -> dict[str, dict]:
     data = task.heldout_data(config, limit)
     fp32_fn = logits_fn(create_session(paths["fp32"]))
-    if hasattr(task, "fit_reference"):  # the probe, and the reference embeddings for the cosine
+    if task.FITS_REFERENCE:  # the probe, and the reference embeddings for the cosine
         task.fit_reference(fp32_fn, data)
     return {name: measure(task, logits_fn(create_session(path)), data) for name, path in paths.items()}
 

@@ -1,4 +1,5 @@
 """Regression gates on a finished run: parity, accuracy recovery, speed-up. Misses exit 1 (report written)."""
+from compressor.ort_runtime import headline_provider
 from compressor.recipes import Gates
 
 
@@ -11,8 +12,7 @@ def evaluate_gates(gates: Gates, report: dict, baseline_latency: dict | None) ->
                        "passed": bool(report["parity"]["passed"] and agreement)})
     if gates.min_recovery is not None:
         accuracy = report["accuracy"]
-        artifact = accuracy["onnxruntime"]["cpu"] if "cpu" in accuracy["onnxruntime"] else \
-            next(iter(accuracy["onnxruntime"].values()))
+        artifact = accuracy["onnxruntime"][headline_provider(accuracy["onnxruntime"])]
         ratio = artifact / accuracy["reference"] if accuracy["higher_is_better"] else accuracy["reference"] / artifact
         checks.append({"gate": "min_recovery", "value": ratio, "threshold": gates.min_recovery,
                        "passed": ratio >= gates.min_recovery})

@@ -20,6 +20,7 @@ from compressor.recipes import Recipe, check_recipe_fits, check_recipe_takes, re
 from compressor.report import write_reports
 from compressor.tasks import measure
 from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, validate
+from exporters import metadata_keys
 from exporters.genai_config import generation_files
 from exporters.lowering import baseline_artifact, lower_artifact
 from exporters.onnx_export import ExportError, finalize
@@ -87,11 +88,11 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     for note in source.notes + recipe.notes:
         log(note)
     heldout = task.heldout_data(source.config, options.eval_limit)
-    if options.reference_metrics is not None and not hasattr(task, "fit_reference"):
+    if options.reference_metrics is not None and not task.FITS_REFERENCE:
         reference_metrics = dict(options.reference_metrics)
     else:
         reference_fn = source.reference_fn or source.logits_fn(model, {})
-        if hasattr(task, "fit_reference"):  # e.g. a probe trained on the input model's embeddings
+        if task.FITS_REFERENCE:  # e.g. a probe trained on the input model's embeddings
             task.fit_reference(reference_fn, heldout, progress)
         reference_metrics = measure(task, reference_fn, heldout, progress)
         del reference_fn
@@ -146,13 +147,13 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     del quantized
     pass_records += [{**record, **bits} for record in graph_records]
     metadata = {**source.metadata,
-                "compressor.version": __version__,
-                "compressor.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
-                "compressor.seed": str(options.seed),
-                "compressor.family": source.family,
-                "compressor.model_config": json.dumps(source.config, sort_keys=True)}
-    if hasattr(task, "task_state"):  # what `compress check` needs to score the artifact later (e.g. a probe)
-        metadata["compressor.task_state"] = json.dumps(task.task_state(heldout), sort_keys=True)
+                metadata_keys.VERSION: __version__,
+                metadata_keys.RECIPE: json.dumps(recipe.to_dict(), sort_keys=True),
+                metadata_keys.SEED: str(options.seed),
+                metadata_keys.FAMILY: source.family,
+                metadata_keys.MODEL_CONFIG: json.dumps(source.config, sort_keys=True)}
+    if task.FITS_REFERENCE:  # what `compress check` needs to score the artifact later (e.g. a probe)
+        metadata[metadata_keys.TASK_STATE] = json.dumps(task.task_state(heldout), sort_keys=True)
 
     side_files = {}
     if source.config.get("tokenizer"):  # a tokenizer folder: the artifact folder runs under ONNX Runtime GenAI
@@ -208,7 +209,7 @@ def _export_input(source: Source, sample_inputs: dict, path: Path, dtype: str, l
     """The input model exported as the artifact will be (packed, at the artifact's float type), unquantized."""
     log(f"exporting the input model ({dtype}) as the speed baseline")
     try:
-        metadata = {"compressor.model_config": json.dumps(source.config, sort_keys=True)}  # its position limit
+        metadata = {metadata_keys.MODEL_CONFIG: json.dumps(source.config, sort_keys=True)}  # its position limit
         proto = baseline_artifact(source.export(source.model, sample_inputs, False), dtype)
         save_onnx(finalize(proto, metadata), path)
     except ExportError as exc:

@@ -14,6 +14,7 @@ from torch import nn
 from compressor.errors import UserError
 from compressor.regex_safety import regex_backtracking_problem
 from passes.calibration import excerpt as _excerpt
+from passes.calibration import first_line
 from passes.model_bits import UNQUANTIZED_BITS
 from passes.quantize.config import NOT_OVERRIDABLE, QuantizeConfig
 from passes.registry import PASSES, STAGE_ORDER
@@ -178,7 +179,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What PyYAML found wrong, and where, on one short line (its own message spans several and quotes the text)."""
     problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
     if not problem:
-        return _one_line((str(exc).strip().splitlines() or [type(exc).__name__])[0], 120)
+        return _one_line(first_line(exc), 120)
     context = getattr(exc, "context", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return _one_line(f"{context}, {problem}" if context else problem, 160) + where

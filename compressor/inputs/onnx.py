@@ -30,9 +30,10 @@ from compressor.inputs.source import Source
 from compressor.kv_cache import PAST_PREFIX, has_cache
 from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
+from exporters import metadata_keys
 from exporters.onnx_export import OPSET
 from exporters.qdq import lower_to_qdq
-from passes.calibration import excerpt
+from passes.calibration import excerpt, first_line
 from passes.model_bits import UNQUANTIZED_BITS, total_model_bits
 
 # Passes that rewrite torch modules (shapes, factorizations, training) cannot run on a graph's weight shells.
@@ -74,15 +75,10 @@ SKIPPED_OPTIMIZERS = ("fuse_qkv", "fuse_matmul_add_bias_into_gemm", "fuse_transp
 SIMPLIFY_RTOL = 1e-5
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _ort_reason(exc: BaseException, path) -> str:
     """ONNX Runtime's message without its "[ONNXRuntimeError] : 1 : FAIL : Load model from PATH failed:" preamble,
     which would spend the message's length on the path the message already starts with."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = first_line(exc, None)
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     text = text.replace(f"Load model from {path} failed:", "").replace(str(path), Path(path).name).strip()
     return text if len(text) <= 200 else text[:197] + "..."
@@ -97,17 +93,17 @@ def is_ort_error(exc: BaseException) -> bool:
 def read_task_metadata(metadata: dict[str, str], where) -> tuple[str, dict]:
     """(family, model config) from a graph's compressor.* metadata, checked: a family this version has a task
     for, a JSON object for the config, and the config values its task reads of the right type and range."""
-    family = metadata.get("compressor.family")
-    if family is None or "compressor.model_config" not in metadata:
+    family = metadata.get(metadata_keys.FAMILY)
+    if family is None or metadata_keys.MODEL_CONFIG not in metadata:
         raise UserError(f"{where} carries no compressor task metadata (compressor.family, compressor.model_config): "
                         f"export the model with `compress run CHECKPOINT` (recipe fp32) to get one")
     if family not in TASKS:
         raise UserError(f"{where}: compressor.family {excerpt(family)} is not a model family this version knows "
                         f"({', '.join(TASKS)})")
     try:
-        config = json.loads(metadata["compressor.model_config"])
+        config = json.loads(metadata[metadata_keys.MODEL_CONFIG])
     except (ValueError, RecursionError) as exc:  # JSONDecodeError; an integer of over 4300 digits; deep nesting
-        raise UserError(f"{where}: compressor.model_config is not valid JSON ({_first_line(exc, 100)})") from None
+        raise UserError(f"{where}: compressor.model_config is not valid JSON ({first_line(exc, 100)})") from None
     if not isinstance(config, dict):
         raise UserError(f"{where}: compressor.model_config must be a JSON object, not {excerpt(config)}")
     for key in TASK_CONFIG_KEYS.get(family, ()):
@@ -207,13 +203,13 @@ def load_onnx_input(path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's errors are long; the first line names the problem
-        raise UserError(f"{path} is not a readable ONNX model ({str(exc).strip().splitlines()[0][:120]})") from None
+        raise UserError(f"{path} is not a readable ONNX model ({first_line(exc, 120)})") from None
     check_external_data(proto, path.parent)
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
         onnx.checker.check_model(proto)
     except Exception as exc:
-        raise UserError(f"{path} is not a valid ONNX model ({str(exc).strip().splitlines()[0][:160]})") from None
+        raise UserError(f"{path} is not a valid ONNX model ({first_line(exc)})") from None
     for tensor in proto.graph.initializer:  # -inf is legitimate in attention-mask constants; NaN never is
         if tensor.data_type == TensorProto.FLOAT and np.isnan(numpy_helper.to_array(tensor)).any():
             raise UserError(f"{path}: initializer {excerpt(tensor.name)} contains NaN values")
@@ -307,7 +303,7 @@ def simplify_graph(proto: onnx.ModelProto, reference, inputs: dict) -> tuple[onn
                                          tensor_size_threshold=FOLD_LIMIT, **certify)
         onnx.checker.check_model(simplified)
     except Exception as exc:  # noqa: BLE001  (any failure keeps the input graph, and says why in the report)
-        return kept(f"onnxsim failed: {_first_line(exc)}")
+        return kept(f"onnxsim failed: {first_line(exc)}")
     if len(simplified.graph.node) >= before:
         return kept(f"onnxsim removed no node ({len(simplified.graph.node)} after)")
     result = _weights_restored(proto, simplified, held)
@@ -430,7 +426,7 @@ def _output_difference(proto: onnx.ModelProto, reference, inputs: dict,
         got = session.run(None, to_ort_feeds(inputs, session))
         expected = reference.run(None, to_ort_feeds(inputs, reference))
     except Exception as exc:  # noqa: BLE001  (a graph ONNX Runtime cannot run is no simplification of ours)
-        return f"{what} failed to run ({_first_line(exc)})"
+        return f"{what} failed to run ({first_line(exc)})"
     names = [o.name for o in reference.get_outputs()]
     for name, a, b in zip(names, expected, got):
         a, b = np.asarray(a), np.asarray(b)
@@ -459,7 +455,7 @@ def at_artifact_opset(proto: onnx.ModelProto, reference, inputs: dict, where) ->
         onnx.checker.check_model(converted)
     except Exception as exc:  # noqa: BLE001  (the converter's failures have no common type)
         raise UserError(f"{where} is at opset {version} and ONNX's version converter cannot bring it to opset "
-                        f"{OPSET}, which k-bit weights need ({_first_line(exc, 100)}): {fix}") from None
+                        f"{OPSET}, which k-bit weights need ({first_line(exc, 100)}): {fix}") from None
     problem = _output_difference(converted, reference, inputs, what=f"the graph converted to opset {OPSET}")
     if problem is not None:
         raise UserError(f"{where} is at opset {version}: {problem}: {fix}")
@@ -505,7 +501,7 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
         return logits_fn(create_session(graph.SerializeToString()))
 
     return Source(name=record["name"], task=TASKS[family], config=config, model=shells, record=record,
-                  metadata={**metadata, "compressor.source": str(path), "compressor.source_sha256": digest},
+                  metadata={**metadata, metadata_keys.SOURCE: str(path), metadata_keys.SOURCE_SHA256: digest},
                   logits_fn=fake_quantized_fn, export=lambda model, inputs, progress: write_back(proto, model),
                   bits=lambda model, quantized, float_bits=UNQUANTIZED_BITS: graph_bits(proto, model, quantized,
                                                                                       float_bits),
