@@ -212,20 +212,17 @@ def solve_knapsack(costs: list[list[int]], losses: list[list[float]], capacity: 
 
 
 def embedding_table_bits(model: nn.Module, config, quantized_ids: set[int]) -> dict[int, int]:
-    """{id(table): bits} of the nn.Embedding tables the pass quantizes after its Linear layers
-    (quantize._quantize_embeddings, quantize.embedding_bits): the untied ones not ignored, at the same settings."""
-    if getattr(config, "embedding_bits", None) is None:
+    """{id(table): bits} of the nn.Embedding tables the pass quantizes after its Linear layers (its embedding
+    scheme, passes.quantize.embeddings): the untied ones not ignored, quantized as that scheme will."""
+    scheme = config.embedding_scheme()
+    if scheme is None:
         return {}
-    scale_dtype = torch.float16 if config.scale_dtype == "float16" else torch.float32
     tables = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, nn.Embedding) and id(weight) not in quantized_ids | set(tables) \
                 and not matches(name, config.ignore):
-            q = qp.quantize_int_symmetric(weight.detach().float(), config.embedding_bits,
-                                          config.embedding_block_size, scale_dtype,
-                                          full_range=config.embedding_bits == 4)
-            tables[id(weight)] = quantized_tensor_bits(q).total
+            tables[id(weight)] = quantized_tensor_bits(scheme.quantize(weight.detach().float())).total
     return tables
 
 
