@@ -3,6 +3,9 @@ files (artifact, report, plots, recipe) are moved in together at the end; the re
 import fcntl
 import os
 import shutil
+import signal
+import sys
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from passes.registry import GRAPH, PASSES
 ARTIFACT_NAME = "model.onnx"
 LOCK_NAME = ".compress.lock"
 STAGE_PREFIX = ".stage-"
+PAUSE_ENV = "COMPRESSOR_PAUSE_AT"  # a test hook: see pause_point
 # what a run writes; the artifact moves in last, so its presence means the rest is there too
 OUTPUTS = ("recipe.yaml", *PLOTS, "report.md", "report.json", GENAI_CONFIG, *TOKENIZER_FILES, ARTIFACT_NAME)
 
@@ -90,9 +94,27 @@ def staged(out_dir: Path):
     stage.mkdir()
     try:
         yield stage
+        pause_point("commit")
         _commit(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def pause_point(phase: str) -> None:
+    """A test hook, off unless COMPRESSOR_PAUSE_AT names this phase: the run prints `paused at PHASE` on stderr
+    and waits there until a signal ends it (SIGINT, SIGTERM, SIGKILL) or SIGUSR1 lets it go on. Interrupt tests
+    signal a run that cannot finish before the signal lands. Phases: `commit` (the run's files are all staged,
+    none moved into --out yet)."""
+    if os.environ.get(PAUSE_ENV) != phase:
+        return
+    resumed = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: resumed.append(signum))
+    try:
+        print(f"paused at {phase} ({PAUSE_ENV}; SIGUSR1 resumes)", file=sys.stderr, flush=True)
+        while not resumed:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _commit(stage: Path, out_dir: Path) -> None:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from compressor import __version__
 from compressor.errors import UserError
@@ -103,9 +104,12 @@ def main():
               help="Score only the first N held-out examples (default: all).")
 @click.option("--bench-runs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Timed runs per batch size.")
+@click.option("--no-bench", is_flag=True,
+              help="Skip the latency and generation benchmarks: the report has accuracy, parity and size only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing artifact in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_limit, bench_runs, force, quiet):
+def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_limit, bench_runs, no_bench, force,
+                quiet):
     """Export CHECKPOINT to OUT/model.onnx and validate it (report.json, report.md).
 
     CHECKPOINT is a checkpoint folder (config.json + model.safetensors), a weights file with config.json beside
@@ -114,16 +118,17 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
     from compressor.pipeline import RunOptions, run
     from compressor.validate import BenchmarkSettings
 
+    if no_bench and click.get_current_context().get_parameter_source("bench_runs") is ParameterSource.COMMANDLINE:
+        raise UserError("--no-bench skips the benchmark that --bench-runs sets: pass one of them")
     bench = BenchmarkSettings(runs=bench_runs, warmup=min(10, bench_runs))  # a 135M LM's b16 run takes seconds
     options = RunOptions(recipe=recipe, overrides=overrides, seed=seed, providers=tuple(dict.fromkeys(providers)),
-                         eval_limit=eval_limit, force=force, bench=bench, progress=not quiet)
+                         eval_limit=eval_limit, force=force, bench=None if no_bench else bench, progress=not quiet)
     report = run(checkpoint, out_dir, options, log=lambda m: click.echo(m, err=True))
     accuracy = report["accuracy"]
     click.echo(f"{report['model']['name']} [{report['recipe']['name']}]: {accuracy['metric']} fp32 "
                f"{accuracy['reference']:.4f}, compressed torch {accuracy['torch']:.4f}, " + ", ".join(
                    f"onnxruntime-{p} {v:.4f}" for p, v in accuracy["onnxruntime"].items())
                + f"; {report['bits_per_param']:.3f} bits/param")
-    latency = report["latency"]["cpu"] if "cpu" in report["latency"] else next(iter(report["latency"].values()))
     parity_line = f"parity max_rel {report['parity']['max_rel']:.2e}"
     if not report["parity"]["gated"]:  # W8A8: no session is exact; the accuracy agreement gates
         parity_line += " (integer activations: reported, the accuracy agreement gates)"
@@ -131,9 +136,13 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
         ungated = [f"{p} {v['max_rel']:.2e}" for p, v in report["parity"]["by_provider"].items()
                    if not v.get("gated", True)]
         parity_line += f" (default kernel, not gated: {', '.join(ungated)})" if ungated else ""
-    click.echo(parity_line + "; latency p50 batch1 "
-               f"{latency['batch1']['p50_ms']:.3f} ms, batch16 {latency['batch16']['p50_ms']:.3f} ms; "
-               f"artifact {report['artifact']['bytes']:,} bytes")
+    if report["latency"]:
+        latency = report["latency"]["cpu"] if "cpu" in report["latency"] else next(iter(report["latency"].values()))
+        parity_line += (f"; latency p50 batch1 {latency['batch1']['p50_ms']:.3f} ms, "
+                        f"batch16 {latency['batch16']['p50_ms']:.3f} ms")
+    else:
+        parity_line += "; latency not measured (--no-bench)"
+    click.echo(parity_line + f"; artifact {report['artifact']['bytes']:,} bytes")
     click.echo(f"wrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
     failed = [c for c in report["gates"]["checks"] if not c["passed"]]
     for check in failed:

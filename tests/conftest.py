@@ -1,5 +1,10 @@
-"""Shared test helpers: the shipped samples, the CLI as a user runs it, quantized-artifact builders."""
+"""Shared test helpers: the shipped samples, the CLI as a user runs it, runs shared by several test files,
+quantized-artifact builders."""
+import fcntl
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +20,13 @@ _SCRIPT = Path(sys.executable).with_name("compress")
 COMPRESS = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "compressor.cli"]  # the console script
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 FAST = ["--eval-limit", "8", "--bench-runs", "2", "--quiet"]  # a run that ends soon
+# for tests that assert nothing on latency or generation speed: no benchmark child processes at all
+NO_BENCH = ["--eval-limit", "8", "--no-bench", "--quiet"]
+# runs that several test files read, done once per session (shared_run)
+FP32_XS = ("gpt-xs", *NO_BENCH)
+INT4_XS = ("gpt-xs", "--recipe", "int4", *FAST)  # with its latency and generation figures
+INT4_B32_XS = ("gpt-xs", "--recipe", "int4", "--set", "quantize.block_size=32", "--eval-limit", "16", "--no-bench",
+               "--quiet")
 
 
 def pytest_configure(config):
@@ -66,6 +78,43 @@ def run_compress_here(*args: str, cwd: Path | None = None) -> subprocess.Complet
 @pytest.fixture(scope="session")
 def compress_here():
     return run_compress_here
+
+
+def _built_once(tmp_path_factory, key: str, build) -> Path:
+    """`build(folder)` done once per test session, by whichever test asks first, on whichever xdist worker (one
+    test file per worker, so a fixture's own scope would build it once per worker); the others wait for it and
+    get the same folder. Tests read it and never write into it (copy what they change)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"  # this session's
+    root.mkdir(exist_ok=True)
+    folder = root / key
+    with open(root / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+        if not (root / f"{key}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (root / f"{key}.done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """`shared_run(*ARGS)`: `compress run ARGS --out DIR` (in-process) done once per test session (_built_once):
+    its CompletedProcess, whose `out` is DIR."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        def build(folder: Path) -> None:
+            done = run_compress_here("run", *args, "--out", str(folder / "out"))
+            (folder / "result.json").write_text(json.dumps([done.returncode, done.stdout, done.stderr]))
+
+        folder = _built_once(tmp_path_factory, hashlib.sha256("\0".join(args).encode()).hexdigest()[:16], build)
+        done = subprocess.CompletedProcess(args, *json.loads((folder / "result.json").read_text()))
+        assert done.returncode == 0, done.stderr
+        done.out = folder / "out"
+        return done
+
+    return run
 
 
 def _quantized_artifact(shipped: Path, tmp_path: Path, config, name: str = "gpt-xs"):
@@ -147,5 +196,6 @@ def tiny_llama_folder(folder: Path, hidden_size: int) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    """Width 96: heads of 24 (not a multiple of 16: exported without a KV cache) and a partial 64-block."""
-    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), 96)
+    """Width 96: heads of 24 (not a multiple of 16: exported without a KV cache) and a partial 64-block. Built once
+    for all test files: copy it to change it."""
+    return _built_once(tmp_path_factory, "tiny-llama-96", lambda folder: tiny_llama_folder(folder, 96))

@@ -6,15 +6,13 @@ from click.testing import CliRunner
 
 from compressor.cli import main
 from compressor.errors import UserError
+from conftest import INT4_B32_XS
 
 
 @pytest.fixture(scope="module")
-def int4_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("int4")
-    result = CliRunner().invoke(main, ["run", "gpt-xs", "--recipe", "int4", "--set", "quantize.block_size=32",
-                                       "--out", str(out), "--eval-limit", "16", "--bench-runs", "2", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
+def int4_run(shared_run):
+    """The int4 run test_cli reads too (no benchmark: check reads the accuracy alone)."""
+    return shared_run(*INT4_B32_XS).out
 
 
 def test_artifact_holds_its_own_baseline(int4_run, compressed_accuracy):

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from compressor.cli import main
-
+from conftest import INT4_B32_XS
 REPORT_KEYS = [
     "model.name", "model.params", "artifact.path", "artifact.bytes", "artifact.sha256", "accuracy.metric",
     "accuracy.reference", "accuracy.onnxruntime.cpu", "parity.max_abs", "parity.max_rel",
@@ -62,7 +62,7 @@ def test_train_then_run_end_to_end(tmp_path):
 
 def test_shipped_seq2seq_by_name(tmp_path):
     result = CliRunner().invoke(main, ["run", "seq2seq-reverse", "--out", str(tmp_path / "o"), "--eval-limit",
-                                       "64", "--bench-runs", "3", "--quiet"])
+                                       "64", "--no-bench", "--quiet"])
     assert result.exit_code == 0, result.output
     accuracy = json.loads((tmp_path / "o" / "report.json").read_text())["accuracy"]
     assert accuracy["metric"] == "exact_match"
@@ -70,12 +70,9 @@ def test_shipped_seq2seq_by_name(tmp_path):
     assert accuracy["onnxruntime"]["cpu"] == pytest.approx(accuracy["reference"], abs=0.005)
 
 
-def test_int4_run_reports_bits_and_passes(tmp_path):
-    result = CliRunner().invoke(main, ["run", "gpt-xs", "--recipe", "int4", "--set", "quantize.block_size=32",
-                                       "--out", str(tmp_path / "q"), "--eval-limit", "16", "--bench-runs", "3",
-                                       "--quiet"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "q" / "report.json").read_text())
+def test_int4_run_reports_bits_and_passes(shared_run):
+    result = shared_run(*INT4_B32_XS)
+    report = json.loads((result.out / "report.json").read_text())
     assert 4 < report["bits_per_param"] < 32
     assert report["total_model_bits"] == pytest.approx(report["bits_per_param"] * report["model"]["params"])
     assert [p["name"] for p in report["passes"]] == ["quantize"]
@@ -84,7 +81,7 @@ def test_int4_run_reports_bits_and_passes(tmp_path):
     assert report["parity"]["by_provider"]["cpu_exact"]["passed"] and report["parity"]["passed"]
     # the default int8-activation kernel is reported beside it; the exact-kernel figure is the gated one
     assert report["parity"]["by_provider"]["cpu"]["gated"] is False
-    assert "(default kernel, not gated: cpu " in result.output, result.output
+    assert "(default kernel, not gated: cpu " in result.stdout, result.stdout
     gated = [report["parity"]["by_provider"][k]["max_rel"] for k in ("cpu_exact", "cpu_decode")]
     assert report["parity"]["max_rel"] == max(gated) < 1e-4  # the worst of the exact-kernel entries
     assert report["artifact"]["lowering"]["lowered"] and not report["artifact"]["lowering"]["left_fp32"]
@@ -92,12 +89,34 @@ def test_int4_run_reports_bits_and_passes(tmp_path):
     assert report["artifact"]["bytes"] < 0.5 * fp32_bytes
 
 
+def test_no_bench_writes_the_whole_report_without_speed_figures(shared_run, compress_here, tmp_path):
+    result = shared_run(*INT4_B32_XS)
+    report = json.loads((result.out / "report.json").read_text())
+    assert report["latency"] == {} and "generation" not in report and "speedup" not in report["summary"]
+    assert report["run"]["bench_runs"] is None and report["baseline_latency"] is None
+    assert list(report["memory"]) == ["compress_peak_rss_mb"]  # no benchmark process to measure
+    assert report["accuracy"]["agreement"]["cpu"]["passed"] and report["gates"]["passed"]
+    assert report["plots"] == ["passes.png", "accuracy_vs_size.png"]  # no latency.png
+    assert sorted(p.name for p in result.out.iterdir() if not p.name.startswith(".")) == [
+        "accuracy_vs_size.png", "model.onnx", "passes.png", "recipe.yaml", "report.json", "report.md"]
+    markdown = (result.out / "report.md").read_text()
+    assert "| ONNX Runtime cpu |" in markdown and "## Generation" not in markdown
+    assert "; latency not measured (--no-bench); artifact " in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("summary: ")
+    # a speed gate needs the benchmark, and --bench-runs says to run it: each refused before any work
+    for args, needle in ((("--set", "gates.min_speedup=1"), "gates.min_speedup needs the latency benchmark"),
+                         (("--bench-runs", "3"), "--no-bench skips the benchmark that --bench-runs sets")):
+        done = compress_here("run", "gpt-xs", "--recipe", "int4", "--no-bench", *args, "--out", str(tmp_path / "o"))
+        assert done.returncode == 2 and needle in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert not (tmp_path / "o").exists()
+
+
 def test_same_inputs_give_byte_identical_quantized_artifacts(tmp_path):
     digests = []
     for attempt in ("a", "b"):
         result = CliRunner().invoke(main, ["run", "gpt-xs", "--recipe", "int4-gptq", "--set",
                                            "quantize.block_size=32", "--out", str(tmp_path / attempt),
-                                           "--eval-limit", "4", "--bench-runs", "2", "--quiet"])
+                                           "--eval-limit", "4", "--no-bench", "--quiet"])
         assert result.exit_code == 0, result.output
         digests.append(json.loads((tmp_path / attempt / "report.json").read_text())["artifact"]["sha256"])
     assert digests[0] == digests[1]
@@ -107,7 +126,7 @@ def test_stale_partial_files_are_cleared(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / ".model.onnx.abc.partial").write_bytes(b"half a model")
-    result = CliRunner().invoke(main, ["run", "gpt-xs", "--out", str(out), "--eval-limit", "4", "--bench-runs", "2",
+    result = CliRunner().invoke(main, ["run", "gpt-xs", "--out", str(out), "--eval-limit", "4", "--no-bench",
                                        "--quiet"])
     assert result.exit_code == 0, result.output
     assert not list(out.glob(".*.partial")) and (out / "model.onnx").exists()
@@ -196,8 +215,8 @@ def test_a_stray_gguf_does_not_reroute_our_checkpoint(compress_here, shipped, tm
     folder = tmp_path / "ckpt"
     shutil.copytree(shipped / "gpt-xs", folder)
     (folder / "notes.gguf").write_bytes(b"GGUF but not a model")
-    done = compress_here("run", str(folder), "--out", str(tmp_path / "o"), "--eval-limit", "4", "--bench-runs",
-                         "2", "--quiet")
+    done = compress_here("run", str(folder), "--out", str(tmp_path / "o"), "--eval-limit", "4", "--no-bench",
+                         "--quiet")
     assert done.returncode == 0, done.stderr
 
 

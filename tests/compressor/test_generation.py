@@ -6,17 +6,13 @@ import json
 import numpy as np
 import pytest
 
-FAST = ("--eval-limit", "8", "--bench-runs", "2", "--quiet")
+from conftest import FAST, INT4_XS, NO_BENCH, tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
-def gpt_int4(tmp_path_factory):
-    from conftest import run_compress
-
-    out = tmp_path_factory.mktemp("gen") / "o"
-    done = run_compress("run", "gpt-xs", "--recipe", "int4", "--out", str(out), *FAST)
-    assert done.returncode == 0, done.stderr
-    return out
+def gpt_int4(shared_run):
+    """gpt-xs int4 with its generation benchmark (test_plots reads the same run)."""
+    return shared_run(*INT4_XS).out
 
 
 def test_report_measures_generation_against_the_fp32_export(gpt_int4):
@@ -51,13 +47,13 @@ def test_cache_kept_in_place_gives_the_same_tokens_as_the_copied_one(gpt_int4, s
     assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 100  # a second in-place run starts from a clean buffer
 
 
-def test_generate_streams_a_continuation(compress, gpt_int4):
+def test_generate_streams_a_continuation(compress, compress_here, gpt_int4):
     done = compress("generate", str(gpt_int4), "--prompt", "The city of ", "--max-new-tokens", "20", "--stats")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("The city of ") and len(done.stdout) > len("The city of ") + 5
     assert "tokens/s" in done.stderr
-    sampled = [compress("generate", str(gpt_int4), "--prompt", "The ", "--temperature", "1", "--top-p", "0.9",
-                        "--seed", str(seed), "--max-new-tokens", "20").stdout for seed in (1, 1, 2)]
+    sampled = [compress_here("generate", str(gpt_int4), "--prompt", "The ", "--temperature", "1", "--top-p", "0.9",
+                             "--seed", str(seed), "--max-new-tokens", "20").stdout for seed in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling: same seed, same text
 
 
@@ -75,21 +71,20 @@ def test_bench_json(compress, gpt_int4):
     (("--prompt", "x", "--temperature", "-1"), "--temperature must be"),
     (("--prompt", "x" * 200), "the prompt has 200 tokens; this model takes at most 128"),
 ])
-def test_bad_generate_arguments_are_one_line(compress, gpt_int4, args, message):
-    done = compress("generate", str(gpt_int4), *args)
+def test_bad_generate_arguments_are_one_line(compress_here, gpt_int4, args, message):
+    done = compress_here("generate", str(gpt_int4), *args)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress, tmp_path):
+def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress_here, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     from compressor.generation import generate
     from compressor.ort_runtime import create_session
-    from conftest import tiny_llama_folder
 
     out = tmp_path / "o"
     llama = tiny_llama_folder(tmp_path / "llama", 128)  # heads of 32
-    done = compress("run", str(llama), "--recipe", "int4", "--set", "quantize.block_size=32", "--out",
-                    str(out), *FAST)
+    done = compress_here("run", str(llama), "--recipe", "int4", "--set", "quantize.block_size=32", "--out",
+                         str(out), *NO_BENCH)
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "genai_config.json").read_text())["model"]
     assert (config["decoder"]["num_hidden_layers"], config["decoder"]["num_key_value_heads"]) == (2, 2)
@@ -110,29 +105,30 @@ def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress, tmp_path):
     assert theirs == ours[:len(theirs)] and len(theirs) == 16
 
 
-def test_heads_gqa_cannot_take_export_without_a_cache_and_generate_refuses_it(compress, tiny_llama, tmp_path):
+def test_heads_gqa_cannot_take_export_without_a_cache_and_generate_refuses_it(compress_here, tiny_llama, tmp_path):
     import onnx
 
-    done = compress("run", str(tiny_llama), "--out", str(tmp_path / "o"), *FAST)  # heads of 24
+    done = compress_here("run", str(tiny_llama), "--out", str(tmp_path / "o"), *FAST)  # heads of 24
     assert done.returncode == 0, done.stderr
     inputs = [i.name for i in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.input]
     assert inputs == ["input_ids"]
     assert "generation" not in json.loads((tmp_path / "o" / "report.json").read_text())
-    refused = compress("generate", str(tmp_path / "o"), "--prompt", "abc")  # as any encoder or seq2seq artifact
+    refused = compress_here("generate", str(tmp_path / "o"), "--prompt", "abc")  # as any encoder or seq2seq artifact
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "has no KV cache" in refused.stderr
-    bench = compress("bench", str(tmp_path / "o"), "--json", "--runs", "2")
+    bench = compress_here("bench", str(tmp_path / "o"), "--json", "--runs", "2")
     assert bench.returncode == 0, bench.stderr
     assert json.loads(bench.stdout)["batch1"]["p50_ms"] > 0  # no cache: batch latency instead
-    missing = compress("bench", str(tmp_path / "nothing"))
+    missing = compress_here("bench", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no artifact at" in missing.stderr
 
 
-def test_float16_export_for_cuda(compress, gpt_int4, tmp_path):
+def test_float16_export_for_cuda(compress_here, gpt_int4, tmp_path):
     import onnx
 
     out = tmp_path / "f16"
-    done = compress("run", "gpt-xs", "--recipe", "int4", "--set", "export.dtype=float16", "--out", str(out), *FAST)
+    done = compress_here("run", "gpt-xs", "--recipe", "int4", "--set", "export.dtype=float16", "--out", str(out),
+                         *NO_BENCH)
     assert done.returncode == 0, done.stderr
     model = onnx.load(str(out / "model.onnx"))
     graph = model.graph

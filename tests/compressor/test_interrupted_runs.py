@@ -1,5 +1,8 @@
 """Runs killed part-way (SIGKILL, SIGINT, SIGTERM) leave no half-written model.onnx and no stray child, and the
-same command again succeeds; two runs into one folder: one succeeds, the other is refused in one line."""
+same command again succeeds; two runs into one folder: one succeeds, the other is refused in one line.
+
+The watched runs pause before their files move into --out (COMPRESSOR_PAUSE_AT=commit, compressor.artifact's
+test hook), so a signal always lands on a run that could not have finished without it."""
 import json
 import signal
 import subprocess
@@ -11,19 +14,22 @@ from pathlib import Path
 import onnx
 import pytest
 
-from conftest import COMPRESS, ENV, FAST
+from conftest import COMPRESS, ENV, FAST, NO_BENCH
 
 # --- runs killed part-way ------------------------------------------------------------------------------------
 
-KILLED_RUN = ["run", "gpt-xs", "--recipe", "int4", *FAST]
+KILLED_RUN = ["run", "gpt-xs", "--recipe", "int4"]
+PAUSED = "paused at commit"  # what the run prints once it waits at the hook
 
 
 class _Watched:
-    """A `compress run` whose stderr lines are collected as they come, so the test can act on its progress."""
+    """A `compress run` whose stderr lines are collected as they come, so the test can act on its progress. It
+    waits at the commit pause (see the module docstring) until signalled; SIGUSR1 lets it finish."""
 
-    def __init__(self, out: Path, args: tuple[str, ...] = ()):
+    def __init__(self, out: Path, args: tuple[str, ...] = NO_BENCH):
         self.process = subprocess.Popen([*COMPRESS, *KILLED_RUN, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, env=ENV)
+                                        stderr=subprocess.PIPE, text=True,
+                                        env={**ENV, "COMPRESSOR_PAUSE_AT": "commit"})
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -35,7 +41,7 @@ class _Watched:
     def saw(self, needle: str) -> bool:
         return any(needle in line for line in self.lines)
 
-    def wait_for(self, needle: str, timeout: float = 90) -> None:
+    def wait_for(self, needle: str, timeout: float = 300) -> None:  # a loaded machine is slow
         deadline = time.monotonic() + timeout
         while not self.saw(needle):
             assert self.process.poll() is None, f"ended before {needle!r}: {self.lines}"
@@ -64,8 +70,8 @@ def _killed_inside_an_atomic_write(out: Path) -> None:
     assert not (out / "model.onnx").exists() and len(list(out.glob(".model.onnx.*.partial"))) == 1
 
 
-def test_sigkill_leaves_no_half_written_artifact_and_a_rerun_succeeds(tmp_path):
-    # killed during export: no model.onnx at all
+def test_sigkill_leaves_no_half_written_artifact_and_a_rerun_succeeds(tmp_path, compress_here):
+    # killed during export (the pause holds it before the commit, should export end within the half second)
     mid_export = tmp_path / "mid-export"
     run = _Watched(mid_export)
     run.wait_for("exporting to")
@@ -78,7 +84,7 @@ def test_sigkill_leaves_no_half_written_artifact_and_a_rerun_succeeds(tmp_path):
     at_write = tmp_path / "at-write"
     run = _Watched(at_write)
     run.wait_for("exporting to")
-    while not list(at_write.glob(".model.onnx.*.partial")) and not run.saw("validating"):
+    while not list(at_write.glob(".*/.model.onnx.*.partial")) and not run.saw("validating"):
         assert run.process.poll() is None, run.lines
         time.sleep(0.0005)
     run.process.send_signal(signal.SIGKILL)
@@ -87,17 +93,15 @@ def test_sigkill_leaves_no_half_written_artifact_and_a_rerun_succeeds(tmp_path):
 
     # the same command again, over the first run's folder plus a temp file a killed writer left, succeeds
     _killed_inside_an_atomic_write(mid_export)
-    rerun = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(mid_export)], capture_output=True, text=True,
-                           env=ENV, timeout=120)
+    rerun = compress_here(*KILLED_RUN, *NO_BENCH, "--out", str(mid_export))
     assert rerun.returncode == 0, rerun.stderr
-    assert not list(mid_export.glob(".*.partial"))
+    assert not list(mid_export.glob(".*.partial")) and not list(mid_export.glob(".stage-*"))
     onnx.checker.check_model(onnx.load(str(mid_export / "model.onnx")))
 
 
 def test_sigint_is_one_line_exit_2_and_no_artifact(tmp_path):
     run = _Watched(tmp_path / "out")
-    run.wait_for("exporting to")
-    time.sleep(0.5)
+    run.wait_for(PAUSED)  # everything staged: without the signal the next step moves the artifact in
     run.process.send_signal(signal.SIGINT)
     assert run.finish() == 2
     assert not any("Traceback" in line for line in run.lines), run.lines
@@ -118,11 +122,11 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])  # same path
-def test_sigterm_during_the_benchmark_cleans_up_and_a_rerun_succeeds(tmp_path, signum):
+def test_sigterm_during_the_benchmark_cleans_up_and_a_rerun_succeeds(tmp_path, signum, compress_here):
     out = tmp_path / "out"
-    run = _Watched(out)
+    run = _Watched(out, tuple(FAST))  # with the benchmark: its child process is what this test is about
     run.wait_for("validating")
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300
     while not (children := _children(run.process.pid)):  # the benchmark's child process has started
         assert run.process.poll() is None and time.monotonic() < deadline, run.lines
         time.sleep(0.01)
@@ -134,20 +138,19 @@ def test_sigterm_during_the_benchmark_cleans_up_and_a_rerun_succeeds(tmp_path, s
     time.sleep(0.5)
     assert not any(Path(f"/proc/{child}").exists() for child in children), "the benchmark child outlived the run"
     assert not out.exists(), sorted(p.name for p in out.iterdir())  # the run created it: nothing of it stays
-    rerun = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(out)], capture_output=True, text=True, env=ENV,
-                           timeout=180)
+    rerun = compress_here(*KILLED_RUN, *NO_BENCH, "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr
 
 
-def test_two_runs_into_one_folder_one_succeeds_the_other_is_refused(tmp_path):
+def test_two_runs_into_one_folder_one_succeeds_the_other_is_refused(tmp_path, compress_here):
     out = tmp_path / "out"
-    first = _Watched(out, ("--bench-runs", "400"))  # still benchmarking when the second run reaches the lock
-    first.wait_for("loaded")
-    second = subprocess.run([*COMPRESS, *KILLED_RUN, "--out", str(out)], capture_output=True, text=True, env=ENV,
-                            timeout=120)
+    first = _Watched(out)
+    first.wait_for(PAUSED)  # holding the folder, its files staged
+    second = compress_here(*KILLED_RUN, *NO_BENCH, "--out", str(out))
     assert second.returncode == 2, second.stderr
     line, = second.stderr.strip().splitlines()
     assert f"pid {first.process.pid}" in line and "in use by another compress run" in line
+    first.process.send_signal(signal.SIGUSR1)  # let the first one finish
     assert first.finish() == 0, first.lines
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
     report = json.loads((out / "report.json").read_text())

@@ -5,6 +5,8 @@ import json
 import onnx
 import pytest
 
+from conftest import NO_BENCH
+
 FAST = ("--eval-limit", "8", "--bench-runs", "3", "--quiet")
 
 
@@ -12,8 +14,8 @@ def _report(out) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def test_int4_fused_lowers_then_fuses(compress, tmp_path, optimized_ops):
-    done = compress("run", "gpt-xs", "--recipe", "int4-fused", "--out", str(tmp_path / "o"), *FAST)
+def test_int4_fused_lowers_then_fuses(compress_here, tmp_path, optimized_ops):
+    done = compress_here("run", "gpt-xs", "--recipe", "int4-fused", "--out", str(tmp_path / "o"), *NO_BENCH)
     assert done.returncode == 0, done.stderr
     report = _report(tmp_path / "o")
     assert [p["name"] for p in report["passes"]] == ["quantize", "fuse"]
@@ -34,9 +36,9 @@ def test_int4_fused_lowers_then_fuses(compress, tmp_path, optimized_ops):
     assert report["gates"]["passed"]
 
 
-def test_chain_int4_runs_every_torch_stage(compress, tmp_path):
-    done = compress("run", "gpt-s", "--recipe", "chain-int4", "--set", "heal.steps=20", "--set",
-                    "lowrank.param_budget=0.5", "--out", str(tmp_path / "o"), *FAST)
+def test_chain_int4_runs_every_torch_stage(compress_here, tmp_path):
+    done = compress_here("run", "gpt-s", "--recipe", "chain-int4", "--set", "heal.steps=20", "--set",
+                         "lowrank.param_budget=0.5", "--out", str(tmp_path / "o"), *NO_BENCH)
     assert done.returncode == 0, done.stderr
     report = _report(tmp_path / "o")
     assert [p["name"] for p in report["passes"]] == ["structured_prune", "lowrank", "heal", "quantize"]
@@ -50,9 +52,9 @@ def test_chain_int4_runs_every_torch_stage(compress, tmp_path):
     assert report["summary"]["bits_ratio"] > 32 / 5  # fewer params, and those at ~4.5 bits
 
 
-def test_min_speedup_gate_fails_with_exit_1_and_the_report_written(compress, tmp_path):
-    done = compress("run", "gpt-xs", "--recipe", "int4", "--set", "gates.min_speedup=1000", "--out",
-                    str(tmp_path / "o"), *FAST)
+def test_min_speedup_gate_fails_with_exit_1_and_the_report_written(compress_here, tmp_path):
+    done = compress_here("run", "gpt-xs", "--recipe", "int4", "--set", "gates.min_speedup=1000", "--out",
+                         str(tmp_path / "o"), *FAST)
     assert done.returncode == 1, done.stderr
     report = _report(tmp_path / "o")
     check = next(c for c in report["gates"]["checks"] if c["gate"] == "min_speedup")
@@ -63,7 +65,8 @@ def test_min_speedup_gate_fails_with_exit_1_and_the_report_written(compress, tmp
 
 
 def test_summary_block_is_the_last_cli_line_and_first_in_report_md(compress, tmp_path):
-    done = compress("run", "gpt-xs", "--recipe", "int8", "--out", str(tmp_path / "o"), *FAST)
+    # in a process of its own: compress_peak_rss_mb is then the run's own peak, not a test worker's
+    done = compress("run", "gpt-xs", "--recipe", "int8", "--out", str(tmp_path / "o"), *NO_BENCH)
     assert done.returncode == 0, done.stderr
     report = _report(tmp_path / "o")
     summary = report["summary"]

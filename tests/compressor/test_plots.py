@@ -6,21 +6,18 @@ import json
 import matplotlib
 import matplotlib.image
 import pytest
-from click.testing import CliRunner
 
-from compressor.cli import main
 from compressor.plots import PLOTS, render_png, write_plots
+from conftest import INT4_XS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def int4_run(tmp_path_factory):
-    """One end-to-end int4 run of the smallest sample (a few seconds): its folder and its report."""
-    out = tmp_path_factory.mktemp("plots") / "int4"
-    result = CliRunner().invoke(main, ["run", "gpt-xs", "--recipe", "int4", "--out", str(out), "--eval-limit", "8",
-                                       "--bench-runs", "3", "--quiet"])
-    assert result.exit_code == 0, result.output
+def int4_run(shared_run):
+    """One end-to-end int4 run of the smallest sample, with its benchmarks (test_generation reads the same run):
+    its folder and its report."""
+    out = shared_run(*INT4_XS).out
     return out, json.loads((out / "report.json").read_text())
 
 

@@ -52,7 +52,7 @@ def test_failed_gate_exits_1_with_report_written(tmp_path):
     path.write_text("passes:\n  - quantize: {bits: 2, block_size: 32}\ngates:\n  min_recovery: 0.99\n")
     out = tmp_path / "o"
     result = CliRunner().invoke(main, ["run", "gpt-xs", "--recipe", str(path), "--out", str(out),
-                                       "--eval-limit", "8", "--bench-runs", "2", "--quiet"])
+                                       "--eval-limit", "8", "--no-bench", "--quiet"])
     assert result.exit_code == 1, result.output
     report = json.loads((out / "report.json").read_text())
     recovery = next(c for c in report["gates"]["checks"] if c["gate"] == "min_recovery")

@@ -3,6 +3,8 @@ an ONNX input takes the one activation mode it can."""
 import onnx
 import pytest
 
+from conftest import FP32_XS
+
 BAD = {
     "percentile 0": (["--recipe", "w8a8", "--set", "quantize.activation_percentile=0"],
                      "quantize.activation_percentile must be in (0, 100]"),
@@ -36,18 +38,16 @@ def test_bad_activation_setting_is_one_line_exit_2(tmp_path, name, compress_here
     assert not out.exists()
 
 
-def test_onnx_input_takes_dynamic_activations_and_refuses_static(tmp_path, compress):
+def test_onnx_input_takes_dynamic_activations_and_refuses_static(tmp_path, compress, compress_here, shared_run):
     """An ONNX input has no torch model to calibrate through: static W8A8 is refused before --out is touched;
     dynamic W8A8 needs no calibration and gives the same integer kernels as a checkpoint input."""
-    fp32 = tmp_path / "fp32"
-    done = compress("run", "gpt-xs", "--out", str(fp32), "--eval-limit", "4", "--bench-runs", "1", "--quiet")
-    assert done.returncode == 0, done.stderr
+    fp32 = shared_run(*FP32_XS).out
     out = tmp_path / "out"
-    done = compress("run", str(fp32 / "model.onnx"), "--recipe", "w8a8", "--out", str(out), "--quiet")
+    done = compress_here("run", str(fp32 / "model.onnx"), "--recipe", "w8a8", "--out", str(out), "--quiet")
     assert done.returncode == 2 and "needs calibration through the torch model" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
     done = compress("run", str(fp32 / "model.onnx"), "--recipe", "w8a8-dynamic", "--out", str(out),
-                    "--eval-limit", "4", "--bench-runs", "1", "--quiet")
+                    "--eval-limit", "4", "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "(integer activations: reported, the accuracy agreement gates)" in done.stdout, done.stdout
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]

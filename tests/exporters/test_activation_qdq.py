@@ -231,13 +231,13 @@ def test_w8a8_run_end_to_end_with_the_kv_cache(compress, tmp_path, optimized_ops
     assert report["passes"][0]["embeddings"]
 
 
-def test_w8a8_after_structured_pruning_and_low_rank(compress, tmp_path, optimized_ops):
+def test_w8a8_after_structured_pruning_and_low_rank(compress_here, tmp_path, optimized_ops):
     """The chain prune -> low-rank -> W8A8: the shrunk and factorized Linears (two per low-rank layer) all run
     as integer GEMMs, and the artifact still matches its fake-quantized torch model."""
     out = tmp_path / "o"
-    done = compress("run", "gpt-xs", "--recipe", "w8a8", "--set", "structured_prune.heads=0.25",
-                    "--set", "structured_prune.ffn=0.25", "--set", "lowrank.rank_ratio=0.5", "--out", str(out),
-                    "--eval-limit", "8", "--no-bench", "--quiet")
+    done = compress_here("run", "gpt-xs", "--recipe", "w8a8", "--set", "structured_prune.heads=0.25",
+                         "--set", "structured_prune.ffn=0.25", "--set", "lowrank.rank_ratio=0.5", "--out", str(out),
+                         "--eval-limit", "8", "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["structured_prune", "lowrank", "quantize"]

@@ -52,9 +52,9 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return _save(transformers.GPT2LMHeadModel(config), folder)
 
 
-def test_encoder_folder_int8_end_to_end(compress, tiny_bert, tmp_path):
-    done = compress("run", str(tiny_bert), "--out", str(tmp_path / "out"), "--recipe", "int8",
-                     "--eval-limit", "96", "--bench-runs", "2", "--quiet")
+def test_encoder_folder_int8_end_to_end(compress_here, tiny_bert, tmp_path):
+    done = compress_here("run", str(tiny_bert), "--out", str(tmp_path / "out"), "--recipe", "int8",
+                         "--eval-limit", "96", "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model"]["family"] == "hf-encoder"
@@ -68,8 +68,8 @@ def test_encoder_folder_int8_end_to_end(compress, tiny_bert, tmp_path):
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert "compressor.task_state" in {p.key for p in model.metadata_props}  # the probe, for compress check
-    check = compress("check", str(tmp_path / "out" / "model.onnx"), "--baseline",
-                      str(tmp_path / "out" / "report.json"), "--tolerance", "0")
+    check = compress_here("check", str(tmp_path / "out" / "model.onnx"), "--baseline",
+                          str(tmp_path / "out" / "report.json"), "--tolerance", "0")
     assert check.returncode == 0 and check.stdout.startswith("ok: probe_accuracy"), check.stdout + check.stderr
 
 
@@ -88,7 +88,7 @@ def test_decoder_folder_int4_partial_blocks_and_check(compress, tiny_llama, tmp_
     """Hidden 96 is not a multiple of 64: the last block of each row is shorter, every Linear still quantized."""
     out = tmp_path / "out"
     done = compress("run", str(tiny_llama), "--out", str(out), "--recipe", "int4", "--eval-limit", "8",
-                     "--bench-runs", "2", "--quiet")
+                     "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["family"] == "hf-causal-lm" and report["accuracy"]["metric"] == "perplexity"
@@ -122,7 +122,7 @@ def test_decoder_q4_1_preset_float_zero_points_and_8bit_head(compress, tiny_llam
     torch model."""
     out = tmp_path / "out"
     done = compress("run", str(tiny_llama), "--out", str(out), "--recipe", "q4_1", "--set",
-                     "quantize.block_size=64", "--eval-limit", "8", "--bench-runs", "2", "--quiet")
+                     "quantize.block_size=64", "--eval-limit", "8", "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     quantize = report["passes"][0]
@@ -145,7 +145,7 @@ def test_gpt2_conv1d_becomes_linear_and_quantizes(compress, tiny_gpt2, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(checkpoint.model(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
     done = compress("run", str(tiny_gpt2), "--out", str(tmp_path / "out"), "--recipe", "int4", "--eval-limit", "8",
-                     "--bench-runs", "2", "--quiet")
+                     "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["passes"][0]["layers"]) == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp c_proj; lm_head
@@ -191,7 +191,7 @@ def test_structured_prune_of_an_unknown_family_is_refused_before_weights_load(co
 def test_structured_prune_shrinks_a_llama_folder_end_to_end(compress, tiny_llama, tmp_path):
     out = tmp_path / "out"
     done = compress("run", str(tiny_llama), "--out", str(out), "--recipe", "structured25", "--set",
-                    "structured_prune.heads=0.5", "--eval-limit", "4", "--bench-runs", "2", "--quiet")
+                    "structured_prune.heads=0.5", "--eval-limit", "4", "--no-bench", "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     kinds = [(layer["kind"], layer["before"], layer["after"]) for layer in report["passes"][0]["layers"]]

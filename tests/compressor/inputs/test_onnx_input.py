@@ -9,7 +9,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-FAST = ("--eval-limit", "16", "--bench-runs", "2", "--quiet")
+from conftest import FP32_XS
+
+FAST = ("--eval-limit", "16", "--no-bench", "--quiet")  # nothing here reads latency
 
 
 def _one_line_error(done: subprocess.CompletedProcess) -> str:
@@ -20,18 +22,19 @@ def _one_line_error(done: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(compress, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fp32")
-    assert compress("run", "gpt-xs", "--out", str(out), *FAST).returncode == 0
-    return out / "model.onnx"
+def fp32_onnx(shared_run) -> Path:
+    """gpt-xs exported fp32 (the run other test files read too): read it, never write beside it."""
+    return shared_run(*FP32_XS).out / "model.onnx"
 
 
-def test_onnx_input_int4_matches_the_checkpoint_path(compress, fp32_onnx, tmp_path):
+def test_onnx_input_int4_matches_the_checkpoint_path(compress, compress_here, fp32_onnx, tmp_path):
     from_graph, from_torch = tmp_path / "graph", tmp_path / "torch"
-    assert compress("run", str(fp32_onnx), "--out", str(from_graph), "--recipe", "int4", *FAST).returncode == 0
+    done = compress("run", str(fp32_onnx), "--out", str(from_graph), "--recipe", "int4", *FAST)  # as a user runs it
+    assert done.returncode == 0, done.stderr
     # an ONNX input has no nn.Embedding tables to quantize: the checkpoint run keeps its tables float too
-    assert compress("run", "gpt-xs", "--out", str(from_torch), "--recipe", "int4", "--set", "quantize.embedding_bits=",
-                    *FAST).returncode == 0
+    done = compress_here("run", "gpt-xs", "--out", str(from_torch), "--recipe", "int4", "--set",
+                         "quantize.embedding_bits=", *FAST)
+    assert done.returncode == 0, done.stderr
     graph, torch_run = (json.loads((d / "report.json").read_text()) for d in (from_graph, from_torch))
     assert graph["model"]["input_format"] == "onnx"
     assert graph["accuracy"]["reference"] == pytest.approx(torch_run["accuracy"]["reference"], rel=1e-5)
@@ -85,9 +88,9 @@ def test_external_data_outside_the_folder_is_refused(compress_here, fp32_onnx, t
     assert not (tmp_path / "o" / "model.onnx").exists()
 
 
-def test_external_data_inside_the_folder_is_accepted(compress, fp32_onnx, tmp_path):
+def test_external_data_inside_the_folder_is_accepted(compress_here, fp32_onnx, tmp_path):
     model = _with_external_data(fp32_onnx, tmp_path / "m", "weights.bin")
-    done = compress("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int8", *FAST)
+    done = compress_here("run", str(model), "--out", str(tmp_path / "o"), "--recipe", "int8", *FAST)
     assert done.returncode == 0, done.stderr
 
 
