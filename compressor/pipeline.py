@@ -10,9 +10,9 @@ from pathlib import Path
 import onnx
 
 from compressor import __version__
-from compressor.artifact import (ARTIFACT_NAME, assemble_report, check_out_dir, locked_out_dir, prepare_out_dir,
-                                 save_onnx, staged)
+from compressor.artifact import ARTIFACT_NAME, assemble_report, check_out_dir, locked_out_dir, prepare_out_dir, staged
 from compressor.atomic import atomic_write_text
+from compressor.onnx_file import save_onnx, serialized_if_one_file
 from compressor.errors import UserError
 from compressor.inputs import InputAdapter, Source, adapter_for
 from compressor.ort_runtime import check_providers
@@ -162,12 +162,12 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
                                       source.config.get("model_type", "llama"))
     graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
                    "ir_version": proto.ir_version}
-    serialized = finalize(proto, metadata).SerializeToString()
-    del proto  # the file's bytes stand for the graph now: one copy in memory, not two
+    writable = serialized_if_one_file(finalize(proto, metadata))
+    del proto
     with staged(out_dir) as stage:
         artifact = stage / ARTIFACT_NAME
-        save_onnx(serialized, artifact)
-        del serialized
+        save_onnx(writable, artifact)
+        del writable
         for name, content in side_files.items():
             (stage / name).write_bytes(content)
         seed_line = f"# calibration sampling seed: --seed {options.seed}\n"

@@ -2,7 +2,8 @@
 
 Choices (see ../shared/notes/ort-facts.md): the dynamo exporter at opset 21 (QuantizeLinear/DequantizeLinear
 with block_size need 21; 26 exports silently broken files) with its onnxscript optimizer (constant folding),
-IR version 10 (onnxruntime-gpu 1.31 rejects newer), weights embedded (no .onnx.data beside it), onnx.checker.
+IR version 10 (onnxruntime-gpu 1.31 rejects newer), weights in the proto (compressor.onnx_file decides how the
+artifact stores them on disk: one file, or model.onnx.data beside it past 1 GiB of tensors), onnx.checker.
 Each nn.Linear's MatMul weight becomes an initializer named `<module>.weight` (the exporter calls its transposed
 copy `val_N`), so the QDQ lowering finds a layer's initializer by name; a tied weight (an LM head sharing the
 embedding table) stays Transpose(table), stored once. Exporters hand protos up; the caller writes files.
