@@ -9,11 +9,10 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import onnx
 
-from compressor.atomic import atomic_path, sha256_file
 from compressor.errors import UserError
 from compressor.gates import evaluate_gates
+from compressor.onnx_file import data_path, file_record
 from compressor.ort_runtime import headline_provider
 from compressor.plots import PLOTS
 from compressor.report import SCHEMA_VERSION, environment, tool_record
@@ -25,7 +24,8 @@ LOCK_NAME = ".compress.lock"
 STAGE_PREFIX = ".stage-"
 PAUSE_ENV = "COMPRESSOR_PAUSE_AT"  # a test hook: see pause_point
 # what a run writes; the artifact moves in last, so its presence means the rest is there too
-OUTPUTS = ("recipe.yaml", *PLOTS, "report.md", "report.json", GENAI_CONFIG, *TOKENIZER_FILES, ARTIFACT_NAME)
+OUTPUTS = ("recipe.yaml", *PLOTS, "report.md", "report.json", GENAI_CONFIG, *TOKENIZER_FILES,
+           data_path(Path(ARTIFACT_NAME)).name, ARTIFACT_NAME)
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -149,15 +149,6 @@ def _commit(stage: Path, out_dir: Path) -> None:
         raise
 
 
-def save_onnx(model: onnx.ModelProto | bytes, path: Path) -> None:
-    """Serialize in one file, atomically (a killed run leaves no half-written model), after the full ONNX checker
-    passed on the written temp file. Pass the serialized bytes to let the caller free the proto first."""
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_bytes(model if isinstance(model, bytes) else model.SerializeToString())
-        del model
-        onnx.checker.check_model(str(tmp), full_check=True)
-
-
 def summarize(report: dict, input_bits: dict) -> dict:
     """How much was gained: the input model's total model bits and fp32 parameter bytes over the artifact's, and
     the artifact's ONNX Runtime metric against the input model's (relative; positive = better, negative = worse)."""
@@ -189,7 +180,7 @@ def assemble_report(model_record: dict, recipe, artifact: Path, final_path: Path
         "summary": None,
         "model": model_record,
         "recipe": recipe.to_dict(),
-        "artifact": {"path": str(final_path), "bytes": artifact.stat().st_size, "sha256": sha256_file(artifact),
+        "artifact": {"path": str(final_path), **file_record(artifact),
                      **graph_facts, "lowering": lowering},
         "total_model_bits": bits["total_model_bits"],
         "bits_per_param": bits["bits_per_param"],
