@@ -31,7 +31,9 @@ def _bug(exc: BaseException):
         where = f"traceback saved to {log}"
     except OSError:
         where = "the traceback could not be saved"
-    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    from passes.calibration import first_line
+
+    first = first_line(exc) if str(exc).strip() else ""
     click.echo(f"bug: unexpected {type(exc).__name__}{': ' + first if first else ''} ({where}; please report it)",
                err=True)
     sys.exit(EXIT_BUG)
@@ -114,16 +116,17 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
 
     CHECKPOINT is a checkpoint folder (config.json + model.safetensors), a weights file with config.json beside
     it, or the name of a shipped sample (see `compress sample list`)."""
+    from compressor.api import compress
+    from compressor.ort_runtime import headline_provider
     from compressor.report import summary_text
-    from compressor.pipeline import RunOptions, run
     from compressor.validate import BenchmarkSettings
 
     if no_bench and click.get_current_context().get_parameter_source("bench_runs") is ParameterSource.COMMANDLINE:
         raise UserError("--no-bench skips the benchmark that --bench-runs sets: pass one of them")
     bench = BenchmarkSettings(runs=bench_runs, warmup=min(10, bench_runs))  # a 135M LM's b16 run takes seconds
-    options = RunOptions(recipe=recipe, overrides=overrides, seed=seed, providers=tuple(dict.fromkeys(providers)),
-                         eval_limit=eval_limit, force=force, bench=None if no_bench else bench, progress=not quiet)
-    report = run(checkpoint, out_dir, options, log=lambda m: click.echo(m, err=True))
+    report = compress(checkpoint, recipe, out_dir, overrides=overrides, seed=seed, providers=providers,
+                      eval_limit=eval_limit, bench=None if no_bench else bench, force=force, progress=not quiet,
+                      log=lambda m: click.echo(m, err=True))
     accuracy = report["accuracy"]
     click.echo(f"{report['model']['name']} [{report['recipe']['name']}]: {accuracy['metric']} fp32 "
                f"{accuracy['reference']:.4f}, compressed torch {accuracy['torch']:.4f}, " + ", ".join(
@@ -137,7 +140,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
                    if not v.get("gated", True)]
         parity_line += f" (default kernel, not gated: {', '.join(ungated)})" if ungated else ""
     if report["latency"]:
-        latency = report["latency"]["cpu"] if "cpu" in report["latency"] else next(iter(report["latency"].values()))
+        latency = report["latency"][headline_provider(report["latency"])]
         parity_line += (f"; latency p50 batch1 {latency['batch1']['p50_ms']:.3f} ms, "
                         f"batch16 {latency['batch16']['p50_ms']:.3f} ms")
     else:

@@ -185,7 +185,7 @@ def test_an_unexpected_exception_is_a_one_line_bug_with_its_own_exit_code(tmp_pa
     def broken(*args, **kwargs):
         raise KeyError("a key nobody expected")
 
-    monkeypatch.setattr("compressor.pipeline.run", broken)
+    monkeypatch.setattr("compressor.api.compress", broken)  # what `compress run` calls
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
