@@ -110,10 +110,16 @@ def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
             if isinstance(exc, (SafetensorError, OSError, ValueError)):
                 raise UserError(f"{weights} is not a readable safetensors file ({first_line(exc)})") from None
             raise
+    return read_torch_state_dict(weights)
+
+
+def read_torch_state_dict(weights: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """A torch state dict unpickled weights_only (never code); map_location "meta": names, dtypes and shapes
+    without reading a tensor."""
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
             warnings.simplefilter("ignore")
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = torch.load(weights, map_location=map_location, weights_only=True)
     except Exception as exc:  # weights_only refuses code; any failure here means the file is unusable
         if out_of_memory(exc):
             raise out_of_memory_error(weights, "read") from None
@@ -153,6 +159,19 @@ def check_plausible_size(params: int, weights: list[Path], where: Path) -> None:
                         f"weights hold {stored:,} bytes: the config does not describe these weights")
 
 
+def mismatch_error(weights, config_name: str, missing: list[str], unexpected: list[str],
+                   mistyped: list[str] = (), misshaped: list[str] = ()) -> UserError | None:
+    """One line naming what the weights lack, hold beyond and hold wrongly against what the config implies (the
+    first of each kind and how many more), or None when they match."""
+    def first(kind: str, items: list[str]) -> str:
+        items = sorted(items)
+        return f"{kind}{items[0]}" + (f" (+{len(items) - 1} more)" if len(items) > 1 else "")
+
+    parts = [first(kind, items) for kind, items in (("missing ", missing), ("unexpected ", unexpected),
+                                                     ("", mistyped), ("", misshaped)) if items]
+    return UserError(f"{weights} does not match {config_name}: {'; '.join(parts)}") if parts else None
+
+
 def _check_size(record: dict, config_path: Path, weights: Path) -> None:
     config = record["config"]
     if not isinstance(config, dict):
@@ -176,12 +195,9 @@ def model_skeleton(path: Path) -> nn.Module:
 
 def _check_against_config(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path,
                           config_name: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{weights} does not match {config_name}: "
-                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                        f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    error = mismatch_error(weights, config_name, list(set(expected) - set(state)), list(set(state) - set(expected)))
+    if error:
+        raise error
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise UserError(f"{weights}: tensor {key} has shape {tuple(tensor.shape)} but {config_name} implies "
