@@ -1,7 +1,6 @@
 """Shared test helpers: the shipped samples, the CLI as a user runs it, runs shared by several test files,
 quantized-artifact builders."""
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -22,11 +21,13 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 FAST = ["--eval-limit", "8", "--bench-runs", "2", "--quiet"]  # a run that ends soon
 # for tests that assert nothing on latency or generation speed: no benchmark child processes at all
 NO_BENCH = ["--eval-limit", "8", "--no-bench", "--quiet"]
-# runs that several test files read, done once per session (shared_run)
-FP32_XS = ("gpt-xs", *NO_BENCH)
-INT4_XS = ("gpt-xs", "--recipe", "int4", *FAST)  # with its latency and generation figures
-INT4_B32_XS = ("gpt-xs", "--recipe", "int4", "--set", "quantize.block_size=32", "--eval-limit", "16", "--no-bench",
-               "--quiet")
+# runs that several test files read, done once per session: shared_run(NAME)
+SHARED_RUNS = {
+    "gpt-xs fp32": ("gpt-xs", *NO_BENCH),
+    "gpt-xs int4": ("gpt-xs", "--recipe", "int4", *FAST),  # with its latency and generation figures
+    "gpt-xs int4 B32": ("gpt-xs", "--recipe", "int4", "--set", "quantize.block_size=32", "--eval-limit", "16",
+                        "--no-bench", "--quiet"),
+}
 
 
 def pytest_configure(config):
@@ -100,15 +101,17 @@ def _built_once(tmp_path_factory, key: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_run(tmp_path_factory):
-    """`shared_run(*ARGS)`: `compress run ARGS --out DIR` (in-process) done once per test session (_built_once):
-    its CompletedProcess, whose `out` is DIR."""
+    """`shared_run(NAME)`: `compress run ARGS --out DIR` for SHARED_RUNS[NAME] (in-process), done once per test
+    session (_built_once): its CompletedProcess, whose `out` is DIR."""
 
-    def run(*args: str) -> subprocess.CompletedProcess:
+    def run(name: str) -> subprocess.CompletedProcess:
+        args = SHARED_RUNS[name]
+
         def build(folder: Path) -> None:
             done = run_compress_here("run", *args, "--out", str(folder / "out"))
             (folder / "result.json").write_text(json.dumps([done.returncode, done.stdout, done.stderr]))
 
-        folder = _built_once(tmp_path_factory, hashlib.sha256("\0".join(args).encode()).hexdigest()[:16], build)
+        folder = _built_once(tmp_path_factory, name.replace(" ", "-"), build)
         done = subprocess.CompletedProcess(args, *json.loads((folder / "result.json").read_text()))
         assert done.returncode == 0, done.stderr
         done.out = folder / "out"
@@ -192,6 +195,13 @@ def tiny_llama_folder(folder: Path, hidden_size: int) -> Path:
                                       max_position_embeddings=512, tie_word_embeddings=True)
     transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """tiny_llama_folder, for a test that needs another width (test files cannot import one conftest by name
+    safely: another folder's conftest.py may have taken the name by then)."""
+    return tiny_llama_folder
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,12 @@ from click.testing import CliRunner
 
 from compressor.cli import main
 from compressor.errors import UserError
-from conftest import INT4_B32_XS
 
 
 @pytest.fixture(scope="module")
 def int4_run(shared_run):
     """The int4 run test_cli reads too (no benchmark: check reads the accuracy alone)."""
-    return shared_run(*INT4_B32_XS).out
+    return shared_run("gpt-xs int4 B32").out
 
 
 def test_artifact_holds_its_own_baseline(int4_run, compressed_accuracy):

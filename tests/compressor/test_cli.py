@@ -9,7 +9,6 @@ import torch
 from click.testing import CliRunner
 
 from compressor.cli import main
-from conftest import INT4_B32_XS
 REPORT_KEYS = [
     "model.name", "model.params", "artifact.path", "artifact.bytes", "artifact.sha256", "accuracy.metric",
     "accuracy.reference", "accuracy.onnxruntime.cpu", "parity.max_abs", "parity.max_rel",
@@ -71,7 +70,7 @@ def test_shipped_seq2seq_by_name(tmp_path):
 
 
 def test_int4_run_reports_bits_and_passes(shared_run):
-    result = shared_run(*INT4_B32_XS)
+    result = shared_run("gpt-xs int4 B32")  # test_check reads it too
     report = json.loads((result.out / "report.json").read_text())
     assert 4 < report["bits_per_param"] < 32
     assert report["total_model_bits"] == pytest.approx(report["bits_per_param"] * report["model"]["params"])
@@ -90,7 +89,7 @@ def test_int4_run_reports_bits_and_passes(shared_run):
 
 
 def test_no_bench_writes_the_whole_report_without_speed_figures(shared_run, compress_here, tmp_path):
-    result = shared_run(*INT4_B32_XS)
+    result = shared_run("gpt-xs int4 B32")
     report = json.loads((result.out / "report.json").read_text())
     assert report["latency"] == {} and "generation" not in report and "speedup" not in report["summary"]
     assert report["run"]["bench_runs"] is None and report["baseline_latency"] is None

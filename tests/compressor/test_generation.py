@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FAST, INT4_XS, NO_BENCH, tiny_llama_folder
+FAST = ("--eval-limit", "8", "--bench-runs", "2", "--quiet")
+NO_BENCH = ("--eval-limit", "8", "--no-bench", "--quiet")  # for tests that read no speed figure
 
 
 @pytest.fixture(scope="module")
 def gpt_int4(shared_run):
     """gpt-xs int4 with its generation benchmark (test_plots reads the same run)."""
-    return shared_run(*INT4_XS).out
+    return shared_run("gpt-xs int4").out
 
 
 def test_report_measures_generation_against_the_fp32_export(gpt_int4):
@@ -76,13 +77,13 @@ def test_bad_generate_arguments_are_one_line(compress_here, gpt_int4, args, mess
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress_here, tmp_path):
+def test_hf_decoder_folder_runs_under_onnxruntime_genai(compress_here, make_tiny_llama, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     from compressor.generation import generate
     from compressor.ort_runtime import create_session
 
     out = tmp_path / "o"
-    llama = tiny_llama_folder(tmp_path / "llama", 128)  # heads of 32
+    llama = make_tiny_llama(tmp_path / "llama", 128)  # heads of 32
     done = compress_here("run", str(llama), "--recipe", "int4", "--set", "quantize.block_size=32", "--out",
                          str(out), *NO_BENCH)
     assert done.returncode == 0, done.stderr

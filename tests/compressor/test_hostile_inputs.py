@@ -21,7 +21,6 @@ from compressor.check import check_artifact
 from compressor.cli import main
 from compressor.errors import UserError
 from compressor.recipes import Recipe, resolve_recipe
-from conftest import FP32_XS
 from passes.registry import PASSES
 
 FAST = ("--eval-limit", "8", "--no-bench", "--quiet")  # nothing here reads latency
@@ -317,7 +316,7 @@ def test_property_backtracking_check_never_fails(pieces):
 def fp32_run(shared_run) -> Path:
     """`compress run gpt-xs` (fp32): model.onnx with the compressor metadata, and its report.json (a run other test
     files read too: tamper with copies)."""
-    return shared_run(*FP32_XS).out
+    return shared_run("gpt-xs fp32").out
 
 
 def _with_metadata(source: Path, target: Path, **changes: str | None) -> Path:

@@ -5,9 +5,8 @@ import json
 import onnx
 import pytest
 
-from conftest import NO_BENCH
-
 FAST = ("--eval-limit", "8", "--bench-runs", "3", "--quiet")
+NO_BENCH = ("--eval-limit", "8", "--no-bench", "--quiet")  # for tests that read no speed figure
 
 
 def _report(out) -> dict:

@@ -8,7 +8,6 @@ import matplotlib.image
 import pytest
 
 from compressor.plots import PLOTS, render_png, write_plots
-from conftest import INT4_XS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -17,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def int4_run(shared_run):
     """One end-to-end int4 run of the smallest sample, with its benchmarks (test_generation reads the same run):
     its folder and its report."""
-    out = shared_run(*INT4_XS).out
+    out = shared_run("gpt-xs int4").out
     return out, json.loads((out / "report.json").read_text())
 
 

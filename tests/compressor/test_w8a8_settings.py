@@ -3,8 +3,6 @@ an ONNX input takes the one activation mode it can."""
 import onnx
 import pytest
 
-from conftest import FP32_XS
-
 BAD = {
     "percentile 0": (["--recipe", "w8a8", "--set", "quantize.activation_percentile=0"],
                      "quantize.activation_percentile must be in (0, 100]"),
@@ -43,7 +41,7 @@ def test_bad_activation_setting_is_one_line_exit_2(tmp_path, name, compress_here
 def test_onnx_input_takes_dynamic_activations_and_refuses_static(tmp_path, compress, compress_here, shared_run):
     """An ONNX input has no torch model to calibrate through: static W8A8 is refused before --out is touched;
     dynamic W8A8 needs no calibration and gives the same integer kernels as a checkpoint input."""
-    fp32 = shared_run(*FP32_XS).out
+    fp32 = shared_run("gpt-xs fp32").out
     out = tmp_path / "out"
     done = compress_here("run", str(fp32 / "model.onnx"), "--recipe", "w8a8", "--out", str(out), "--quiet")
     assert done.returncode == 2 and "needs calibration through the torch model" in done.stderr, done.stderr

@@ -9,8 +9,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import FP32_XS
-
 FAST = ("--eval-limit", "16", "--no-bench", "--quiet")  # nothing here reads latency
 
 
@@ -24,7 +22,7 @@ def _one_line_error(done: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def fp32_onnx(shared_run) -> Path:
     """gpt-xs exported fp32 (the run other test files read too): read it, never write beside it."""
-    return shared_run(*FP32_XS).out / "model.onnx"
+    return shared_run("gpt-xs fp32").out / "model.onnx"
 
 
 def test_onnx_input_int4_matches_the_checkpoint_path(compress, compress_here, fp32_onnx, tmp_path):
