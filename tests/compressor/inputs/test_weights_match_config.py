@@ -18,26 +18,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from compressor.errors import UserError  # noqa: E402
 from compressor.inputs.hf import hf_model_skeleton, load_hf_checkpoint  # noqa: E402
+from hf_files import copy_folder, edit_config, edit_state, write_gguf  # noqa: E402
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
-
-
-def _copy(folder: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "model"
-    shutil.copytree(folder, copy)
-    return copy
-
-
-def _edit_state(folder: Path, edit) -> None:
-    state = load_file(str(folder / "model.safetensors"))
-    edit(state)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _edit_config(folder: Path, **changes) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 def _extra_layer(state: dict) -> None:
@@ -46,14 +29,14 @@ def _extra_layer(state: dict) -> None:
 
 
 HF_CASES = {  # case -> (edit of the folder, what the one line says after "does not match config.json: ")
-    "deleted-q-proj": (lambda f: _edit_state(f, lambda s: s.pop(Q_PROJ)), f"missing {Q_PROJ}"),
-    "fewer-layers-in-config": (lambda f: _edit_config(f, num_hidden_layers=1),
+    "deleted-q-proj": (lambda f: edit_state(f, lambda s: s.pop(Q_PROJ)), f"missing {Q_PROJ}"),
+    "fewer-layers-in-config": (lambda f: edit_config(f, num_hidden_layers=1),
                                "unexpected model.layers.1.input_layernorm.weight (+8 more)"),
-    "extra-layer-in-file": (lambda f: _edit_state(f, _extra_layer),
+    "extra-layer-in-file": (lambda f: edit_state(f, _extra_layer),
                             "unexpected model.layers.2.input_layernorm.weight (+8 more)"),
-    "q-proj-int32": (lambda f: _edit_state(f, lambda s: s.update({Q_PROJ: s[Q_PROJ].to(torch.int32)})),
+    "q-proj-int32": (lambda f: edit_state(f, lambda s: s.update({Q_PROJ: s[Q_PROJ].to(torch.int32)})),
                      f"{Q_PROJ} stored as int32"),
-    "wider-mlp-in-config": (lambda f: _edit_config(f, intermediate_size=256),
+    "wider-mlp-in-config": (lambda f: edit_config(f, intermediate_size=256),
                             "model.layers.0.mlp.down_proj.weight has shape (96, 192) where config.json implies "
                             "(96, 256) (+5 more)"),
 }
@@ -61,7 +44,7 @@ HF_CASES = {  # case -> (edit of the folder, what the one line says after "does 
 
 @pytest.mark.parametrize("case", HF_CASES)
 def test_hf_weights_that_do_not_match_the_config_exit_2(compress_here, tiny_llama, tmp_path, case):
-    folder = _copy(tiny_llama, tmp_path)
+    folder = copy_folder(tiny_llama, tmp_path)
     edit, expected = HF_CASES[case]
     edit(folder)
     out = tmp_path / "out"
@@ -72,14 +55,14 @@ def test_hf_weights_that_do_not_match_the_config_exit_2(compress_here, tiny_llam
 
 
 def test_every_kind_of_mismatch_in_one_line(tiny_llama, tmp_path):
-    folder = _copy(tiny_llama, tmp_path)
+    folder = copy_folder(tiny_llama, tmp_path)
 
     def edit(state):
         state.pop("model.layers.1.mlp.up_proj.weight")
         state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.k_proj.weight"].to(torch.int8)
         state["model.extra.weight"] = torch.zeros(2)
 
-    _edit_state(folder, edit)
+    edit_state(folder, edit)
     with pytest.raises(UserError) as error:
         hf_model_skeleton(folder)
     assert str(error.value) == (f"{folder}/model.safetensors does not match config.json: missing "
@@ -89,8 +72,8 @@ def test_every_kind_of_mismatch_in_one_line(tiny_llama, tmp_path):
 
 def test_the_loader_refuses_them_too_without_the_skeleton(tiny_llama, tmp_path):
     """The API's own entry (load_hf_checkpoint) checks the header before transformers reads a weight."""
-    folder = _copy(tiny_llama, tmp_path)
-    _edit_state(folder, lambda s: s.pop(Q_PROJ))
+    folder = copy_folder(tiny_llama, tmp_path)
+    edit_state(folder, lambda s: s.pop(Q_PROJ))
     with pytest.raises(UserError, match=f"does not match config.json: missing {Q_PROJ}$"):
         load_hf_checkpoint(folder)
 
@@ -98,7 +81,7 @@ def test_the_loader_refuses_them_too_without_the_skeleton(tiny_llama, tmp_path):
 def test_sharded_and_torch_state_dict_folders_are_checked(tiny_llama, tmp_path):
     """A sharded safetensors folder (index.json) and a pytorch_model.bin are read from their headers too."""
     state = load_file(str(tiny_llama / "model.safetensors"))
-    sharded = _copy(tiny_llama, tmp_path)
+    sharded = copy_folder(tiny_llama, tmp_path)
     (sharded / "model.safetensors").unlink()
     halves = {"model-00001-of-00002.safetensors": [k for k in state if "layers.0." not in k],
               "model-00002-of-00002.safetensors": [k for k in state if "layers.0." in k]}
@@ -121,7 +104,7 @@ def test_sharded_and_torch_state_dict_folders_are_checked(tiny_llama, tmp_path):
 
 
 def test_an_index_naming_a_file_outside_the_folder_is_refused(tiny_llama, tmp_path):
-    folder = _copy(tiny_llama, tmp_path)
+    folder = copy_folder(tiny_llama, tmp_path)
     shutil.move(folder / "model.safetensors", tmp_path / "elsewhere.safetensors")
     keys = load_file(str(tmp_path / "elsewhere.safetensors")).keys()
     (folder / "model.safetensors.index.json").write_text(
@@ -135,12 +118,12 @@ def test_tied_head_and_unsaved_or_old_buffers_are_accepted(tiny_llama, tmp_path)
     checkpoint that saved inv_freq per layer loads the same."""
     assert "lm_head.weight" not in load_file(str(tiny_llama / "model.safetensors"))
     hf_model_skeleton(tiny_llama)
-    folder = _copy(tiny_llama, tmp_path)
-    _edit_state(folder, lambda s: s.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(12)
+    folder = copy_folder(tiny_llama, tmp_path)
+    edit_state(folder, lambda s: s.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(12)
                                             for i in range(2)}))
     hf_model_skeleton(folder)
     # an untied head with its weights deleted is missing, though
-    _edit_config(folder, tie_word_embeddings=False)
+    edit_config(folder, tie_word_embeddings=False)
     with pytest.raises(UserError, match="missing lm_head.weight$"):
         hf_model_skeleton(folder)
 
@@ -179,75 +162,11 @@ def test_bert_task_checkpoint_and_missing_pooler_are_accepted(tmp_path):
     transformers.BertForMaskedLM(config).save_pretrained(str(folder))
     assert any(k.startswith("cls.") for k in load_file(str(folder / "model.safetensors")))
     hf_model_skeleton(folder)
-    _edit_state(folder, lambda s: [s.pop(k) for k in list(s) if ".pooler." in k])
+    edit_state(folder, lambda s: [s.pop(k) for k in list(s) if ".pooler." in k])
     hf_model_skeleton(folder)
-    _edit_state(folder, lambda s: s.pop("bert.encoder.layer.0.output.dense.weight"))
+    edit_state(folder, lambda s: s.pop("bert.encoder.layer.0.output.dense.weight"))
     with pytest.raises(UserError, match="missing encoder.layer.0.output.dense.weight$"):
         hf_model_skeleton(folder)
-
-
-# GGUF files written here with gguf's own writer from tiny_llama's tensors (no download).
-BLOCK = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
-         "up_proj": "ffn_up", "down_proj": "ffn_down", "input_layernorm": "attn_norm",
-         "post_attention_layernorm": "ffn_norm"}
-
-
-def _gguf_tensors(folder: Path) -> dict[str, np.ndarray]:
-    """tiny_llama's tensors under GGUF names, q and k rows permuted as llama.cpp's converter does."""
-    config = json.loads((folder / "config.json").read_text())
-
-    def permute(weight: np.ndarray, heads: int) -> np.ndarray:
-        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-            weight.shape)
-
-    tensors = {}
-    for key, value in load_file(str(folder / "model.safetensors")).items():
-        array = value.float().numpy()
-        if key == "model.embed_tokens.weight":
-            tensors["token_embd.weight"] = array
-        elif key == "model.norm.weight":
-            tensors["output_norm.weight"] = array
-        else:
-            _, _, block, *module, _ = key.split(".")
-            name = BLOCK[module[-1]]
-            if name == "attn_q":
-                array = permute(array, config["num_attention_heads"])
-            elif name == "attn_k":
-                array = permute(array, config["num_key_value_heads"])
-            tensors[f"blk.{block}.{name}.weight"] = array
-    return tensors
-
-
-def write_gguf(folder: Path, path: Path, architecture: str = "llama", edit=None, blocks: int | None = None) -> Path:
-    config = json.loads((folder / "config.json").read_text())
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_name("tiny")
-    for key, value in (("block_count", blocks or config["num_hidden_layers"]),
-                       ("context_length", config["max_position_embeddings"]),
-                       ("embedding_length", config["hidden_size"]),
-                       ("feed_forward_length", config["intermediate_size"]),
-                       ("attention.head_count", config["num_attention_heads"]),
-                       ("attention.head_count_kv", config["num_key_value_heads"])):
-        writer.add_uint32(f"{architecture}.{key}", value)
-    writer.add_float32(f"{architecture}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
-    writer.add_float32(f"{architecture}.rope.freq_base", float(config.get("rope_theta", 10000.0)))
-    vocab = sorted(tokenizer["model"]["vocab"], key=tokenizer["model"]["vocab"].get)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(vocab)
-    writer.add_token_types([1] * len(vocab))
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]])
-    writer.add_eos_token_id(0)
-    tensors = _gguf_tensors(folder)
-    if edit:
-        edit(tensors)
-    for name, array in tensors.items():
-        writer.add_tensor(name, np.ascontiguousarray(array))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _gguf_extra_block(tensors: dict) -> None:
