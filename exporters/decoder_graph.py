@@ -24,11 +24,23 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.onnx_export import IR_VERSION, OPSET
+from exporters.onnx_export import IR_VERSION, OPSET, ExportError
 
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+# The rotary cos and sin tables are built whole at export ([max_positions, head_dim / 2] fp32 each): 1 GiB for the
+# pair takes 2,097,152 positions at head_dim 128 (the longest-context Llama / Qwen2 configs hold about 1M).
+MAX_ROTARY_TABLE_BYTES = 1 << 30
+
+
+def rotary_table_bytes(max_positions: int, rotary_dims: int) -> int:
+    """Bytes of the cos and sin tables for `max_positions` positions of `rotary_dims` (head_dim / 2) frequencies."""
+    return 2 * max_positions * rotary_dims * np.dtype(np.float32).itemsize
+
+
+def max_rotary_positions(rotary_dims: int) -> int:
+    return MAX_ROTARY_TABLE_BYTES // rotary_table_bytes(1, rotary_dims)
 
 
 @dataclass
@@ -155,10 +167,18 @@ def _mlp(g: _Graph, x: str, layer: DecoderLayer) -> str:
 
 
 def _rotary_caches(g: _Graph, decoder: Decoder) -> tuple[str, str]:
+    dims = len(decoder.rotary_inv_freq)
+    if decoder.max_positions > max_rotary_positions(dims):  # the input adapter refuses such configs first
+        raise ExportError(f"max_positions {decoder.max_positions:,} needs rotary tables of "
+                          f"{rotary_table_bytes(decoder.max_positions, dims) / 2**30:.2f} GiB; at most "
+                          f"{max_rotary_positions(dims):,} positions ({MAX_ROTARY_TABLE_BYTES / 2**30:g} GiB)")
     positions = np.arange(decoder.max_positions, dtype=np.float32)
     freqs = np.outer(positions, decoder.rotary_inv_freq.astype(np.float32))  # [max_positions, head_dim / 2]
-    return (g.init("rotary.cos_cache", (np.cos(freqs) * decoder.rotary_scaling).astype(np.float32)),
-            g.init("rotary.sin_cache", (np.sin(freqs) * decoder.rotary_scaling).astype(np.float32)))
+    cos = np.cos(freqs)
+    cos *= np.float32(decoder.rotary_scaling)
+    sin = np.sin(freqs, out=freqs)  # one table's memory less at the peak
+    sin *= np.float32(decoder.rotary_scaling)
+    return g.init("rotary.cos_cache", cos), g.init("rotary.sin_cache", sin)
 
 
 def build_decoder_graph(decoder: Decoder) -> onnx.ModelProto:

@@ -23,6 +23,8 @@ from compressor.inputs.checkpoint import (check_plausible_size, expected_params,
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
 from compressor.inputs.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
+from compressor.inputs.onnx import MAX_POSITIONS
+from exporters.decoder_graph import MAX_ROTARY_TABLE_BYTES, max_rotary_positions, rotary_table_bytes
 from passes.calibration import first_line
 
 # Architectures we know how to feed and evaluate: encoders become sentence embedders, decoders LMs.
@@ -95,6 +97,7 @@ def _gguf_meta_model(gguf: Path) -> torch.nn.Module:
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
         raise UserError(f"{gguf}: its metadata is not a model config transformers can build "
                         f"({first_line(exc, 200)})") from None
+    _check_allocations(model, f"{gguf} (its metadata)")
     _check_gguf_tensors(reader, model, gguf)
     return model
 
@@ -403,14 +406,46 @@ def _check_size(config, auto, folder: Path) -> None:
 
 
 def _meta_model(folder: Path, auto, transformers) -> torch.nn.Module:
-    """The folder's transformers model built on the meta device from config.json alone (no memory, no weights)."""
+    """The folder's transformers model built on the meta device from config.json alone (no memory, no weights),
+    its sizes that no weight bounds checked."""
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
         _check_size(config, auto, folder)
         with torch.device("meta"):
-            return auto.from_config(config)
+            model = auto.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"{folder}/config.json: invalid model config ({first_line(exc, 200)})") from None
+    _check_allocations(model, f"{folder}/config.json")
+    return model
+
+
+MAX_BUFFER_BYTES = 1 << 30  # buffers a model builds from its config (position ids, masks): not weights, not checked
+
+
+def _check_allocations(model: torch.nn.Module, where: str) -> None:
+    """What the config sizes beyond the weights (which the header check bounds): the model's buffers, and a
+    decoder's position limit, which sizes its rotary tables at export and bounds every length after it."""
+    buffers = sorted(((b.numel() * b.element_size(), name, tuple(b.shape)) for name, b in model.named_buffers()),
+                     reverse=True)
+    total = sum(size for size, _, _ in buffers)
+    if total > MAX_BUFFER_BYTES:
+        raise UserError(f"{where} implies buffers of {total / 2**30:.2f} GiB ({buffers[0][1]} {buffers[0][2]}); "
+                        f"at most {MAX_BUFFER_BYTES / 2**30:g} GiB")
+    config = model.config
+    if not type(model).__name__.endswith("ForCausalLM"):
+        return
+    key = next((k for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None)
+    if key is None:
+        return  # DEFAULT_CONTEXT
+    positions = getattr(config, key)
+    if isinstance(positions, bool) or not isinstance(positions, int) or not 1 <= positions <= MAX_POSITIONS:
+        raise UserError(f"{where}: {key} must be an integer in 1..{MAX_POSITIONS:,}, not {positions!r}")
+    inv_freq = next((b for name, b in model.named_buffers() if name.endswith("rotary_emb.inv_freq")), None)
+    if inv_freq is not None and positions > max_rotary_positions(inv_freq.numel()):
+        raise UserError(f"{where}: {key} {positions:,} needs rotary tables of "
+                        f"{rotary_table_bytes(positions, inv_freq.numel()) / 2**30:.2f} GiB at export; at most "
+                        f"{max_rotary_positions(inv_freq.numel()):,} positions at head_dim {2 * inv_freq.numel()} "
+                        f"({MAX_ROTARY_TABLE_BYTES / 2**30:g} GiB)")
 
 
 def _unused(family: str) -> tuple[str, ...]:
