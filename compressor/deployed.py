@@ -8,7 +8,7 @@ import onnx
 
 from compressor.errors import UserError
 from exporters import metadata_keys
-from passes.calibration import first_line
+from passes.calibration import excerpt, first_line
 
 ARTIFACT_NAME = "model.onnx"  # compressor.artifact's, without importing its report and plotting modules
 
@@ -37,5 +37,21 @@ def open_artifact(path: Path) -> Deployed:
     except ValueError:
         config = {}
     decodes = any(i.name.startswith("past_key_values.") for i in proto.graph.input)
-    return Deployed(path=model, folder=model.parent, family=metadata.get(metadata_keys.FAMILY),
-                    config=config if isinstance(config, dict) else {}, decodes=decodes)
+    config = config if isinstance(config, dict) else {}
+    if not decodes:
+        _check_sizes(config, model)
+    return Deployed(path=model, folder=model.parent, family=metadata.get(metadata_keys.FAMILY), config=config,
+                    decodes=decodes)
+
+
+def _check_sizes(config: dict, model: Path) -> None:
+    """`compress bench` makes a non-decoder's inputs from these values (context 10**9 would be a 7.45 GiB batch):
+    each in the range an ONNX input's metadata is held to (compressor.inputs.onnx). A decoder's lengths come from
+    its graph instead (compressor.generation.graph_limits)."""
+    from compressor.inputs.onnx import CONFIG_INTS
+
+    for key, high in CONFIG_INTS.items():
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+            raise UserError(f"{model}: compressor.model_config {key} must be an integer in 1..{high:,}, not "
+                            f"{excerpt(value)}")

@@ -46,19 +46,130 @@ class Generation:
         return len(self.step_ms) / (sum(self.step_ms) / 1e3) if self.step_ms else 0.0
 
 
-def max_positions(session) -> int | None:
-    """The longest total sequence the artifact takes (its position table / rotary cache), from its metadata."""
-    config = session.get_modelmeta().custom_metadata_map.get(metadata_keys.MODEL_CONFIG)
+# ops that take input_ids unchanged on their way to the token table (Model Builder casts them to int32)
+PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+TABLE_LOOKUPS = {"Gather": "axis", "GatherBlockQuantized": "gather_axis"}  # op -> its gather-axis attribute
+ROTARY_CACHE_INPUTS = {"GroupQueryAttention": 7, "RotaryEmbedding": 2}  # com.microsoft op -> its cos_cache input
+TABLE_SOURCES = ("DequantizeLinear", "Cast", "Identity")  # a table gathered from these is its input's size
+
+
+@dataclass(frozen=True)
+class GraphLimits:
+    """What the graph itself can take: token ids below `vocab` (the rows of the table input_ids indexes: out of
+    range, GatherBlockQuantized returns a zero row and Gather fails) and at most `positions` tokens in all (the
+    rows of its position table or rotary cache). Each with where it was read (for messages); None where the
+    graph says nothing of it."""
+    vocab: int | None = None
+    vocab_source: str = ""
+    positions: int | None = None
+    positions_source: str = ""
+
+
+def _attribute(node, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def graph_limits_of(proto) -> GraphLimits:
+    """The token table input_ids reads (through casts and reshapes) and the position tables: GroupQueryAttention's
+    or RotaryEmbedding's cos cache, or a 2-D table gathered by positions the graph computes."""
+    shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    consumers: dict[str, list] = {}
+    producers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        producers.update((name, node) for name in node.output)
+
+    def table(name: str) -> str:
+        """The initializer a gathered table is, or is dequantized or cast from (a k-bit table read whole)."""
+        for _ in range(4):
+            node = producers.get(name)
+            if name in shapes or node is None or node.op_type not in TABLE_SOURCES or not node.input:
+                break
+            name = node.input[0]
+        return name
+
+    def table_rows(node, indices: str) -> tuple[int, str] | None:
+        """Rows of the table `node` gathers by `indices` along its gather axis."""
+        if node.op_type not in TABLE_LOOKUPS or len(node.input) < 2 or node.input[1] != indices:
+            return None
+        name = table(node.input[0])
+        dims = shapes.get(name)
+        axis = _attribute(node, TABLE_LOOKUPS[node.op_type], 0)
+        return (dims[axis], name) if dims and -len(dims) <= axis < len(dims) else None
+
+    token_tables, ids, seen = [], ["input_ids"], set()
+    while ids:  # from input_ids through pass-through ops to the lookups that read it
+        name = ids.pop()
+        for node in consumers.get(name, ()):
+            if node.op_type in PASS_THROUGH and node.name not in seen:
+                seen.add(node.name)
+                ids.extend(node.output[:1])
+            elif (found := table_rows(node, name)) is not None:
+                token_tables.append((found, node.name))
+    token_nodes = {node_name for _, node_name in token_tables}
+    position_tables = []
+    for node in proto.graph.node:
+        if node.op_type in ROTARY_CACHE_INPUTS and _attribute(node, "do_rotary", 1):
+            index = ROTARY_CACHE_INPUTS[node.op_type]
+            if len(node.input) > index and shapes.get(node.input[index]):
+                position_tables.append((shapes[node.input[index]][0], node.input[index]))
+        elif node.name not in token_nodes and len(node.input) > 1 and len(shapes.get(table(node.input[0]), ())) == 2 \
+                and (found := table_rows(node, node.input[1])) is not None:
+            position_tables.append(found)  # a learned position table, gathered by positions computed in the graph
+    vocab, table = min((found for found, _ in token_tables), default=(None, ""))
+    vocab_source = f"the rows of its token table {table}"
+    if vocab is None:  # no table found: the logits' width bounds the ids all the same
+        vocab = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value or None if proto.graph.output else None
+        vocab_source = "the width of its logits"
+    positions, table = min(position_tables, default=(None, ""))
+    positions_source = f"the rows of {table}"
+    if positions is None:  # no position table (a full-sequence export): the limit its metadata states
+        positions, positions_source = _metadata_positions(proto), f"its {metadata_keys.MODEL_CONFIG} max_positions"
+    return GraphLimits(vocab, vocab_source, positions, positions_source)
+
+
+def read_graph_limits(model) -> GraphLimits:
+    """graph_limits_of a model file (or serialized bytes), read without its external data."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False) if not isinstance(model, bytes) else \
+        onnx.load_from_string(model)
+    return graph_limits_of(proto)
+
+
+def graph_limits(session) -> GraphLimits:
+    """GraphLimits of the model a session runs, read from the file or bytes it was made from."""
+    # onnxruntime keeps what the session was made from (not public API: with neither, nothing is known)
+    model = getattr(session, "_model_path", None) or getattr(session, "_model_bytes", None)
+    try:
+        return read_graph_limits(model) if model else GraphLimits()
+    except Exception:  # noqa: BLE001  (the session loaded it: a file changed since is read as no graph)
+        return GraphLimits()
+
+
+def _metadata_positions(proto) -> int | None:
+    config = next((p.value for p in proto.metadata_props if p.key == metadata_keys.MODEL_CONFIG), None)
     try:
         config = json.loads(config) if config else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    value = config.get("max_positions", config.get("context"))
-    return int(value) if isinstance(value, int) and value > 0 else None
+    value = config.get("max_positions", config.get("context")) if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def vocab_size(session) -> int:
-    return int(session.get_outputs()[0].shape[-1])
+def check_prompt(prompt: list[int], limits: GraphLimits) -> None:
+    if not prompt:
+        raise UserError("the prompt is empty: give at least one token")
+    if limits.vocab is not None:
+        outside = [t for t in prompt if not 0 <= t < limits.vocab]
+        if outside:
+            raise UserError(f"the prompt holds token id {outside[0]}, outside this model's vocabulary of "
+                            f"{limits.vocab:,} ({limits.vocab_source}): was it encoded with another model's "
+                            f"tokenizer?")
+    if limits.positions is not None and len(prompt) >= limits.positions:
+        raise UserError(f"the prompt has {len(prompt)} tokens; this model takes at most {limits.positions} in all "
+                        f"({limits.positions_source})")
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
@@ -121,19 +232,17 @@ def require_cache(session) -> None:
 
 def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "cpu", sampling: Sampling = Sampling(),
              stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
-             head_size: int | None = None, in_place: bool = False) -> Generation:
+             head_size: int | None = None, in_place: bool = False, limits: GraphLimits | None = None) -> Generation:
     """New tokens after `prompt` (at most `max_new_tokens`; fewer where a stop token or the artifact's position
     limit comes first), with timings. `head_size`: for graphs whose cache inputs leave it symbolic. `in_place`:
     the graph keeps its cache in one buffer (compressor.kv_cache.keeps_cache_in_place); the same tokens, no
-    copy of the cache per step."""
+    copy of the cache per step. `limits`: the graph's (graph_limits(session), read here when not given); ids
+    and lengths past them are refused, not run."""
     require_cache(session)
-    if not prompt:
-        raise UserError("the prompt is empty: give at least one token")
-    limit = max_positions(session)
-    if limit is not None and len(prompt) >= limit:
-        raise UserError(f"the prompt has {len(prompt)} tokens; this model takes at most {limit} in all")
-    if limit is not None:
-        max_new_tokens = min(max_new_tokens, limit - len(prompt))
+    limits = limits or graph_limits(session)
+    check_prompt(prompt, limits)
+    if limits.positions is not None:
+        max_new_tokens = min(max_new_tokens, limits.positions - len(prompt))
     length = len(prompt) + max_new_tokens
     if in_place and sum(a.nbytes for a in empty_cache(session, 1, head_size, 1).values()) * length > IN_PLACE_BYTES:
         in_place = False  # a buffer that large up front (a graph with no position limit): grow it step by step
@@ -144,6 +253,9 @@ def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "c
     for index in range(max_new_tokens):
         start = time.perf_counter()
         token = _choose(step(ids, total), sampling, rng)
+        if limits.vocab is not None and token >= limits.vocab:  # its logits are wider than its token table
+            raise UserError(f"the model chose token id {token}, outside its vocabulary of {limits.vocab:,} "
+                            f"({limits.vocab_source}): its head and its token table disagree")
         elapsed = (time.perf_counter() - start) * 1e3
         if index == 0:
             result.prefill_ms = elapsed

@@ -27,19 +27,22 @@ def fit_lengths(prompt_tokens: int, new_tokens: int, limit: int | None) -> tuple
 
 def benchmark(model_path: str, provider: str, prompt_tokens: int, new_tokens: int, runs: int,
               threads: int | None, progress: bool = False) -> dict:
-    from compressor.generation import generate, max_positions, vocab_size
+    from compressor.generation import generate, read_graph_limits
     from compressor.kv_cache import genai_head_size, keeps_cache_in_place
     from compressor.ort_runtime import create_session
 
     baseline = peak_rss_bytes()
+    limits = read_graph_limits(model_path)  # before the session: the graph read is not the deployment's memory
     session = create_session(model_path, provider, threads)
-    prompt_tokens, new_tokens = fit_lengths(prompt_tokens, new_tokens, max_positions(session))
-    prompt = np.random.default_rng(0).integers(0, vocab_size(session), prompt_tokens).tolist()
+    prompt_tokens, new_tokens = fit_lengths(prompt_tokens, new_tokens, limits.positions)
+    vocab = limits.vocab or int(session.get_outputs()[0].shape[-1])  # no table, symbolic logits: as it was
+    prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
     head_size = genai_head_size(Path(model_path).parent)
     in_place = keeps_cache_in_place(session, Path(model_path).parent)
     prefill, decode = [], []
     for run in range(runs + 1):
-        result = generate(session, prompt, new_tokens, provider, head_size=head_size, in_place=in_place)
+        result = generate(session, prompt, new_tokens, provider, head_size=head_size, in_place=in_place,
+                          limits=limits)
         if run:  # the first run warms up (allocations, kernel choice)
             prefill.append(result.prefill_ms)
             decode.append(result.decode_tokens_per_s)
