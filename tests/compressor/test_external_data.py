@@ -14,11 +14,9 @@ RUN = ("--recipe", "int4", "--eval-limit", "4", "--no-bench", "--quiet")
 
 
 @pytest.fixture(scope="module")
-def one_file(tmp_path_factory):
-    from conftest import run_compress_here
-
+def one_file(tmp_path_factory, compress_here):
     out = tmp_path_factory.mktemp("one-file") / "out"
-    assert run_compress_here("run", "gpt-xs", "--out", str(out), *RUN).returncode == 0
+    assert compress_here("run", "gpt-xs", "--out", str(out), *RUN).returncode == 0
     return out
 
 

@@ -9,7 +9,7 @@ from passes import activation_primitives as ap
 from passes import quant_primitives as qp
 from passes.quantize.activations import ActivationQuant, IntegerActivations, activation_nodes, calibrate_static
 
-from conftest import run_graph
+from scheme_graphs import run_graph
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -7,7 +7,7 @@ import torch
 from passes import quant_primitives as qp
 from passes.quantize.codebook import CodebookWeights
 
-from conftest import EXACT, expanded_scales, lowered_matmul, relative_error
+from scheme_graphs import EXACT, expanded_scales, lowered_matmul, relative_error
 
 SCHEMES = [
     CodebookWeights("nf", 4, 32),

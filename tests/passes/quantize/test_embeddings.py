@@ -10,7 +10,7 @@ from passes import quant_primitives as qp
 from passes.quantize.embeddings import EmbeddingTables, lookup_nodes, quantize_tables, table_initializers
 from passes.quantize.int_weights import IntWeights
 
-from conftest import run_graph
+from scheme_graphs import run_graph
 
 
 @pytest.mark.parametrize("fields, message", [

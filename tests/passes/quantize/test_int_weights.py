@@ -6,7 +6,7 @@ import torch
 from passes import quant_primitives as qp
 from passes.quantize.int_weights import IntWeights
 
-from conftest import EXACT, expanded_scales, lowered_matmul, relative_error
+from scheme_graphs import EXACT, expanded_scales, lowered_matmul, relative_error
 
 
 @pytest.mark.parametrize("fields, message", [
