@@ -123,7 +123,7 @@ def shared_run(tmp_path_factory):
 def _quantized_artifact(shipped: Path, tmp_path: Path, config, name: str = "gpt-xs"):
     """A shipped sample quantized with `config` (QuantizeConfig), exported and lowered to QDQ: returns
     (checkpoint, task, held-out data, quantize record, lowering record, artifact path)."""
-    from compressor.artifact import save_onnx
+    from compressor.onnx_file import save_onnx
     from compressor.inputs.checkpoint import load_checkpoint
     from compressor.tasks import TASKS
     from exporters.onnx_export import export_onnx, finalize

@@ -14,7 +14,7 @@ from compressor.tasks import TASKS
 from compressor.torch_logits import torch_logits_fn
 from compressor.validate import parity
 from exporters.onnx_export import IR_VERSION, OPSET, export_onnx, finalize
-from compressor.artifact import save_onnx
+from compressor.onnx_file import save_onnx
 
 TOLERANCE = 1e-4
 

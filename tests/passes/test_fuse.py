@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.validate import EXACT_MATMULNBITS, parity
 from exporters.onnx_export import finalize
-from compressor.artifact import save_onnx
+from compressor.onnx_file import save_onnx
 from passes.fuse import FuseConfig, fuse_onnx
 from passes.quantize import QuantizeConfig
 

@@ -11,7 +11,7 @@ from compressor.tasks import TASKS
 from compressor.torch_logits import torch_logits_fn
 from compressor.validate import parity
 from exporters.onnx_export import export_onnx, finalize
-from compressor.artifact import save_onnx
+from compressor.onnx_file import save_onnx
 from passes import sparsity_primitives as sp
 from passes.lowrank import LowRankConfig, LowRankLinear, lowrank_model
 from passes.prune import PruneConfig, prune_model
