@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from compressor.atomic import sha256_file
 from compressor.errors import UserError
@@ -22,6 +23,7 @@ from compressor.inputs.checkpoint import (check_plausible_size, expected_params,
                                          out_of_memory_error, read_torch_state_dict)
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
+from compressor.tasks.hf_tokenizer import load_tokenizer
 from compressor.inputs.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
 from compressor.inputs.onnx import MAX_POSITIONS
 from exporters.decoder_graph import MAX_ROTARY_TABLE_BYTES, max_rotary_positions, rotary_table_bytes
@@ -37,12 +39,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def is_hf_checkpoint(path: Path) -> bool:
-    """A .gguf file, a folder with one, or a folder whose config.json names a transformers model_type."""
+    """A .gguf file, a folder with one, or a folder whose config.json names a transformers model_type (whatever
+    the folder's own name: our checkpoint in a folder named x.gguf is ours)."""
     path = Path(path)
-    if path.suffix == ".gguf":
-        return True
     if not path.is_dir():
-        return False
+        return path.suffix == ".gguf"
     try:
         record = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -167,7 +168,7 @@ def dequantized_gguf_folder(gguf: Path, progress: bool = False) -> Path:
     transformers = offline_transformers()
     digest = sha256_file(gguf)
     folder = _cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}"
-    if (folder / "model.safetensors").is_file():
+    if _cached(folder):
         return folder
     _gguf_meta_model(gguf)  # the tensors against the metadata, before any is dequantized
     if progress:
@@ -186,16 +187,45 @@ def dequantized_gguf_folder(gguf: Path, progress: bool = False) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    scratch = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         model.save_pretrained(str(scratch))
         tokenizer.save_pretrained(str(scratch))
         (scratch / "gguf_source.json").write_text(json.dumps({"file": gguf.name, "sha256": digest}) + "\n")
-        os.replace(scratch, folder)  # the folder appears complete or not at all
+        _move_into_place(scratch, folder)
+    except (OSError, SafetensorError) as exc:  # e.g. a full disk, a read-only cache
+        raise UserError(f"cannot write the GGUF cache {folder}: {getattr(exc, 'strerror', None) or first_line(exc)} "
+                        f"(free space there, or set COMPRESSOR_CACHE to another folder)") from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def _cached(folder: Path) -> bool:
+    """Whether a cache folder is whole (gguf_source.json is written last, and the folder moves into place in one
+    rename): one a crash, a user or an older version left part-written is made again, not used."""
+    if not ((folder / "gguf_source.json").is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    try:
+        _safetensors_header(folder / "model.safetensors")
+    except UserError:
+        return False
+    return True
+
+
+def _move_into_place(scratch: Path, folder: Path) -> None:
+    """The folder appears complete or not at all. Where another run (from the same file: its sha256 names the
+    folder) put one there first, that one is kept; a broken one is replaced."""
+    try:
+        os.replace(scratch, folder)
+    except OSError:
+        if _cached(folder):
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(scratch, folder)
 
 
 def _read_hf_config(folder: Path) -> dict:
@@ -255,7 +285,7 @@ def _stored_tensors(folder: Path, weights: Path) -> dict[str, tuple[str, tuple[i
 
 
 def _safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -405,6 +435,22 @@ def _check_size(config, auto, folder: Path) -> None:
         check_plausible_size(params, weights, folder / "config.json")
 
 
+try:  # transformers 5 validates configs as huggingface_hub strict dataclasses, with exceptions of their own
+    from huggingface_hub.errors import StrictDataclassError
+
+    CONFIG_ERRORS: tuple[type[Exception], ...] = (StrictDataclassError,)
+except ImportError:
+    CONFIG_ERRORS = ()
+
+
+def _config_reason(exc: Exception) -> str:
+    """The first line, and the line under it where the first only names the field ("Validation error for field
+    'num_attention_heads':")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return reason[:200]
+
+
 def _meta_model(folder: Path, auto, transformers) -> torch.nn.Module:
     """The folder's transformers model built on the meta device from config.json alone (no memory, no weights),
     its sizes that no weight bounds checked."""
@@ -413,8 +459,8 @@ def _meta_model(folder: Path, auto, transformers) -> torch.nn.Module:
         _check_size(config, auto, folder)
         with torch.device("meta"):
             model = auto.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise UserError(f"{folder}/config.json: invalid model config ({first_line(exc, 200)})") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, *CONFIG_ERRORS) as exc:
+        raise UserError(f"{folder}/config.json: invalid model config ({_config_reason(exc)})") from None
     _check_allocations(model, f"{folder}/config.json")
     return model
 
@@ -446,6 +492,17 @@ def _check_allocations(model: torch.nn.Module, where: str) -> None:
                         f"{rotary_table_bytes(positions, inv_freq.numel()) / 2**30:.2f} GiB at export; at most "
                         f"{max_rotary_positions(inv_freq.numel()):,} positions at head_dim {2 * inv_freq.numel()} "
                         f"({MAX_ROTARY_TABLE_BYTES / 2**30:g} GiB)")
+
+
+def _check_tokenizer(folder: Path) -> None:
+    """The folder's tokenizer loads as the tasks will load it (cached there: read once)."""
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise UserError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        load_tokenizer(str(folder.resolve()))
+    except Exception as exc:  # noqa: BLE001  (a bad file fails as JSON, KeyError, tokenizers' own Exception, ...)
+        raise UserError(f"{folder}: its tokenizer cannot be read ({type(exc).__name__}: {first_line(exc, 200)})") \
+            from None
 
 
 def _unused(family: str) -> tuple[str, ...]:
@@ -483,6 +540,7 @@ def hf_model_skeleton(path: Path) -> torch.nn.Module | None:
     except UserError:  # no weights, or unreadable ones: the loader says so, once the recipe is checked
         return _wrap(inner, family)
     check_weights_match_config(inner, stored, weights, "config.json", _unused(family))
+    _check_tokenizer(path)
     return _wrap(inner, family)
 
 
@@ -511,8 +569,7 @@ def load_hf_checkpoint(path: Path, progress: bool = False) -> Checkpoint:
     model_type = record["model_type"]
     family, auto = _family_and_auto(folder, record, transformers)
     weights = _weights_file(folder)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise UserError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    _check_tokenizer(folder)
     # names, dtypes and shapes against the config before any weight is read: transformers would fill a missing
     # tensor at random, drop an unexpected one and cast integers to float
     _check_folder_weights(folder, _meta_model(folder, auto, transformers), family)
@@ -553,4 +610,8 @@ def hf_source(path: Path, progress: bool = False) -> Source:
 
 
 def _is_gguf(path: Path) -> bool:
-    return Path(path).suffix == ".gguf" or (Path(path).is_dir() and bool(list(Path(path).glob("*.gguf"))))
+    """A .gguf file, or a folder holding one and no config.json of its own."""
+    path = Path(path)
+    if path.is_dir():
+        return not (path / "config.json").is_file() and bool(list(path.glob("*.gguf")))
+    return path.suffix == ".gguf"
