@@ -9,11 +9,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from compressor.errors import UserError
-from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
+from compressor.kv_cache import PRESENT_PREFIX, empty_cache, genai_head_size, has_cache, past_name
 from exporters import metadata_keys
 
 IN_PLACE_BYTES = 2**31  # the most an in-place cache allocates before the first token
@@ -138,10 +139,15 @@ def read_graph_limits(model) -> GraphLimits:
     return graph_limits_of(proto)
 
 
+def _made_from(session) -> str | bytes | None:
+    """The model file (or bytes) a session was made from: onnxruntime keeps it, though not as public API (without
+    it, nothing more is known than the session says)."""
+    return getattr(session, "_model_path", None) or getattr(session, "_model_bytes", None)
+
+
 def graph_limits(session) -> GraphLimits:
     """GraphLimits of the model a session runs, read from the file or bytes it was made from."""
-    # onnxruntime keeps what the session was made from (not public API: with neither, nothing is known)
-    model = getattr(session, "_model_path", None) or getattr(session, "_model_bytes", None)
+    model = _made_from(session)
     try:
         return read_graph_limits(model) if model else GraphLimits()
     except Exception:  # noqa: BLE001  (the session loaded it: a file changed since is read as no graph)
@@ -240,6 +246,8 @@ def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "c
     and lengths past them are refused, not run."""
     require_cache(session)
     limits = limits or graph_limits(session)
+    if head_size is None and isinstance(_made_from(session), str):  # Model Builder's graphs leave it symbolic
+        head_size = genai_head_size(Path(_made_from(session)).parent)
     check_prompt(prompt, limits)
     if limits.positions is not None:
         max_new_tokens = min(max_new_tokens, limits.positions - len(prompt))

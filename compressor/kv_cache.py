@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.errors import UserError
 from exporters import metadata_keys
 from exporters.cache_in_place import IN_PLACE, PAST_PREFIX, PRESENT_PREFIX
 
@@ -32,7 +33,8 @@ def empty_cache(session, batch: int, head_size: int | None = None, length: int =
         if isinstance(value, int):
             return value
         if head_size is None:
-            raise ValueError(f"the cache input's dimension {value!r} is symbolic: give its size")
+            raise UserError(f"the graph's cache inputs leave their head size symbolic ({value!r}) and no "
+                            f"genai_config.json beside it says it (model.decoder.head_size)")
         return head_size
 
     return {arg.name: np.zeros((batch, dim(arg.shape[1]), length, dim(arg.shape[3])), NUMPY_TYPES[arg.type])

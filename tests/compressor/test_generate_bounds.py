@@ -168,3 +168,24 @@ def test_the_exporter_refuses_rotary_tables_past_its_bound():
     with pytest.raises(ExportError, match=rf"^max_positions {limit + 1:,} needs rotary tables of [\d.]+ GiB; at "
                                           rf"most {limit:,} positions \(1 GiB\)$"):
         build_decoder_graph(_decoder(positions=limit + 1, rotary=True))
+
+
+def test_generate_reads_a_symbolic_cache_head_size_from_genai_config(compress_here, tmp_path):
+    """Model Builder's graphs leave the cache's head size symbolic; their genai_config.json says it (bench read it
+    already; generate was exit 3)."""
+    pytest.importorskip("tokenizers")
+    proto = build_decoder_graph(_decoder())
+    for value in proto.graph.input:
+        if value.name.startswith("past_key_values."):
+            value.type.tensor_type.shape.dim[3].dim_param = "head_size"
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    onnx.save(proto, str(folder / "model.onnx"))
+    _word_tokenizer(folder, {"hello": 7})
+    done = compress_here("generate", str(folder), "--prompt", "hello", "--max-new-tokens", "2")
+    assert done.returncode == 2
+    assert done.stderr == ("error: the graph's cache inputs leave their head size symbolic ('head_size') and no "
+                           "genai_config.json beside it says it (model.decoder.head_size)\n")
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": HEAD}}}))
+    done = compress_here("generate", str(folder), "--prompt", "hello", "--max-new-tokens", "2")
+    assert done.returncode == 0, done.stderr
