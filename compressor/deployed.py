@@ -31,6 +31,8 @@ def open_artifact(path: Path) -> Deployed:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError, ValueError, ... on a bad file)
         raise UserError(f"{model}: not an ONNX model ({first_line(exc, 120)})") from None
+    if not proto.graph.node and not proto.graph.output:  # a zero-byte or empty file parses as an empty model
+        raise UserError(f"{model}: not an ONNX model (it holds no graph)")
     metadata = {p.key: p.value for p in proto.metadata_props}
     try:
         config = json.loads(metadata.get(metadata_keys.MODEL_CONFIG, "{}"))

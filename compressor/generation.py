@@ -182,11 +182,12 @@ def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) ->
     logits = logits.astype(np.float64)
     if sampling.temperature == 0:
         return int(np.argmax(logits))
-    logits = logits / sampling.temperature
+    with np.errstate(over="ignore"):  # max 0 first: a tiny temperature sends the rest to -inf, never to NaN
+        logits = (logits - logits.max()) / sampling.temperature
     if sampling.top_k:
         cut = np.partition(logits, -min(sampling.top_k, logits.size))[-min(sampling.top_k, logits.size)]
         logits = np.where(logits < cut, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
+    probs = np.exp(logits)
     probs /= probs.sum()
     if sampling.top_p < 1:
         order = np.argsort(-probs)

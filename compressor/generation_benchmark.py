@@ -14,15 +14,24 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.errors import UserError
 from compressor.ort_benchmark import PROGRESS_LINE, peak_rss_bytes
 
 
+MIN_NEW_TOKENS = 2  # the first new token is the prefill's; decode speed needs one more at least
+
+
 def fit_lengths(prompt_tokens: int, new_tokens: int, limit: int | None) -> tuple[int, int]:
+    """Prompt and new tokens scaled down together to fit `limit` positions, keeping a prompt token and
+    MIN_NEW_TOKENS new ones."""
     if limit is None or prompt_tokens + new_tokens <= limit:
         return prompt_tokens, new_tokens
+    if limit < 1 + MIN_NEW_TOKENS:
+        raise UserError(f"the model takes {limit} positions in all: too few to time a prompt and "
+                        f"{MIN_NEW_TOKENS} new tokens")
     scale = limit / (prompt_tokens + new_tokens)
-    prompt = max(1, int(prompt_tokens * scale))
-    return prompt, max(1, limit - prompt)
+    prompt = min(max(1, int(prompt_tokens * scale)), limit - MIN_NEW_TOKENS)
+    return prompt, limit - prompt
 
 
 def benchmark(model_path: str, provider: str, prompt_tokens: int, new_tokens: int, runs: int,
@@ -65,8 +74,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(benchmark(args.model, args.provider, args.prompt_tokens, args.new_tokens, args.runs,
-                               args.threads, args.progress)))
+    try:
+        result = benchmark(args.model, args.provider, args.prompt_tokens, args.new_tokens, args.runs, args.threads,
+                           args.progress)
+    except UserError as exc:  # its one line is the last the caller reads (compressor.validate._run_child)
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -189,3 +189,31 @@ def test_generate_reads_a_symbolic_cache_head_size_from_genai_config(compress_he
     (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": HEAD}}}))
     done = compress_here("generate", str(folder), "--prompt", "hello", "--max-new-tokens", "2")
     assert done.returncode == 0, done.stderr
+
+
+def test_a_subnormal_temperature_samples_as_greedy():
+    """--temperature 5e-324 divided the logits into inf - inf = NaN probabilities (exit 3)."""
+    from compressor.generation import Sampling
+
+    session = _session(_decoder())
+    greedy = generate(session, [1, 2, 3], 6).tokens
+    assert generate(session, [1, 2, 3], 6, sampling=Sampling(temperature=5e-324)).tokens == greedy
+
+
+def test_bench_lengths_keep_two_new_tokens():
+    """One new token left no decode step to time (a ZeroDivisionError in the child)."""
+    from compressor.generation_benchmark import fit_lengths
+
+    assert fit_lengths(1_000_000, 2, 129) == (127, 2)
+    assert fit_lengths(128, 128, 128) == (64, 64) and fit_lengths(10, 10, None) == (10, 10)
+    with pytest.raises(UserError, match="^the model takes 2 positions in all: too few to time a prompt and 2 new"):
+        fit_lengths(5, 5, 2)
+
+
+def test_a_zero_byte_artifact_is_one_line(compress_here, tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    for command in ("generate", "bench"):
+        args = ("--prompt", "x") if command == "generate" else ()
+        done = compress_here(command, str(tmp_path), *args)
+        assert done.returncode == 2
+        assert done.stderr == f"error: {tmp_path / 'model.onnx'}: not an ONNX model (it holds no graph)\n"
