@@ -23,11 +23,19 @@ from compressor.inputs.checkpoint import (check_plausible_size, expected_params,
                                          out_of_memory_error, read_torch_state_dict)
 from compressor.inputs.source import Checkpoint, Source
 from compressor.inputs.torch_source import torch_source
-from compressor.tasks.hf_tokenizer import load_tokenizer
 from compressor.inputs.hf_models import CausalLMLogits, SentenceEmbedder, conv1d_to_linear
 from compressor.inputs.onnx import MAX_POSITIONS
+from compressor.tasks.hf_tokenizer import load_tokenizer
 from exporters.decoder_graph import MAX_ROTARY_TABLE_BYTES, max_rotary_positions, rotary_table_bytes
 from passes.calibration import first_line
+
+try:  # transformers 5 validates configs as huggingface_hub strict dataclasses, with exceptions of their own
+    from huggingface_hub.errors import StrictDataclassError
+
+    CONFIG_ERRORS: tuple[type[Exception], ...] = (StrictDataclassError,)
+except ImportError:
+    CONFIG_ERRORS = ()
+
 
 # Architectures we know how to feed and evaluate: encoders become sentence embedders, decoders LMs.
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2")
@@ -95,7 +103,7 @@ def _gguf_meta_model(gguf: Path) -> torch.nn.Module:
                             f"values: the metadata does not describe these tensors")
         with torch.device("meta"):
             model = auto.from_config(config)
-    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, AssertionError, *CONFIG_ERRORS) as exc:
         raise UserError(f"{gguf}: its metadata is not a model config transformers can build "
                         f"({first_line(exc, 200)})") from None
     _check_allocations(model, f"{gguf} (its metadata)")
@@ -435,14 +443,6 @@ def _check_size(config, auto, folder: Path) -> None:
         check_plausible_size(params, weights, folder / "config.json")
 
 
-try:  # transformers 5 validates configs as huggingface_hub strict dataclasses, with exceptions of their own
-    from huggingface_hub.errors import StrictDataclassError
-
-    CONFIG_ERRORS: tuple[type[Exception], ...] = (StrictDataclassError,)
-except ImportError:
-    CONFIG_ERRORS = ()
-
-
 def _config_reason(exc: Exception) -> str:
     """The first line, and the line under it where the first only names the field ("Validation error for field
     'num_attention_heads':")."""
@@ -459,7 +459,8 @@ def _meta_model(folder: Path, auto, transformers) -> torch.nn.Module:
         _check_size(config, auto, folder)
         with torch.device("meta"):
             model = auto.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, *CONFIG_ERRORS) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AssertionError, *CONFIG_ERRORS) as exc:
+        # AssertionError: torch's own checks while building (nn.Embedding: padding_idx within num_embeddings)
         raise UserError(f"{folder}/config.json: invalid model config ({_config_reason(exc)})") from None
     _check_allocations(model, f"{folder}/config.json")
     return model

@@ -125,3 +125,13 @@ def test_an_unwritable_cache_is_one_line(gguf_file, monkeypatch):
         hf.dequantized_gguf_folder(gguf_file)
     assert str(error.value) == (f"cannot write the GGUF cache {_cache_folder(gguf_file)}: No space left on device "
                                 f"(free space there, or set COMPRESSOR_CACHE to another folder)")
+
+
+def test_gguf_metadata_transformers_cannot_build(tiny_llama, tmp_path, monkeypatch):
+    """Llama tensors labelled phi3: its metadata makes a padding id past the vocabulary, which torch asserts on
+    (was exit 3: AssertionError)."""
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tiny_llama, tmp_path / "model.gguf", architecture="phi3")
+    with pytest.raises(UserError, match=r"model.gguf: its metadata is not a model config transformers can build "
+                                        r"\(Padding_idx must be within num_embeddings\)$"):
+        hf.hf_model_skeleton(path)

@@ -177,6 +177,9 @@ def _gguf_extra_block(tensors: dict) -> None:
 
 GGUF_CASES = {  # case -> (write_gguf arguments, what the line says after "does not match its metadata (...)")
     "other-family": ({"architecture": "qwen2"}, "qwen2", 2, "missing blk.0.attn_k.bias (+5 more)"),
+    "another-family": ({"architecture": "gpt2"}, "gpt2", 2,
+                       "missing blk.0.attn_norm.bias (+15 more); unexpected blk.0.attn_k.weight (+7 more); "
+                       "blk.0.ffn_down.weight has shape (96, 192) where the metadata implies (384, 96) (+3 more)"),
     "deleted-q-proj": ({"edit": lambda t: t.pop("blk.0.attn_q.weight")}, "llama", 2, "missing blk.0.attn_q.weight"),
     "fewer-blocks-in-metadata": ({"blocks": 1}, "llama", 1, "unexpected blk.1.attn_k.weight (+8 more)"),
     "extra-block-in-file": ({"edit": _gguf_extra_block}, "llama", 2, "unexpected blk.2.attn_k.weight (+8 more)"),
