@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import UserError
-from compressor.kv_cache import PRESENT_PREFIX, empty_cache, genai_head_size, has_cache, past_name
+from compressor.kv_cache import PRESENT_PREFIX, cache_bytes, empty_cache, genai_head_size, has_cache, past_name
 from exporters import metadata_keys
 
 IN_PLACE_BYTES = 2**31  # the most an in-place cache allocates before the first token
@@ -253,7 +253,7 @@ def generate(session, prompt: list[int], max_new_tokens: int, provider: str = "c
     if limits.positions is not None:
         max_new_tokens = min(max_new_tokens, limits.positions - len(prompt))
     length = len(prompt) + max_new_tokens
-    if in_place and sum(a.nbytes for a in empty_cache(session, 1, head_size, 1).values()) * length > IN_PLACE_BYTES:
+    if in_place and cache_bytes(session, 1, head_size, length) > IN_PLACE_BYTES:
         in_place = False  # a buffer that large up front (a graph with no position limit): grow it step by step
     step = _Step(session, provider, head_size, length if in_place else None)
     rng = np.random.default_rng(sampling.seed)

@@ -25,10 +25,7 @@ def past_name(present: str) -> str:
     return PAST_PREFIX + present[len(PRESENT_PREFIX):]
 
 
-def empty_cache(session, batch: int, head_size: int | None = None, length: int = 0) -> dict[str, np.ndarray]:
-    """Zero pasts [batch, kv_heads, length, head_dim]. Zero-length ones make a call a prefill; `length` > 0 is
-    the one buffer of a cache kept in place (exporters.cache_in_place). `head_size` stands in where the graph
-    leaves that dimension symbolic (Model Builder's graphs do; genai_config.json has it)."""
+def _cache_shapes(session, batch: int, head_size: int | None, length: int) -> dict[str, tuple[tuple, type]]:
     def dim(value):
         if isinstance(value, int):
             return value
@@ -37,8 +34,22 @@ def empty_cache(session, batch: int, head_size: int | None = None, length: int =
                             f"genai_config.json beside it says it (model.decoder.head_size)")
         return head_size
 
-    return {arg.name: np.zeros((batch, dim(arg.shape[1]), length, dim(arg.shape[3])), NUMPY_TYPES[arg.type])
+    return {arg.name: ((batch, dim(arg.shape[1]), length, dim(arg.shape[3])), NUMPY_TYPES[arg.type])
             for arg in cache_inputs(session)}
+
+
+def empty_cache(session, batch: int, head_size: int | None = None, length: int = 0) -> dict[str, np.ndarray]:
+    """Zero pasts [batch, kv_heads, length, head_dim]. Zero-length ones make a call a prefill; `length` > 0 is
+    the one buffer of a cache kept in place (exporters.cache_in_place). `head_size` stands in where the graph
+    leaves that dimension symbolic (Model Builder's graphs do; genai_config.json has it)."""
+    return {name: np.zeros(shape, dtype) for name, (shape, dtype) in
+            _cache_shapes(session, batch, head_size, length).items()}
+
+
+def cache_bytes(session, batch: int, head_size: int | None = None, length: int = 1) -> int:
+    """What empty_cache(session, batch, head_size, length) would allocate, without allocating it."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+               for shape, dtype in _cache_shapes(session, batch, head_size, length).values())
 
 
 def complete_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,12 +69,20 @@ def genai_config(folder: Path | None) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+MAX_HEAD_SIZE = 1024  # a bound on what genai_config.json may say (the largest heads in use hold 256)
+
+
 def genai_head_size(folder: Path | None) -> int | None:
-    """Model Builder's graphs leave the cache's head size symbolic; their genai_config.json says it."""
+    """Model Builder's graphs leave the cache's head size symbolic; their genai_config.json says it. It sizes the
+    cache buffers, so it is held to 1..MAX_HEAD_SIZE."""
     try:
-        return int(genai_config(folder)["model"]["decoder"]["head_size"])
-    except (ValueError, KeyError, TypeError):
+        value = genai_config(folder)["model"]["decoder"]["head_size"]
+    except (KeyError, TypeError):
         return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_HEAD_SIZE:
+        raise UserError(f"{Path(folder) / 'genai_config.json'}: model.decoder.head_size must be an integer in "
+                        f"1..{MAX_HEAD_SIZE:,}, not {str(value)[:40]}")
+    return value
 
 
 def keeps_cache_in_place(session, folder: Path | None = None) -> bool:

@@ -186,6 +186,11 @@ def test_generate_reads_a_symbolic_cache_head_size_from_genai_config(compress_he
     assert done.returncode == 2
     assert done.stderr == ("error: the graph's cache inputs leave their head size symbolic ('head_size') and no "
                            "genai_config.json beside it says it (model.decoder.head_size)\n")
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": 10**9}}}))
+    done = compress_here("generate", str(folder), "--prompt", "hello", "--max-new-tokens", "2")
+    assert done.returncode == 2  # it sizes the cache buffers
+    assert done.stderr == (f"error: {folder / 'genai_config.json'}: model.decoder.head_size must be an integer in "
+                           f"1..1,024, not 1000000000\n")
     (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": HEAD}}}))
     done = compress_here("generate", str(folder), "--prompt", "hello", "--max-new-tokens", "2")
     assert done.returncode == 0, done.stderr
