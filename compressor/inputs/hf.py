@@ -2,7 +2,10 @@
 pytorch_model.bin), or a GGUF-packed decoder (a .gguf file, or a folder holding one).
 
 Never touches the network (offline mode before transformers is imported). Weights load through safetensors or
-transformers' own loader with weights_only unpickling. A GGUF file is dequantized once into a cached
+transformers' own loader with weights_only unpickling. Before any weight loads, the model the config (or a GGUF's
+metadata) describes is built on the meta device, the sizes it allocates beyond its weights are bounded, and the
+names, dtypes and shapes in the weights' headers are checked against it (transformers would fill a missing tensor
+at random, drop an unexpected one and cast integers to float). A GGUF file is dequantized once into a cached
 safetensors folder (COMPRESSOR_CACHE, keyed by the file's sha256), so later runs start from plain fp32 weights.
 """
 import contextlib
