@@ -29,14 +29,32 @@ def _export(shipped, name, path):
     return checkpoint, task, proto
 
 
+@pytest.fixture(scope="module")
+def exported(shipped, tmp_path_factory):
+    """exported(NAME): the shipped sample's artifact, exported once for this file's tests (each loads its own
+    checkpoint: one test changes its model)."""
+    paths = {}
+
+    def get(name: str):
+        if name not in paths:
+            paths[name] = tmp_path_factory.mktemp(name) / "model.onnx"
+            _export(shipped, name, paths[name])
+        return paths[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", ["gpt-xs", "seq2seq-reverse"])
-def test_export_parity_over_dynamic_shapes(shipped, tmp_path, name):
-    checkpoint, task, proto = _export(shipped, name, tmp_path / "model.onnx")
+def test_export_parity_over_dynamic_shapes(shipped, exported, name):
+    path = exported(name)
+    checkpoint = load_checkpoint(shipped / name)
+    task = TASKS[checkpoint.family]
+    proto = onnx.load(path)
     assert proto.ir_version == IR_VERSION
     assert {op.version for op in proto.opset_import if op.domain == ""} == {OPSET}
     assert {p.key: p.value for p in proto.metadata_props}["compressor.source"] == name
-    assert onnx.load(tmp_path / "model.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    ort_fn = logits_fn(create_session(tmp_path / "model.onnx"))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    ort_fn = logits_fn(create_session(path))
     torch_fn = torch_logits_fn(checkpoint.model, task.INPUT_NAMES)
     for batch in (1, 3, 16):
         inputs = task.benchmark_inputs(checkpoint.config, batch)
@@ -46,17 +64,18 @@ def test_export_parity_over_dynamic_shapes(shipped, tmp_path, name):
         assert result["passed"], (batch, result)
 
 
-def test_export_is_byte_identical(shipped, tmp_path):
-    _export(shipped, "gpt-xs", tmp_path / "a.onnx")
-    _export(shipped, "gpt-xs", tmp_path / "b.onnx")
-    digest = [hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("a.onnx", "b.onnx")]
+def test_export_is_byte_identical(shipped, exported, tmp_path):
+    _export(shipped, "gpt-xs", tmp_path / "again.onnx")  # a second export of the same checkpoint
+    digest = [hashlib.sha256(path.read_bytes()).hexdigest() for path in (exported("gpt-xs"), tmp_path / "again.onnx")]
     assert digest[0] == digest[1]
 
 
-def test_parity_detects_a_wrong_model(shipped, tmp_path):
+def test_parity_detects_a_wrong_model(shipped, exported):
     """The same check must fail when the artifact is not the model: a perturbed torch reference."""
-    checkpoint, task, _ = _export(shipped, "gpt-xs", tmp_path / "model.onnx")
+    checkpoint = load_checkpoint(shipped / "gpt-xs")
+    task = TASKS[checkpoint.family]
     inputs = task.benchmark_inputs(checkpoint.config, 2)
-    ort_logits = logits_fn(create_session(tmp_path / "model.onnx"))(inputs)
+    ort_logits = logits_fn(create_session(exported("gpt-xs")))(inputs)
+    assert parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), ort_logits, TOLERANCE)["passed"]
     checkpoint.model.blocks[0].mlp.fc_out.bias.data[0] += 0.1  # one channel: a uniform shift would vanish in LayerNorm
     assert not parity(torch_logits_fn(checkpoint.model, task.INPUT_NAMES)(inputs), ort_logits, TOLERANCE)["passed"]
