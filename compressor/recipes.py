@@ -4,6 +4,7 @@ passes and keys with a did-you-mean, types, ranges, stage order) before a model 
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,10 +222,24 @@ def _coerce(label: str, field: dataclasses.Field, value):
         allowed = (int, float, type(None))
     elif kind == int | None:
         allowed = (int, type(None))
+    if allowed and float in allowed:
+        value = _exponent_float(value)
     if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
         raise UserError(f"{label} must be {getattr(kind, '__name__', kind)}, not {_excerpt(value)}")
     if allowed and float in allowed and isinstance(value, int) and not _fits_a_float(value):
         raise UserError(f"{label} must be a number a float can hold, not {_excerpt(value)}")
+    return value
+
+
+# a number as YAML 1.2 and JSON write it: PyYAML reads YAML 1.1, whose floats need a dot, so 1e-3 (and 5E-5) come
+# back as text, while 1.0e-3 is a float
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _exponent_float(value):
+    """For a float field: text that is a number in exponent notation (1e-3), as that number."""
+    if isinstance(value, str) and len(value) <= 100 and _NUMBER.fullmatch(value.strip()):
+        return float(value)
     return value
 
 
@@ -371,10 +386,12 @@ SECTIONS = ("passes", "gates", "export")
 
 
 def _build_section(kind: type, section: str, fields: dict):
-    known = {f.name for f in dataclasses.fields(kind)}
+    known = {f.name: f.type for f in dataclasses.fields(kind)}
     for key in fields:
         if key not in known:
             raise UserError(f"{section}: unknown key {_excerpt(key)} ({_did_you_mean(key, known)})")
+    fields = {key: _exponent_float(value) if known[key] in (float, float | None) else value
+              for key, value in fields.items()}
     try:
         return kind(**fields)
     except (TypeError, ValueError) as exc:
