@@ -222,28 +222,52 @@ def generate_command(artifact, prompt, max_new_tokens, provider, temperature, to
     from compressor.text_codec import load_text_codec
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    _check_utf8("--prompt", prompt)
     deployed = open_artifact(artifact)
     check_providers((provider,))
     session = create_session(deployed.path, provider)
     require_cache(session)  # an encoder or seq2seq artifact: say so, not that it lacks a tokenizer
-    codec = load_text_codec(deployed.folder, deployed.family)
+    try:
+        codec = load_text_codec(deployed.folder, deployed.family)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the tokenizers package raises a bare Exception for a file it cannot parse)
+        from passes.calibration import first_line
+
+        raise UserError(f"{deployed.folder / 'tokenizer.json'}: not a tokenizer that can be read "
+                        f"({first_line(exc, 120)})") from None
     tokens, shown = [], ""
 
     def stream(token: int) -> None:
         nonlocal shown
+        if not tokens:  # the prompt once the first token is chosen: after every check, so a refusal prints nothing
+            click.echo(prompt, nl=False)
         tokens.append(token)
         text = codec.decode(tokens)
         if text.startswith(shown):  # print what the new token added (a multi-byte character may need several)
             click.echo(text[len(shown):], nl=False)
             shown = text
 
-    click.echo(prompt, nl=False)
     result = generate(session, codec.encode(prompt), max_new_tokens, provider, sampling, codec.stop_ids, stream,
                       in_place=keeps_cache_in_place(session, deployed.folder))
     click.echo()
     if stats:
         click.echo(f"{len(result.tokens)} tokens; prefill {result.prefill_ms:.1f} ms; decode "
                    f"{result.decode_tokens_per_s:.1f} tokens/s ({provider})", err=True)
+
+
+def _check_utf8(option: str, text: str) -> None:
+    """Arguments that are not UTF-8 reach Python as lone surrogates (PEP 383), which no tokenizer or terminal takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(text[exc.start]) - 0xDC00 if 0xDC80 <= ord(text[exc.start]) <= 0xDCFF else None
+        what = f"the byte 0x{byte:02x}" if byte is not None else f"U+{ord(text[exc.start]):04X}"
+        raise UserError(f"{option} is not UTF-8 text ({what} at character {exc.start + 1}): give it as UTF-8") \
+            from None
+
+
+MAX_THREADS = 1024  # ONNX Runtime makes each one up front: 10^6 of them would exhaust the process, not time it
 
 
 @main.command("bench")
@@ -253,7 +277,8 @@ def generate_command(artifact, prompt, max_new_tokens, provider, temperature, to
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=2, max=1_000_000))
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1, max=10_000),
               help="Timed runs after one warm-up run.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
+@click.option("--threads", default=None, type=click.IntRange(min=1, max=MAX_THREADS),
+              help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_command(artifact, provider, prompt_tokens, new_tokens, runs, threads, as_json):
     """Time ARTIFACT under ONNX Runtime: prefill ms, decode tokens/s and peak RSS for a decoder with a KV cache,

@@ -36,14 +36,28 @@ def open_artifact(path: Path) -> Deployed:
     metadata = {p.key: p.value for p in proto.metadata_props}
     try:
         config = json.loads(metadata.get(metadata_keys.MODEL_CONFIG, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the JSON reader goes
         config = {}
+    _check_genai_config(model.parent)
     decodes = any(i.name.startswith("past_key_values.") for i in proto.graph.input)
     config = config if isinstance(config, dict) else {}
     if not decodes:
         _check_sizes(config, model)
     return Deployed(path=model, folder=model.parent, family=metadata.get(metadata_keys.FAMILY), config=config,
                     decodes=decodes)
+
+
+def _check_genai_config(folder: Path) -> None:
+    """genai_config.json beside the artifact is read for the cache's layout and the stop tokens, where text that is
+    not JSON counts as no file; JSON nested past what Python's reader takes (a RecursionError there) is refused
+    here, once."""
+    path = folder / "genai_config.json"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a genai_config.json") from None
+    except (OSError, ValueError):
+        return
 
 
 def _check_sizes(config: dict, model: Path) -> None:
