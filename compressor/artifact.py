@@ -1,9 +1,12 @@
 """The out folder: checked before any work, locked for the whole run, written into a staging folder whose
 files (artifact, report, plots, recipe) are moved in together at the end; the report assembled."""
+import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
+import stat
 import sys
 import time
 from contextlib import contextmanager, suppress
@@ -46,7 +49,7 @@ def locked_out_dir(out_dir: Path):
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")
+        handle = _open_lock(out_dir / LOCK_NAME)
     except OSError as exc:
         raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
     failed = True
@@ -71,6 +74,24 @@ def locked_out_dir(out_dir: Path):
         handle.close()
 
 
+def _open_lock(lock: Path):
+    """The lock file, opened without following a link (a symlink planted at its name would have its target
+    truncated and written) and only if it is a plain file of its own (not a FIFO, a device or a hard link)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise UserError(f"{lock} is a symbolic link: a run writes its pid there and would write through the "
+                            f"link (remove it)") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        kind = "another name (hard link) of a file" if stat.S_ISREG(info.st_mode) else "not a plain file"
+        raise UserError(f"{lock} is {kind}: a run writes its pid there (remove it)")
+    return os.fdopen(fd, "r+", encoding="utf-8")
+
+
 def prepare_out_dir(out_dir: Path, force: bool) -> None:
     """Called with the folder locked: clears what killed runs left (SIGKILL skips cleanup)."""
     check_out_dir(out_dir, force)
@@ -78,9 +99,13 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
         for stale in out_dir.glob(".*.partial"):
             stale.unlink()
         for stale in out_dir.glob(f"{STAGE_PREFIX}*"):
-            shutil.rmtree(stale)
+            if stale.is_symlink() or not stale.is_dir():  # a link is removed, never followed
+                stale.unlink()
+            else:
+                shutil.rmtree(stale)
         probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)  # whatever is there (a link too) goes; the probe itself is new
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write to --out {out_dir}: {exc.strerror or exc}") from None
@@ -91,13 +116,57 @@ def staged(out_dir: Path):
     """A staging folder inside --out for the run's files; on success they replace the folder's earlier outputs
     (the artifact last), on failure the staging folder goes and the earlier outputs stay as they were."""
     stage = out_dir / f"{STAGE_PREFIX}{os.getpid()}"
-    stage.mkdir()
+    with real_names(out_dir, stage):
+        stage.mkdir()
+        try:
+            yield stage
+            pause_point("commit")
+            _commit(stage, out_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[^.]+\.partial")  # compressor.atomic's temp files: .NAME.<random>.partial
+# a file that cannot be written for want of room or of a writable disk; the error names no file
+WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+
+
+def final_path(path, out_dir: Path, stage: Path | None = None) -> Path:
+    """The file a user knows for a temp or staged one: STAGE/.NAME.x.partial and STAGE/NAME are OUT/NAME, the
+    staging folder itself (and its .previous) is OUT."""
+    path = Path(path)
+    match = TEMP_NAME.fullmatch(path.name)
+    if match:
+        path = path.with_name(match["name"])
+    if stage is not None and stage in (path, *path.parents):
+        inside = path.relative_to(stage).parts
+        inside = inside[1:] if inside[:1] == (".previous",) else inside
+        return out_dir.joinpath(*inside[-1:])
+    return path
+
+
+@contextmanager
+def real_names(out_dir: Path, stage: Path | None = None):
+    """An OSError while writing the outputs as one line naming the file the user knows (never a temp or staged
+    name), or --out itself where the error names no file (a full disk mid-write)."""
     try:
-        yield stage
-        pause_point("commit")
-        _commit(stage, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        yield
+    except OSError as exc:
+        named = next((Path(os.fsdecode(f)) for f in (exc.filename, exc.filename2) if isinstance(f, (str, bytes))),
+                     None)
+        if named is not None and (named.parent == out_dir or TEMP_NAME.fullmatch(named.name)
+                                  or (stage is not None and stage in (named, *named.parents))):
+            where = final_path(named, out_dir, stage)
+        elif named is None and exc.errno in WRITE_ERRORS:
+            where = f"the outputs into --out {out_dir}"
+        else:
+            raise
+        raise CannotWrite(f"cannot write {where}: {exc.strerror or exc}") from None
+
+
+class CannotWrite(UserError):
+    """The environment refused a write (a full disk, a folder at a file's name): not the run's configuration, so a
+    sweep stops on it instead of recording the configuration as skipped."""
 
 
 def pause_point(phase: str) -> None:
