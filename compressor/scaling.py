@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,9 @@ class SweepConfig:
 
     @property
     def label(self) -> str:
-        if self.budget is not None:
-            return f"budget-{self.budget:g}"
+        if self.budget is not None:  # 6 significant digits where they name the budget exactly, else all of them:
+            short = f"{self.budget:g}"  # two budgets never share a label (and so a result file)
+            return f"budget-{short if float(short) == self.budget else repr(self.budget)}"
         return weight_label(self.dtype, self.bits, self.block_size)  # as the quantize pass labels it: log4-B64
 
     recipe = "fp32"
@@ -101,26 +103,31 @@ def parse_grid(dtypes="int,nf,float,quantile,kmeans,log2", bits="2,3,4,5,6,8", b
         raise UserError(f"--dtypes: unknown data type {unknown[0][:40]!r} (known: {', '.join(DTYPES)})")
     bit_list = []
     for item in _items("--bits", bits):
-        if not item.isdigit() or not 2 <= int(item) <= 8:
+        if not _ascii_digits(item) or not 2 <= int(item) <= 8:
             raise UserError(f"--bits: {item[:40]!r} is not an integer in 2..8")
         bit_list.append(int(item))
     blocks = []
     for item in _items("--block-sizes", block_sizes):
-        value = 0 if item == "channel" else int(item) if item.isdigit() else None
+        value = 0 if item == "channel" else int(item) if _ascii_digits(item) else None
         if value is None or (value != 0 and not (16 <= value <= 1024 and value & (value - 1) == 0)):
             raise UserError(f"--block-sizes: {item[:40]!r} is not a power of two in 16..1024 or 'channel'")
         blocks.append(value)
     budget_list = []
     for item in (_items("--budget", budgets) if budgets else []):
-        try:
-            value = float(item)
-        except ValueError:
-            value = math.nan
+        value = float(item) if _DECIMAL.fullmatch(item) else math.nan  # float() also reads '١', '1_0', 'inf'
         if not (0 < value <= 32):  # also refuses NaN; 32 bits/param is the fp32 input itself
             raise UserError(f"--budget: {item[:40]!r} is not a number of bits per parameter in (0, 32]")
         budget_list.append(value)
     return Grid(tuple(names), tuple(dict.fromkeys(bit_list)), tuple(dict.fromkeys(blocks)),
                 tuple(dict.fromkeys(budget_list)))
+
+
+def _ascii_digits(item: str) -> bool:
+    """0-9 only: str.isdigit() also takes '²' (which int() refuses) and '٣' (which int() reads as 3)."""
+    return item.isascii() and item.isdigit() and len(item) <= 6
+
+
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 
 
 def allocator_available() -> bool:
@@ -205,6 +212,7 @@ def measure_job(job: Job) -> dict:
     """Run one configuration through the pipeline (no latency benchmark, no per-run plots) and return its result
     row; a configuration the pipeline refuses for this model (e.g. a block size that divides no layer) comes back
     as skipped, with the reason."""
+    from compressor.artifact import CannotWrite
     from compressor.pipeline import RunOptions, run
 
     config = job.config
@@ -219,6 +227,8 @@ def measure_job(job: Job) -> dict:
         report = run(Path(job.checkpoint), Path(job.out_dir), options, log=lambda _: None,
                      adapter=reusing_adapter(job.checkpoint))
         row.update(status="ok", **_from_report(report))
+    except CannotWrite:  # a full disk is not a property of the configuration: stop, store nothing
+        raise
     except UserError as exc:
         row.update(status="skipped", reason=str(exc))
     # CPU seconds of all this process's threads: what the run costs whatever else loads the machine
@@ -249,17 +259,53 @@ def _result_path(out_dir: Path, label: str) -> Path:
     return out_dir / "runs" / f"{label}.json"
 
 
-def stored_result(out_dir: Path, label: str, expected: str) -> dict | None:
-    """A finished configuration's stored row if its fingerprint matches, else None (never stored, another
-    checkpoint or other settings: measured again)."""
-    path = _result_path(out_dir, label)
+def stored_result(out_dir: Path, config: SweepConfig, expected: str) -> dict | None:
+    """A finished configuration's stored row if its fingerprint matches and it holds what the sweep reads of it,
+    else None (never stored, another checkpoint or other settings, an edited or truncated file: measured again)."""
+    path = _result_path(out_dir, config.label)
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(stored, dict) or stored.get("fingerprint") != expected or "row" not in stored:
+    if not isinstance(stored, dict) or stored.get("fingerprint") != expected or not _usable_row(stored.get("row"),
+                                                                                                 config):
         return None
     return stored["row"]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# what the summary, the Pareto front and scaling.md read of a measured row: key -> test of its value
+_MEASURED_ROW = {"total_model_bits": lambda v: _number(v) and 0 < v < math.inf,
+                 "bits_per_param": lambda v: _number(v) and 0 < v < math.inf,
+                 "params": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 "metric": _number, "metric_name": lambda v: isinstance(v, str),
+                 "higher_is_better": lambda v: isinstance(v, bool), "measured_by": lambda v: isinstance(v, str),
+                 "reference_metrics": lambda v: isinstance(v, dict) and all(
+                     isinstance(k, str) and _number(x) and math.isfinite(x) for k, x in v.items()),
+                 "layers_skipped": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+_OPTIONAL = {"seconds": _number, "cpu_seconds": _number, "quantize_label": lambda v: v is None or isinstance(v, str)}
+
+
+def _usable_row(row, config: SweepConfig) -> bool:
+    """A stored row is this configuration's (its label and grid point) and holds, with the right types, every
+    value the sweep reads of it."""
+    if not isinstance(row, dict):
+        return False
+    identity = {"label": config.label, "dtype": config.dtype, "bits": config.bits,
+                "block_size": block_name(config.block_size) if config.block_size is not None else None,
+                "budget_bits_per_param": config.budget}
+    if any(row.get(key, object()) != value or type(row.get(key)) is not type(value)
+           for key, value in identity.items()):
+        return False
+    if not all(test(row[key]) for key, test in _OPTIONAL.items() if key in row):
+        return False
+    if row.get("status") == "skipped":
+        return isinstance(row.get("reason"), str)
+    return (row.get("status") == "ok" and all(key in row and test(row[key]) for key, test in _MEASURED_ROW.items())
+            and row["metric_name"] in row["reference_metrics"])
 
 
 def store_result(out_dir: Path, job: Job, row: dict) -> None:
@@ -273,7 +319,7 @@ def sweep(checkpoint: Path, out_dir: Path, grid: Grid, settings: Settings = Sett
     scaling.md and the plots; returns the scaling.json content."""
     from tqdm import tqdm
 
-    from compressor.artifact import locked_out_dir
+    from compressor.artifact import locked_out_dir, real_names
     from compressor.scaling_report import write_outputs
 
     configs = check_grid(grid)  # a bad grid fails here, before any model loads
@@ -283,13 +329,14 @@ def sweep(checkpoint: Path, out_dir: Path, grid: Grid, settings: Settings = Sett
 
         check_ray()
     out_dir = Path(out_dir)
+    _check_outputs(out_dir, configs)
     identity = checkpoint_identity(checkpoint)
     started = time.perf_counter()
-    with locked_out_dir(out_dir):
+    with locked_out_dir(out_dir), real_names(out_dir):
         (out_dir / "runs").mkdir(exist_ok=True)
         jobs = [Job(str(checkpoint), c, str(out_dir / "runs" / c.label), settings, None,
                     fingerprint(identity, c, settings)) for c in configs]
-        rows = {job.config.label: stored_result(out_dir, job.config.label, job.fingerprint) for job in jobs}
+        rows = {job.config.label: stored_result(out_dir, job.config, job.fingerprint) for job in jobs}
         pending = [job for job in jobs if rows[job.config.label] is None]
         resumed = len(jobs) - len(pending)
         bar = tqdm(total=len(jobs), initial=resumed, desc="scaling", unit="config", disable=not progress)
@@ -329,6 +376,22 @@ def sweep(checkpoint: Path, out_dir: Path, grid: Grid, settings: Settings = Sett
         write_outputs(out_dir, result)
     log(f"wrote {out_dir / 'scaling.json'}, {out_dir / 'scaling.md'}")
     return result
+
+
+def _check_outputs(out_dir: Path, configs: list[SweepConfig]) -> None:
+    """A folder where the sweep writes a file (a result, scaling.json, a plot), or a file where it makes the runs
+    folder, refused before any configuration is measured (it would fail after)."""
+    from compressor.scaling_report import PLOTS
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a folder")
+    runs = out_dir / "runs"
+    if os.path.lexists(runs) and not runs.is_dir():
+        raise UserError(f"{runs} is not a folder: the sweep keeps its runs there (move it away)")
+    for path in [out_dir / name for name in ("scaling.json", "scaling.md", *PLOTS)] + [
+            _result_path(out_dir, config.label) for config in configs]:
+        if path.is_dir():
+            raise UserError(f"{path} is a folder: the sweep writes a file of that name (move it away)")
 
 
 def _stored_reference(rows: dict) -> dict | None:
