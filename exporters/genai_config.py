@@ -2,6 +2,7 @@
 `onnxruntime_genai.Model(DIR)` generates from the artifact folder. Everything comes from the graph itself
 (layers, heads, head size, vocabulary) and the model's own config.json / generation_config.json (special
 tokens); the fields are those Model Builder writes (onnxruntime_genai/models/builders/base.py)."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,13 +22,29 @@ def _special_tokens(folder: Path) -> dict:
             record = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        if not isinstance(record, dict):
+            continue
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if record.get(key) is not None:
-                tokens[key] = record[key]
+            value = _token_ids(record.get(key))
+            if value is not None:
+                tokens[key] = value
     tokens.setdefault("pad_token_id", tokens.get("eos_token_id", 0))
     if isinstance(tokens["pad_token_id"], list):
         tokens["pad_token_id"] = tokens["pad_token_id"][0]
     return tokens
+
+
+def _token_ids(value) -> int | list[int] | None:
+    """A token id (or a non-empty list of them, as eos_token_id may be) as ONNX Runtime GenAI reads it; None for
+    anything else (a string, an empty list, a negative id), which is then left out as if not given."""
+    def is_id(item) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool) and 0 <= item < 2**31
+
+    if is_id(value):
+        return value
+    if isinstance(value, list) and value and all(is_id(item) for item in value):
+        return value
+    return None
 
 
 def genai_config(proto: onnx.ModelProto, filename: str, context_length: int, model_folder: Path,
@@ -75,13 +92,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
 
 
+def tokenizer_files(model_folder: Path) -> dict[str, bytes]:
+    """{file name: bytes} of the model's tokenizer files, which go beside any artifact of a model with a tokenizer
+    (`compress check`, `generate` and an ONNX input read them there)."""
+    return {name: (model_folder / name).read_bytes() for name in TOKENIZER_FILES if (model_folder / name).is_file()}
+
+
+def tokenizer_sha256(files: dict[str, bytes]) -> str:
+    """One sha256 over tokenizer files (names, sizes and bytes, by name): what an artifact's metadata records of
+    its tokenizer in place of the folder it was read from."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0".encode())
+        digest.update(files[name])
+    return digest.hexdigest()
+
+
 def generation_files(proto: onnx.ModelProto, filename: str, context_length: int, model_folder: Path,
                      model_type: str) -> dict[str, bytes]:
     """{file name: bytes} to put beside a KV-cache decoder artifact: genai_config.json and the model's
     tokenizer files; empty for a graph without a cache."""
     if not any(i.name.startswith("past_key_values.") for i in proto.graph.input):
         return {}
-    files = {name: (model_folder / name).read_bytes() for name in TOKENIZER_FILES if (model_folder / name).is_file()}
+    files = tokenizer_files(model_folder)
     config = genai_config(proto, filename, context_length, model_folder, model_type)
     files[GENAI_CONFIG] = (json.dumps(config, indent=4) + "\n").encode()
     return files

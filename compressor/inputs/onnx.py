@@ -11,10 +11,12 @@ The input graph in ONNX Runtime is the reference; the input must carry the task 
 Before quantization the graph is simplified by onnxsim (simplify_graph): a third-party export, e.g. from torch's
 TorchScript exporter, carries Constant nodes and Shape -> Gather -> Unsqueeze -> Concat chains that it folds.
 """
+import errno
 import inspect
 import json
 import os
 import re
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from compressor.kv_cache import PAST_PREFIX, has_cache
 from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
 from exporters import metadata_keys
+from exporters.genai_config import tokenizer_files, tokenizer_sha256
 from exporters.onnx_export import OPSET
 from exporters.qdq import lower_to_qdq
 from passes.calibration import excerpt, first_line
@@ -118,11 +121,27 @@ def read_task_metadata(metadata: dict[str, str], where) -> tuple[str, dict]:
         raise UserError(f"{where}: compressor.model_config context {config['context']} exceeds max_positions "
                         f"{config['max_positions']}")
     if "tokenizer" in TASK_CONFIG_KEYS.get(family, ()):
-        tokenizer = config["tokenizer"]
-        if not isinstance(tokenizer, str) or not tokenizer or "\0" in tokenizer or not Path(tokenizer).is_dir():
-            raise UserError(f"{where}: compressor.model_config tokenizer must name the folder of the model's "
-                            f"tokenizer, not {excerpt(tokenizer)} (no such folder here)")
+        config["tokenizer"] = _tokenizer_folder(config, where)
     return family, config
+
+
+def _tokenizer_folder(config: dict, where) -> str:
+    """Where the model's tokenizer is: beside the model file (where `compress run` copies its files; the metadata
+    names the folder they came from and their sha256, which they must match), else the absolute folder an artifact
+    of an earlier version recorded."""
+    recorded, digest = config["tokenizer"], config.get("tokenizer_sha256")
+    beside = Path(where).parent
+    files = tokenizer_files(beside)
+    if any(name in files for name in ("tokenizer.json", "tokenizer_config.json")):
+        if isinstance(digest, str) and tokenizer_sha256(files) != digest:
+            raise UserError(f"{where}: the tokenizer files beside it are not those it was made with (their sha256 "
+                            f"is not its compressor.model_config tokenizer_sha256)")
+        return str(beside.resolve())
+    if isinstance(recorded, str) and "\0" not in recorded and os.path.isabs(recorded) and Path(recorded).is_dir():
+        return recorded
+    raise UserError(f"{where}: no tokenizer files beside it (tokenizer.json, tokenizer_config.json), and "
+                    f"compressor.model_config tokenizer must name the folder of the model's tokenizer, not "
+                    f"{excerpt(recorded)} (no such folder here)")
 
 
 def check_graph_inputs(session, task, where) -> None:
@@ -180,12 +199,27 @@ def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
+        where = f"tensor {excerpt(tensor.name)}: external data location {excerpt(location)}"
+        if "\0" in location:  # no file name holds one; the OS would refuse it, Python raises ValueError
+            raise UserError(f"{where} holds a NUL byte: refused")
+        try:
+            target = (root / location).resolve()
+        except RuntimeError:  # pathlib's "Symlink loop from ..."
+            raise UserError(f"{where} is a loop of symbolic links: refused") from None
         if not location or os.path.isabs(location) or (root not in target.parents):
             raise UserError(f"tensor {excerpt(tensor.name)} points to external data {excerpt(location)} outside the "
                             f"model's folder {folder}: refused")
-        if not target.is_file():
-            raise UserError(f"tensor {excerpt(tensor.name)}: external data file {excerpt(location)} is missing")
+        try:
+            info = os.stat(target)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"{where} is a loop of symbolic links: refused") from None
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise UserError(f"tensor {excerpt(tensor.name)}: external data file {excerpt(location)} is "
+                                f"missing") from None
+            raise UserError(f"{where} cannot be read ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(info.st_mode):  # a folder; a FIFO, which a read would wait on forever
+            raise UserError(f"{where} is not a file")
 
 
 def _all_tensors(proto: onnx.ModelProto):
@@ -484,7 +518,9 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
     # one batch-1 run at the task's working shape (e.g. `context` tokens below `vocab_size`): a config that does
     # not fit the graph (a context past its position table) fails here, before --out is touched
     check_inputs = TASKS[family].benchmark_inputs(config, 1)
-    reference_fn(check_inputs)
+    if not np.isfinite(reference_fn(check_inputs)).all():  # finite weights can overflow; nothing to hold an artifact to
+        raise UserError(f"{path}: the model's outputs hold NaN or Inf values (its forward pass overflows): nothing "
+                        f"to compress")
     proto, converted = at_artifact_opset(proto, reference, check_inputs, path)
     # `weights` stay those of the input graph: simplify_graph keeps their names, values and readers
     proto, simplified = simplify_graph(proto, reference, check_inputs)
@@ -501,7 +537,9 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
         return logits_fn(create_session(graph.SerializeToString()))
 
     return Source(name=record["name"], task=TASKS[family], config=config, model=shells, record=record,
-                  metadata={**metadata, metadata_keys.SOURCE: str(path), metadata_keys.SOURCE_SHA256: digest},
+                  # the file by its folder's name, not where the folder lies: the artifact's bytes do not change with it
+                  metadata={**metadata, metadata_keys.SOURCE: f"{Path(path).resolve().parent.name}/{Path(path).name}",
+                            metadata_keys.SOURCE_SHA256: digest},
                   logits_fn=fake_quantized_fn, export=lambda model, inputs, progress: write_back(proto, model),
                   bits=lambda model, quantized, float_bits=UNQUANTIZED_BITS: graph_bits(proto, model, quantized,
                                                                                       float_bits),
