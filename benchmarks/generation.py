@@ -52,14 +52,15 @@ def _measure(path: str, provider: str, settings: BenchmarkSettings) -> dict:
 def _windows(models: dict[str, str], limit: int) -> np.ndarray:
     """The held-out windows our report scores, from the first of our folders (its model config names the
     tokenizer and context)."""
+    from compressor.inputs.onnx import read_task_metadata
     from compressor.tasks import hf_language_modeling
 
     for folder in models.values():
         path = Path(folder) / "model.onnx"
         if path.is_file():
             metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            if metadata_keys.MODEL_CONFIG in metadata:
-                return hf_language_modeling.heldout_data(json.loads(metadata[metadata_keys.MODEL_CONFIG]), limit)
+            if metadata_keys.MODEL_CONFIG in metadata:  # the tokenizer: beside the artifact, as `compress check` finds it
+                return hf_language_modeling.heldout_data(read_task_metadata(metadata, path)[1], limit)
     raise SystemExit("no folder of ours (model.onnx with compressor metadata) to take the held-out windows from")
 
 
