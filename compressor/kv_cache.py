@@ -64,7 +64,7 @@ def genai_config(folder: Path | None) -> dict:
     """The folder's genai_config.json (ONNX Runtime GenAI's description of a model folder), or {}."""
     try:
         config = json.loads((Path(folder) / "genai_config.json").read_text()) if folder else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep to be a genai_config.json
         return {}
     return config if isinstance(config, dict) else {}
 

@@ -9,6 +9,7 @@ from compressor.kv_cache import complete_feeds
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 THREADS_VARIABLE = "COMPRESSOR_ORT_THREADS"  # intra-op threads of every session, for processes that share cores
+MAX_THREADS = 1024  # as `compress bench --threads`: more threads than any machine has cores only costs memory
 _default_threads: int | None = None  # None: $COMPRESSOR_ORT_THREADS, else ONNX Runtime's default (one per core)
 
 
@@ -70,8 +71,9 @@ def _threads_from_environment() -> int | None:
     value = os.environ.get(THREADS_VARIABLE, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"{THREADS_VARIABLE} must be a whole number of threads, at least 1, not {value!r}")
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_THREADS:  # "²".isdigit() is True
+        raise UserError(f"{THREADS_VARIABLE} must be a whole number of threads in 1..{MAX_THREADS}, not "
+                        f"{value[:20]!r}")
     return int(value)
 
 

@@ -19,7 +19,7 @@ class TextCodec:
 def _stop_ids(folder: Path) -> tuple[int, ...]:
     try:
         eos = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["eos_token_id"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
         return ()
     return tuple(eos) if isinstance(eos, list) else (eos,)
 

@@ -26,7 +26,7 @@ def test_sessions_take_their_threads_from_the_environment(monkeypatch):
     assert create_session(_identity_model()).get_session_options().intra_op_num_threads == 0  # ORT's default
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", "²", "100000"])
 def test_a_bad_thread_count_is_a_user_error(monkeypatch, value):
     monkeypatch.setenv(THREADS_VARIABLE, value)
     with pytest.raises(UserError, match=THREADS_VARIABLE):
