@@ -1,5 +1,5 @@
 """compressor: prune, low-rank, k-bit quantize and fuse Transformers into QDQ ONNX validated under ONNX Runtime."""
-__version__ = "0.1.0"
+from compressor.version import __version__  # noqa: F401  (compressor.__version__)
 
 
 def compress(*args, **kwargs) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from compressor import __version__
+from compressor.version import __version__
 from compressor.errors import UserError
 
 

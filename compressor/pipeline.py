@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compressor import __version__
+from compressor.version import __version__
 from compressor.artifact import ARTIFACT_NAME, assemble_report, check_out_dir, locked_out_dir, prepare_out_dir, staged
 from compressor.atomic import atomic_write_text
 from compressor.onnx_file import save_onnx, serialized_if_one_file

@@ -4,7 +4,7 @@ import os
 import platform
 from pathlib import Path
 
-from compressor import __version__
+from compressor.version import __version__
 from compressor.atomic import atomic_write_text
 from compressor.plots import PLOTS, write_plots
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor import __version__
+from compressor.version import __version__
 from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
 from compressor.ort_runtime import headline_provider
