@@ -88,9 +88,12 @@ class Decoder:
     rotary_scaling: float = 1.0
 
 
-class _Graph:
-    def __init__(self):
-        self.nodes, self.inits, self.count = [], [], 0
+class Graph:
+    """Nodes and initializers as they are written; `count` numbers the nodes (a streamed writer starts a part of
+    the graph where the part before it stopped)."""
+
+    def __init__(self, count: int = 0):
+        self.nodes, self.inits, self.count = [], [], count
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -107,7 +110,7 @@ class _Graph:
         return self.node(op, inputs, 1, domain, **attrs)[0]
 
 
-def _linear_chain(g: _Graph, x: str, chain: list[Linear]) -> str:
+def _linear_chain(g: Graph, x: str, chain: list[Linear]) -> str:
     for linear in chain:
         x = g.one("MatMul", [x, g.init(f"{linear.name}.weight", linear.weight.T.astype(np.float32))])
         if linear.bias is not None:
@@ -115,14 +118,14 @@ def _linear_chain(g: _Graph, x: str, chain: list[Linear]) -> str:
     return x
 
 
-def _norm_params(g: _Graph, norm: Norm) -> list[str]:
+def _norm_params(g: Graph, norm: Norm) -> list[str]:
     names = [g.init(f"{norm.name}.weight", norm.weight.astype(np.float32))]
     if norm.bias is not None:
         names.append(g.init(f"{norm.name}.bias", norm.bias.astype(np.float32)))
     return names
 
 
-def _norm(g: _Graph, x: str, norm: Norm) -> str:
+def _norm(g: Graph, x: str, norm: Norm) -> str:
     params = _norm_params(g, norm)
     if norm.bias is not None:
         return g.one("LayerNormalization", [x, *params], axis=-1, epsilon=norm.eps)
@@ -134,7 +137,7 @@ def _norm(g: _Graph, x: str, norm: Norm) -> str:
     return g.one("Mul", [g.one("Div", [x, g.one("Sqrt", [g.one("Add", [mean_square, eps])])]), params[0]])
 
 
-def _skip_norm(g: _Graph, x: str, residual: str, norm: Norm) -> tuple[str, str]:
+def _skip_norm(g: Graph, x: str, residual: str, norm: Norm) -> tuple[str, str]:
     """(norm(x + residual), x + residual) in one fused op."""
     params = _norm_params(g, norm)
     if norm.bias is not None:
@@ -145,7 +148,7 @@ def _skip_norm(g: _Graph, x: str, residual: str, norm: Norm) -> tuple[str, str]:
     return out[0], out[3]
 
 
-def _mlp(g: _Graph, x: str, layer: DecoderLayer) -> str:
+def _mlp(g: Graph, x: str, layer: DecoderLayer) -> str:
     up = layer.mlp["up"]
     if layer.activation == "gelu" and up[-1].bias is not None:  # bias + erf GELU in one kernel
         last = up[-1]
@@ -166,7 +169,7 @@ def _mlp(g: _Graph, x: str, layer: DecoderLayer) -> str:
     return _linear_chain(g, h, layer.mlp["down"])
 
 
-def _rotary_caches(g: _Graph, decoder: Decoder) -> tuple[str, str]:
+def _rotary_caches(g: Graph, decoder: Decoder) -> tuple[str, str]:
     dims = len(decoder.rotary_inv_freq)
     if decoder.max_positions > max_rotary_positions(dims):  # the input adapter refuses such configs first
         raise ExportError(f"max_positions {decoder.max_positions:,} needs rotary tables of "
@@ -181,9 +184,36 @@ def _rotary_caches(g: _Graph, decoder: Decoder) -> tuple[str, str]:
     return g.init("rotary.cos_cache", cos), g.init("rotary.sin_cache", sin)
 
 
-def build_decoder_graph(decoder: Decoder) -> onnx.ModelProto:
-    """The fp32 graph (ir_version 10, opset 21 + com.microsoft); exporters.onnx_export.finalize completes it."""
-    g = _Graph()
+@dataclass
+class Flow:
+    """The tensors one part of the graph hands the next: the stream not yet normalized (`x`, the last sublayer's
+    output) and the residual it adds to (None before the first layer), plus what every attention reads."""
+    x: str
+    residual: str | None
+    seqlens_k: str
+    total_length: str
+    cos_cache: str = ""
+    sin_cache: str = ""
+    rotary: bool = False
+
+
+def decoder_io(decoder: Decoder, layers: list[tuple[int, int]]) -> tuple[list, list]:
+    """The graph's inputs and outputs; `layers`: each layer's (kv_heads, head_dim)."""
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", decoder.vocab_size])]
+    for index, (kv_heads, head_dim) in enumerate(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                PAST.format(index, kind), TensorProto.FLOAT, ["batch", kv_heads, "past_sequence", head_dim]))
+        for kind in ("key", "value"):
+            outputs.append(helper.make_tensor_value_info(
+                PRESENT.format(index, kind), TensorProto.FLOAT, ["batch", kv_heads, "total_sequence", head_dim]))
+    return inputs, outputs
+
+
+def prologue_nodes(g: Graph, decoder: Decoder) -> Flow:
+    """The token (and position) lookup, the mask's views and the rotary tables: everything before layer 0."""
     one = g.init("const.one", np.array([1], np.int64))
     # GroupQueryAttention's view of the mask: per row, the index of the last real token; and the total length
     seqlens_k = g.one("Cast", [g.one("Sub", [g.one("ReduceSum", ["attention_mask", one], keepdims=0), one])],
@@ -203,41 +233,58 @@ def build_decoder_graph(decoder: Decoder) -> onnx.ModelProto:
         positions = g.one("Max", [positions, g.init("const.zero", np.array(0, np.int64))])
         table = g.init(decoder.positions_name, decoder.positions.astype(np.float32))
         x = g.one("Add", [x, g.one("Gather", [table, positions], axis=0)])
-    cos_cache = sin_cache = ""
+    flow = Flow(x, None, seqlens_k, total_length)
     if decoder.rotary_inv_freq is not None:
-        cos_cache, sin_cache = _rotary_caches(g, decoder)
+        flow.cos_cache, flow.sin_cache = _rotary_caches(g, decoder)
+        flow.rotary = True
+    return flow
 
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", decoder.vocab_size])]
-    residual, hidden = x, _norm(g, x, decoder.layers[0].attn_norm)
-    for index, layer in enumerate(decoder.layers):
-        past = [PAST.format(index, kind) for kind in ("key", "value")]
-        present = [PRESENT.format(index, kind) for kind in ("key", "value")]
-        for name in past:
-            inputs.append(helper.make_tensor_value_info(
-                name, TensorProto.FLOAT, ["batch", layer.kv_heads, "past_sequence", layer.head_dim]))
-        for name in present:
-            outputs.append(helper.make_tensor_value_info(
-                name, TensorProto.FLOAT, ["batch", layer.kv_heads, "total_sequence", layer.head_dim]))
-        q, k, v = (_linear_chain(g, hidden, chain) for chain in (layer.q, layer.k, layer.v))
-        attention = g.node(
-            "GroupQueryAttention", [q, k, v, *past, seqlens_k, total_length, cos_cache, sin_cache],
-            [f"/layers.{index}/attention", *present], "com.microsoft", num_heads=layer.heads,
-            kv_num_heads=layer.kv_heads, do_rotary=int(decoder.rotary_inv_freq is not None), rotary_interleaved=0,
-            scale=float(layer.head_dim ** -0.5), local_window_size=-1)[0]
-        hidden, residual = _skip_norm(g, _linear_chain(g, attention, layer.o), residual, layer.mlp_norm)
-        next_norm = decoder.layers[index + 1].attn_norm if index + 1 < len(decoder.layers) else decoder.final_norm
-        hidden, residual = _skip_norm(g, _mlp(g, hidden, layer), residual, next_norm)
+
+def layer_nodes(g: Graph, index: int, layer: DecoderLayer, flow: Flow) -> Flow:
+    """Layer `index`: its input norm (fused with the residual add of the layer before), attention over the cache,
+    the MLP; returns the MLP's output and the residual, not yet added."""
+    if flow.residual is None:
+        residual, hidden = flow.x, _norm(g, flow.x, layer.attn_norm)
+    else:
+        hidden, residual = _skip_norm(g, flow.x, flow.residual, layer.attn_norm)
+    past = [PAST.format(index, kind) for kind in ("key", "value")]
+    present = [PRESENT.format(index, kind) for kind in ("key", "value")]
+    q, k, v = (_linear_chain(g, hidden, chain) for chain in (layer.q, layer.k, layer.v))
+    attention = g.node(
+        "GroupQueryAttention", [q, k, v, *past, flow.seqlens_k, flow.total_length, flow.cos_cache, flow.sin_cache],
+        [f"/layers.{index}/attention", *present], "com.microsoft", num_heads=layer.heads,
+        kv_num_heads=layer.kv_heads, do_rotary=int(flow.rotary), rotary_interleaved=0,
+        scale=float(layer.head_dim ** -0.5), local_window_size=-1)[0]
+    hidden, residual = _skip_norm(g, _linear_chain(g, attention, layer.o), residual, layer.mlp_norm)
+    return Flow(_mlp(g, hidden, layer), residual, flow.seqlens_k, flow.total_length, flow.cos_cache,
+                flow.sin_cache, flow.rotary)
+
+
+def head_nodes(g: Graph, decoder: Decoder, flow: Flow) -> None:
+    """The final norm (fused with the last residual add) and the LM head, whose output is `logits`."""
+    hidden, _ = _skip_norm(g, flow.x, flow.residual, decoder.final_norm)
     if decoder.lm_head is None:
         table_t = g.one("Transpose", [decoder.embed_name], perm=[1, 0])
         g.nodes.append(helper.make_node("MatMul", [hidden, table_t], ["logits"], name="/lm_head/MatMul"))
     else:
         out = _linear_chain(g, hidden, decoder.lm_head)
         g.nodes.append(helper.make_node("Identity", [out], ["logits"], name="/lm_head/Identity"))
-    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+
+
+def decoder_model(graph: onnx.GraphProto) -> onnx.ModelProto:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="compressor")
     proto.ir_version = IR_VERSION
     return proto
+
+
+def build_decoder_graph(decoder: Decoder) -> onnx.ModelProto:
+    """The fp32 graph (ir_version 10, opset 21 + com.microsoft); exporters.onnx_export.finalize completes it."""
+    g = Graph()
+    flow = prologue_nodes(g, decoder)
+    inputs, outputs = decoder_io(decoder, [(layer.kv_heads, layer.head_dim) for layer in decoder.layers])
+    for index, layer in enumerate(decoder.layers):
+        flow = layer_nodes(g, index, layer, flow)
+    head_nodes(g, decoder, flow)
+    return decoder_model(helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits))
