@@ -4,45 +4,27 @@ import gc
 import json
 import resource
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from compressor.version import __version__
 from compressor.artifact import ARTIFACT_NAME, assemble_report, check_out_dir, locked_out_dir, prepare_out_dir, staged
 from compressor.atomic import atomic_write_text
 from compressor.onnx_file import save_onnx, serialized_if_one_file
 from compressor.errors import UserError
 from compressor.inputs import InputAdapter, Source, adapter_for
 from compressor.ort_runtime import check_providers
-from compressor.recipes import PRESETS, Recipe, check_recipe_fits, check_recipe_takes, resolve_recipe
+from compressor.recipes import Recipe, check_recipe_fits, check_recipe_takes, resolve_recipe
 from compressor.report import write_reports
+from compressor.run_options import RunOptions
+from compressor.run_record import artifact_metadata, finite_outputs, side_files
 from compressor.tasks import measure
-from compressor.validate import BenchmarkSettings, Tolerances, run_benchmark, validate
+from compressor.validate import Tolerances, run_benchmark, validate
 from exporters import metadata_keys
-from exporters.genai_config import TOKENIZER_FILES, generation_files, tokenizer_files, tokenizer_sha256
 from exporters.lowering import baseline_artifact, lower_artifact
 from exporters.onnx_export import ExportError, finalize
 from exporters.qdq import LoweringError
 from passes.registry import GRAPH, PASSES, TORCH
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    recipe: str | Recipe = "fp32"  # a preset name or YAML path (then `overrides` apply), or a built Recipe
-    overrides: tuple[str, ...] = ()
-    providers: tuple[str, ...] = ("cpu",)
-    eval_limit: int | None = None  # None: the whole held-out split
-    seed: int = 0
-    force: bool = False
-    bench: BenchmarkSettings | None = field(default_factory=BenchmarkSettings)  # None: no latency runs (sweeps)
-    progress: bool = True
-    # the input model's held-out metrics at this eval_limit, from an earlier run on the same input: a sweep measures
-    # them once, not once per configuration (tasks that fit a reference on the input model, e.g. a probe, re-measure)
-    reference_metrics: dict | None = None
-    plots: bool = True  # the report's PNG plots (a sweep draws its own, over all its runs)
 
 
 def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log=print,
@@ -92,7 +74,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
     if options.reference_metrics is not None and not task.FITS_REFERENCE:
         reference_metrics = dict(options.reference_metrics)
     else:
-        reference_fn = _finite_outputs(source.reference_fn or source.logits_fn(model, {}),
+        reference_fn = finite_outputs(source.reference_fn or source.logits_fn(model, {}),
                                        f"{source.record['source']}: the model's outputs on the held-out data hold "
                                        f"NaN or Inf values (its forward pass overflows): nothing to compress")
         if task.FITS_REFERENCE:  # e.g. a probe trained on the input model's embeddings
@@ -132,7 +114,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
                   f"refused before export (change the recipe)" if torch_passes else
                   f"{source.record['source']}: the model's outputs hold NaN or Inf values (its forward pass "
                   f"overflows): nothing to compress")
-    reference_logits = _finite_outputs(source.logits_fn(model, quantized), not_finite)(parity_batch)
+    reference_logits = finite_outputs(source.logits_fn(model, quantized), not_finite)(parity_batch)
 
     log(f"exporting to {out_dir / ARTIFACT_NAME}")
     graph_records = []
@@ -154,19 +136,9 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         raise UserError(str(exc)) from None
     del quantized
     pass_records += [{**record, **bits} for record in graph_records]
-    side_files = {}
-    if source.config.get("tokenizer"):  # its files go beside the artifact; a decoder's folder then runs under
-        context = source.config.get("max_positions", source.config.get("context"))  # ONNX Runtime GenAI
-        tokenizer = Path(source.config["tokenizer"])
-        side_files = {**tokenizer_files(tokenizer), **generation_files(proto, ARTIFACT_NAME, context, tokenizer,
-                                                                       source.config.get("model_type", "llama"))}
-    metadata = {**source.metadata,
-                metadata_keys.VERSION: __version__,
-                metadata_keys.RECIPE: json.dumps({**recipe.to_dict(), "name": _recipe_label(recipe, options)},
-                                                 sort_keys=True),
-                metadata_keys.SEED: str(options.seed),
-                metadata_keys.FAMILY: source.family,
-                metadata_keys.MODEL_CONFIG: json.dumps(_recorded_config(source.config, side_files), sort_keys=True)}
+    # a decoder's tokenizer files go beside the artifact: its folder then runs under ONNX Runtime GenAI
+    files = side_files(source.config, proto, ARTIFACT_NAME)
+    metadata = artifact_metadata(source.metadata, recipe, options, source.family, source.config, files)
     if task.FITS_REFERENCE:  # what `compress check` needs to score the artifact later (e.g. a probe)
         metadata[metadata_keys.TASK_STATE] = json.dumps(task.task_state(heldout), sort_keys=True)
     graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
@@ -177,7 +149,7 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
         artifact = stage / ARTIFACT_NAME
         save_onnx(writable, artifact)
         del writable
-        for name, content in side_files.items():
+        for name, content in files.items():
             (stage / name).write_bytes(content)
         seed_line = f"# calibration sampling seed: --seed {options.seed}\n"
         atomic_write_text(stage / "recipe.yaml", recipe.to_yaml() + seed_line)
@@ -195,35 +167,6 @@ def _compress(source: Source, recipe: Recipe, out_dir: Path, options: RunOptions
                          "bench_runs": options.bench.runs if options.bench else None}
         write_reports(stage, report, plots=options.plots)
     return report
-
-
-def _recorded_config(config: dict, side_files: dict[str, bytes]) -> dict:
-    """The model config as the artifact's metadata records it: the tokenizer by its folder's name and its files'
-    sha256 (the files lie beside the artifact, where its readers look first), not by where the input folder lay,
-    so that the same input gives the same artifact bytes wherever it is."""
-    if not config.get("tokenizer"):
-        return config
-    files = {name: content for name, content in side_files.items() if name in TOKENIZER_FILES}
-    return {**config, "tokenizer": Path(config["tokenizer"]).name, "tokenizer_sha256": tokenizer_sha256(files)}
-
-
-def _recipe_label(recipe: Recipe, options: RunOptions) -> str:
-    """The recipe's name as the artifact records it: a recipe file by its file name, not the path it was read at."""
-    given = options.recipe if isinstance(options.recipe, str) else None
-    if given and recipe.name.startswith(given) and given not in PRESETS:
-        return Path(given).name + recipe.name[len(given):]
-    return recipe.name
-
-
-def _finite_outputs(logits_fn, message: str):
-    """`logits_fn`, refusing (UserError `message`) outputs that hold NaN or Inf (finite weights can overflow in the
-    forward pass): such a model has no metric to keep and no logits to hold the artifact to."""
-    def checked(inputs):
-        logits = logits_fn(inputs)
-        if not np.isfinite(logits).all():
-            raise UserError(message)
-        return logits
-    return checked
 
 
 def _graph_passes(proto: onnx.ModelProto, recipe: Recipe, progress: bool, log) -> tuple[onnx.ModelProto, list]:

@@ -20,13 +20,13 @@ def _array(tensor) -> np.ndarray:
     return tensor.detach().cpu().float().numpy()
 
 
-def _chain(module: nn.Module, name: str) -> list[Linear] | None:
+def linear_chain(module: nn.Module, name: str) -> list[Linear] | None:
     """A Linear, or a low-rank pair, as the MatMul chain the graph computes; None for anything else."""
     if isinstance(module, nn.Linear):
         bias = None if module.bias is None else _array(module.bias)
         return [Linear(name, _array(module.weight), bias)]
     if type(module).__name__ == "LowRankLinear":
-        return _chain(module.down, f"{name}.down") + _chain(module.up, f"{name}.up")
+        return linear_chain(module.down, f"{name}.down") + linear_chain(module.up, f"{name}.up")
     return None
 
 
@@ -35,7 +35,7 @@ def _out_features(chain: list[Linear]) -> int:
 
 
 def _chains(parent: nn.Module, prefix: str, names: dict[str, str]) -> dict[str, list[Linear]] | None:
-    chains = {key: _chain(getattr(parent, attr, None), f"{prefix}.{attr}") for key, attr in names.items()}
+    chains = {key: linear_chain(getattr(parent, attr, None), f"{prefix}.{attr}") for key, attr in names.items()}
     return None if any(chain is None for chain in chains.values()) else chains
 
 
@@ -46,7 +46,7 @@ def _layer_norm(module: nn.Module, name: str) -> Norm | None:
     return Norm(name, _array(module.weight), bias, float(module.eps))
 
 
-def _rms_norm(module: nn.Module, name: str) -> Norm | None:
+def rms_norm(module: nn.Module, name: str) -> Norm | None:
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if getattr(module, "weight", None) is None or eps is None:
         return None
@@ -73,7 +73,7 @@ def gpt_decoder(model: nn.Module) -> Decoder | None:
                                    heads=_out_features(attn["q"]) // head_dim,
                                    kv_heads=_out_features(attn["k"]) // head_dim, head_dim=head_dim,
                                    **{key: attn[key] for key in "qkvo"}))
-    final_norm, lm_head = _layer_norm(model.ln_final, "ln_final"), _chain(model.lm_head, "lm_head")
+    final_norm, lm_head = _layer_norm(model.ln_final, "ln_final"), linear_chain(model.lm_head, "lm_head")
     if final_norm is None or lm_head is None:
         return None
     tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.token_emb.weight
@@ -99,31 +99,37 @@ def hf_decoder(wrapper: nn.Module) -> Decoder | None:
         return None
     layers = []
     for index, block in enumerate(inner.layers):
-        prefix = f"decoder.model.layers.{index}"
-        attn = _chains(block.self_attn, f"{prefix}.self_attn", {k: f"{k}_proj" for k in "qkvo"})
-        mlp = _chains(block.mlp, f"{prefix}.mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
-        norms = (_rms_norm(block.input_layernorm, f"{prefix}.input_layernorm"),
-                 _rms_norm(block.post_attention_layernorm, f"{prefix}.post_attention_layernorm"))
-        head_dim = getattr(block.self_attn, "head_dim", None)
-        if attn is None or mlp is None or None in norms or not head_dim:
+        layer = hf_layer(block, f"decoder.model.layers.{index}", activation)
+        if layer is None:
             return None
-        if _out_features(attn["q"]) % head_dim or _out_features(attn["k"]) % head_dim:
-            return None
-        layers.append(DecoderLayer(attn_norm=norms[0], mlp_norm=norms[1], mlp=mlp, activation=activation,
-                                   heads=_out_features(attn["q"]) // head_dim,
-                                   kv_heads=_out_features(attn["k"]) // head_dim, head_dim=head_dim,
-                                   **{key: attn[key] for key in "qkvo"}))
+        layers.append(layer)
     if 2 * len(rotary.inv_freq) != layers[0].head_dim:
         return None  # partial rotary: GroupQueryAttention rotates the whole head
-    final_norm = _rms_norm(inner.norm, "decoder.model.norm")
+    final_norm = rms_norm(inner.norm, "decoder.model.norm")
     tied = isinstance(lm.lm_head, nn.Linear) and lm.lm_head.weight is inner.embed_tokens.weight
-    lm_head = None if tied else _chain(lm.lm_head, "decoder.lm_head")
+    lm_head = None if tied else linear_chain(lm.lm_head, "decoder.lm_head")
     if final_norm is None or (lm_head is None and not tied):
         return None
     return Decoder(vocab_size=inner.embed_tokens.num_embeddings, max_positions=int(config.max_position_embeddings),
                    embed_name="decoder.model.embed_tokens.weight", embed=_array(inner.embed_tokens.weight),
                    layers=layers, final_norm=final_norm, lm_head=lm_head, rotary_inv_freq=_array(rotary.inv_freq),
                    rotary_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
+
+
+def hf_layer(block: nn.Module, prefix: str, activation: str) -> DecoderLayer | None:
+    """One Llama / Mistral / Qwen2 decoder layer (`prefix`: its module path in the whole model)."""
+    attn = _chains(block.self_attn, f"{prefix}.self_attn", {k: f"{k}_proj" for k in "qkvo"})
+    mlp = _chains(block.mlp, f"{prefix}.mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    norms = (rms_norm(block.input_layernorm, f"{prefix}.input_layernorm"),
+             rms_norm(block.post_attention_layernorm, f"{prefix}.post_attention_layernorm"))
+    head_dim = getattr(block.self_attn, "head_dim", None)
+    if attn is None or mlp is None or None in norms or not head_dim:
+        return None
+    if _out_features(attn["q"]) % head_dim or _out_features(attn["k"]) % head_dim:
+        return None
+    return DecoderLayer(attn_norm=norms[0], mlp_norm=norms[1], mlp=mlp, activation=activation,
+                        heads=_out_features(attn["q"]) // head_dim, kv_heads=_out_features(attn["k"]) // head_dim,
+                        head_dim=head_dim, **{key: attn[key] for key in "qkvo"})
 
 
 def is_decoder(model: nn.Module) -> bool:
