@@ -196,6 +196,92 @@ def quantize_int_float_zero(weight: torch.Tensor, bits: int, block_size: int,
                      zero.reshape(shape).long(), None, bits, block_size, rest.reshape(shape).to(scale_dtype))
 
 
+# ---- scale search ---------------------------------------------------------------------------------------
+
+# candidate scales as multiples of the plain one (absmax / min-max): llama.cpp's make_qx_quants tries
+# (n + 0.1 i) / n for i in -9..9 around the block maximum; this grid spans the same 0.9..1.1 and clips harder
+SEARCH_RATIOS = (0.70, 0.75, 0.80, 0.84, 0.87, 0.90, 0.92, 0.94, 0.96, 0.98, 1.00, 1.02, 1.04, 1.07, 1.10)
+
+
+def _group_importance(importance: torch.Tensor | None, shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """Per-input-column weights [K] (e.g. the calibration inputs' mean x^2) laid out as the weight's groups
+    [groups_total, G]; None: every member counts 1. A partial last block's padding counts 0."""
+    rows, cols = shape
+    if importance is None:
+        importance = torch.ones(cols)
+    full = importance.float().reshape(1, cols).expand(rows, cols)
+    size = group_size(shape, block_size, partial=True)
+    if block_size > 0 and cols % size:
+        full = torch.nn.functional.pad(full, (0, size - cols % size))
+    return full.reshape(-1, size)
+
+
+def _levels_error(groups: torch.Tensor, weights: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
+                  scale_dtype: torch.dtype) -> torch.Tensor:
+    """Per group: sum of weights * (value - the value dequantize() gives back)^2."""
+    approx = (levels * scale[:, None]).to(scale_dtype).float()
+    return (weights * (groups - approx) ** 2).sum(dim=1)
+
+
+def quantize_int_searched(weight: torch.Tensor, bits: int, block_size: int,
+                          scale_dtype: torch.dtype = torch.float32, symmetric: bool = True, full_range: bool = False,
+                          importance: torch.Tensor | None = None,
+                          ratios: tuple[float, ...] = SEARCH_RATIOS) -> Quantized:
+    """Int codes whose group scales minimise the group's (importance-weighted) squared reconstruction error
+    instead of covering its absmax / min-max: llama.cpp's K-quant scale search. For each candidate scale
+    r * S_plain (asymmetric: with the zero point nearest the group's minimum, or centring its middle) the codes are
+    rounded and the scale refitted by least squares for them (S = sum w x l / sum w l^2, l = q - z, whose error is
+    sum w x^2 - (sum w x l)^2 / sum w l^2); the best candidate's refit scale is stored and the codes rounded again
+    against it. A group keeps the plain quantizer's result (quantize_int_symmetric / quantize_int_asymmetric)
+    unless that error, measured on what dequantize() gives back, is lower: no group comes out worse than plain.
+    `importance` [K] weights each input column (None: all 1)."""
+    shape = tuple(weight.shape)
+    plain = quantize_int_symmetric(weight, bits, block_size, scale_dtype, full_range) if symmetric else \
+        quantize_int_asymmetric(weight, bits, block_size, scale_dtype)
+    groups = to_groups(weight.float(), block_size, partial=True)
+    weights = None if importance is None else _group_importance(importance, shape, block_size)
+    weighted = groups if weights is None else weights * groups
+    if symmetric:
+        low, high = -(2 ** (bits - 1)) + (0 if full_range else 1), 2 ** (bits - 1) - 1
+        anchors = [None]
+    else:
+        low, high = 0, 2**bits - 1
+        anchors = ["minimum", "middle"]
+    base = plain.scales.float().reshape(-1)  # negative for full range (the extreme on the lowest level)
+    minimum, middle = groups.amin(dim=1), (groups.amin(dim=1) + groups.amax(dim=1)) / 2
+    best_gain = torch.full_like(base, -1.0, dtype=torch.float64)  # (sum w x l)^2 / sum w l^2: the error it removes
+    best_scale, best_zero = base.double(), torch.zeros_like(base)
+    for ratio in ratios:
+        for anchor in anchors:
+            scale = base * ratio
+            zero = torch.zeros_like(scale) if anchor is None else torch.clamp(torch.round(
+                -minimum / scale if anchor == "minimum" else (high + low) / 2 - middle / scale), low, high)
+            levels = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], low, high) - zero[:, None]
+            dot = (weighted * levels).sum(dim=1, dtype=torch.float64)  # float64: rounding decides no choice
+            norm = (levels * levels if weights is None else weights * levels * levels).sum(dim=1, dtype=torch.float64)
+            gain = torch.where(norm > 0, dot * dot / norm.clamp(min=1e-300), torch.zeros_like(dot))
+            better = gain > best_gain
+            best_gain = torch.where(better, gain, best_gain)
+            best_scale = torch.where(better, torch.where(norm > 0, dot / norm.clamp(min=1e-300), scale.double()),
+                                     best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    best_scale = best_scale.float()
+    scale = _store_scale(torch.where(torch.isfinite(best_scale) & (best_scale != 0), best_scale, base), scale_dtype)
+    codes = torch.clamp(torch.round(groups / scale[:, None]) + best_zero[:, None], low, high)
+    plain_codes = to_groups(plain.codes.float(), block_size, partial=True)
+    plain_zero = torch.zeros_like(base) if symmetric else plain.zero_points.float().reshape(-1)
+    ones = torch.ones_like(groups) if weights is None else weights
+    error = _levels_error(groups, ones, codes - best_zero[:, None], scale, scale_dtype)
+    plain_error = _levels_error(groups, ones, plain_codes - plain_zero[:, None], base, scale_dtype)
+    searched = error < plain_error
+    codes = torch.where(searched[:, None], codes, plain_codes)
+    scale = torch.where(searched, scale, base)
+    out_shape = scale_shape(shape, block_size)
+    zero_points = None if symmetric else torch.where(searched, best_zero, plain_zero).reshape(out_shape).long()
+    return Quantized(from_groups(codes, shape).long(), scale.reshape(out_shape).to(scale_dtype), zero_points, None,
+                     bits, block_size)
+
+
 def int_codes_from_scale(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                          full_range: bool = False):
     """Codes of `values` against given scales (GPTQ quantizes one column at a time with fixed group scales)."""

@@ -219,3 +219,92 @@ def test_total_model_bits_counts_float_zero_points_and_overrides():
     quantized = record["quantized"]
     assert quantized["0"].quantized.offsets is not None and quantized["1"].quantized.offsets is None
     assert record["label"] == "int4-B64-asym-fzp (1: int8-B64)"
+
+
+def _searched_reference(block, importance, bits, symmetric, full_range, ratios):
+    """quantize_int_searched on one block, value by value: the plain scale and codes; each candidate's
+    codes, least-squares scale and the error it removes; the best candidate's scale (stored as float32) and codes
+    rounded again; the plain result kept unless that is worse by the weighted error. Returns (codes, scale, zero)."""
+    def f32(v):
+        return torch.tensor(v, dtype=torch.float32).item()
+
+    def rnd(v):  # torch.round: half to even, as Python's round
+        return round(v)
+
+    if symmetric:
+        low, high = (-(2 ** (bits - 1)) if full_range else -(2 ** (bits - 1)) + 1), 2 ** (bits - 1) - 1
+        if full_range:
+            extreme = max(block, key=abs)
+            base = f32(extreme / low)
+        else:
+            base = f32(max(abs(v) for v in block) / high)
+        plain_zero = 0
+        plain_codes = [max(low, min(high, rnd(f32(v / base)))) for v in block]
+        anchors = [None]
+    else:
+        low, high = 0, 2**bits - 1
+        lo, hi = min(min(block), 0.0), max(max(block), 0.0)
+        base = f32((hi - lo) / high)
+        plain_zero = max(low, min(high, rnd(f32(-lo / base))))
+        plain_codes = [max(low, min(high, rnd(f32(v / base)) + plain_zero)) for v in block]
+        anchors = ["minimum", "middle"]
+    best_gain, best_scale, best_zero = -1.0, base, 0
+    for ratio in ratios:
+        for anchor in anchors:
+            scale = f32(base * f32(ratio))
+            zero = 0
+            if anchor == "minimum":
+                zero = max(low, min(high, rnd(f32(-min(block) / scale))))
+            elif anchor == "middle":
+                zero = max(low, min(high, rnd(f32((high + low) / 2 - f32(f32(min(block) + max(block)) / 2) / scale))))
+            levels = [max(low, min(high, rnd(f32(v / scale)) + zero)) - zero for v in block]
+            # the primitive's float32 products (w x, then times l), summed in float64
+            dot = sum(f32(f32(w * v) * l) for w, v, l in zip(importance, block, levels))
+            norm = sum(f32(f32(w * l) * l) for w, l in zip(importance, levels))
+            gain = dot * dot / norm if norm > 0 else 0.0
+            if gain > best_gain:
+                best_gain, best_scale, best_zero = gain, (dot / norm if norm > 0 else scale), zero
+    scale = f32(best_scale)
+    codes = [max(low, min(high, rnd(f32(v / scale)) + best_zero)) for v in block]
+
+    def error(codes, scale, zero):
+        return sum(w * (v - f32((c - zero) * scale)) ** 2 for w, v, c in zip(importance, block, codes))
+
+    if error(codes, scale, best_zero) < error(plain_codes, base, plain_zero):
+        return codes, scale, best_zero
+    return plain_codes, base, plain_zero
+
+
+@pytest.mark.parametrize("symmetric, full_range", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_int_searched_matches_plain_reference(symmetric, full_range, weighted):
+    """The scale search block by block against a float64 reference of the same steps (codes and scales exact), and
+    no block worse than the plain quantizer by the (importance-weighted) squared error."""
+    torch.manual_seed(2)
+    weight = torch.randn(6, 48) * torch.linspace(0.2, 1.5, 48)
+    weight[1, 5] = 6.0  # an outlier the search may clip
+    importance = torch.rand(48) * 4 if weighted else None
+    ratios = (0.8, 0.9, 1.0, 1.1)
+    q = qp.quantize_int_searched(weight, 4, 16, symmetric=symmetric, full_range=full_range,
+                                 importance=importance, ratios=ratios)
+    plain = qp.quantize_int_symmetric(weight, 4, 16, full_range=full_range) if symmetric else \
+        qp.quantize_int_asymmetric(weight, 4, 16)
+    codes, scales, zeros = [], [], []
+    for row in range(6):
+        for start in range(0, 48, 16):
+            block = weight[row, start:start + 16].tolist()
+            weights = [1.0] * 16 if importance is None else importance[start:start + 16].tolist()
+            c, s, z = _searched_reference(block, weights, 4, symmetric, full_range, ratios)
+            codes += c
+            scales.append(s)
+            zeros.append(z)
+    assert q.codes.reshape(-1).tolist() == codes
+    assert q.scales.reshape(-1).tolist() == scales
+    if symmetric:
+        assert q.zero_points is None
+    else:
+        assert q.zero_points.reshape(-1).tolist() == zeros
+    weights = torch.ones(48) if importance is None else importance
+    searched = (weights * (weight - qp.dequantize(q)) ** 2).reshape(6, 3, 16).sum(-1)
+    rounded = (weights * (weight - qp.dequantize(plain)) ** 2).reshape(6, 3, 16).sum(-1)
+    assert bool((searched <= rounded).all()) and bool((searched < rounded).any())
