@@ -12,15 +12,19 @@ MAX_CALIBRATION_SAMPLES = 100_000  # windows drawn up front: 100k x 256 int64 to
 
 
 @torch.no_grad()
-def input_second_moments(model: nn.Module, modules: list[nn.Linear], calibration: list[tuple]) -> list[torch.Tensor]:
-    """For each module, H = sum over calibration tokens of x xᵀ ([K, K], float64), in one sweep of the data.
-    Modules see the model as it is now (earlier layers already compressed included)."""
-    moments = [torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in modules]
+def input_second_moments(model: nn.Module, modules: list[nn.Linear], calibration: list[tuple],
+                         diagonal: bool = False) -> list[torch.Tensor]:
+    """For each module, H = sum over calibration tokens of x xᵀ ([K, K], float64), in one sweep of the data;
+    `diagonal`: only H's diagonal, each input channel's sum of x² ([K]: what schemes that weigh input channels read,
+    without a K x K product per token). Modules see the model as it is now (earlier layers already compressed
+    included)."""
+    moments = [torch.zeros(m.in_features, dtype=torch.float64) if diagonal else
+               torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in modules]
 
     def hook_for(index: int, module: nn.Linear):
         def hook(_, inputs, __):
             x = inputs[0].reshape(-1, module.in_features).double()
-            moments[index].add_(x.T @ x)
+            moments[index].add_((x * x).sum(dim=0) if diagonal else x.T @ x)
         return hook
 
     handles = [m.register_forward_hook(hook_for(i, m)) for i, m in enumerate(modules)]

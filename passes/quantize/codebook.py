@@ -62,6 +62,12 @@ class CodebookWeights:
         return self.dtype == "kmeans" and self.activation_weighted
 
     @property
+    def diagonal_statistics(self) -> bool:
+        """Whether quantize() reads only the Hessian's diagonal. Weighted k-means does, but keeps the full matrix
+        it has always been given (its artifacts keep their bytes)."""
+        return False
+
+    @property
     def input_multiple(self) -> int | None:
         """Codebooks need whole blocks."""
         return self.block_size if self.block_size > 0 else None

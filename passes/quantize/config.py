@@ -40,6 +40,7 @@ class QuantizeConfig:
     activation_weighted: bool = False  # kmeans: weight each weight by its input channel's mean x²
     calibration_samples: int = 64
     gptq_damp: float = 0.01
+    scale_search: str = "none"  # int: "mse" / "activation" search each group's scale (passes.quantize.int_weights)
     # W8A8: the Linear inputs quantized too, so that ONNX Runtime runs integer kernels (MatMulIntegerToFloat,
     # DynamicQuantizeMatMul). "static": one range per layer from calibration data; "dynamic": per call
     activations: str = "none"

@@ -1,7 +1,8 @@
 """Integer weights: uniform levels per block, row or tensor. Symmetric (absmax, optionally with level -2^(k-1):
 Q4_0 / ONNX Runtime style), asymmetric with an integer zero point, or with a float zero point (Q4_1 style: the
-block minimum). Round to nearest or GPTQ (passes.gptq, the solver). One home: the config, the per-layer
-quantizer and the ONNX lowering.
+block minimum). Round to nearest, with each group's scale covering the group or searched for the least
+(activation-weighted) squared error (`scale_search`, passes.quant_primitives.quantize_int_searched), or GPTQ
+(passes.gptq, the solver). One home: the config, the per-layer quantizer and the ONNX lowering.
 
 Lowering: codes [K, N] (int2/int4/int8, or uint with a zero point) -> DequantizeLinear(axis 0, block_size B) ->
 MatMul, the pattern ONNX Runtime fuses into MatMulNBits (per-channel: axis 1 scales). Float zero points
@@ -29,6 +30,10 @@ from passes.quantize.onnx_nodes import UNSIGNED, by_column, code_type, dequantiz
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 ZERO_POINTS = ("int", "float")
 METHODS = ("rtn", "gptq")
+# how group scales are chosen: "none" covers the group (absmax / min-max); "mse" searches the scale (and zero
+# point) with the least squared reconstruction error per group (passes.quant_primitives.quantize_int_searched);
+# "activation" weights that error by each input channel's mean x^2 on calibration data
+SCALE_SEARCHES = ("none", "mse", "activation")
 
 
 def check_bits_and_groups(fields) -> None:
@@ -56,6 +61,9 @@ def check(fields) -> None:
             raise ValueError(f"quantize.{name} must be true or false, not {excerpt(getattr(fields, name))}")
     if isinstance(fields.gptq_damp, bool) or not 0 < fields.gptq_damp < math.inf:  # also refuses NaN
         raise ValueError(f"quantize.gptq_damp must be a positive number, not {excerpt(fields.gptq_damp)}")
+    if fields.scale_search not in SCALE_SEARCHES:
+        raise ValueError(f"quantize.scale_search must be one of {', '.join(SCALE_SEARCHES)}, not "
+                         f"{excerpt(fields.scale_search)}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class IntWeights:
     scale_dtype: str = "float32"
     method: str = "rtn"  # or "gptq"
     gptq_damp: float = 0.01
+    scale_search: str = "none"  # or "mse" / "activation" (SCALE_SEARCHES)
 
     def __post_init__(self):
         check(self)
@@ -77,11 +86,20 @@ class IntWeights:
             raise ValueError("quantize.zero_point=float works with method=rtn only")
         if self.method == "gptq" and self.block_size == qp.PER_TENSOR:
             raise ValueError("quantize.method=gptq needs per-channel (0) or block-wise scales")
+        if self.scale_search != "none" and (self.zero_point == "float" or self.method != "rtn"):
+            raise ValueError("quantize.scale_search works with method=rtn and symmetric codes or an int zero point, "
+                             "not zero_point=float or GPTQ")
 
     @property
     def needs_statistics(self) -> bool:
         """Whether quantize() needs the layer's input second moments (the Hessian)."""
-        return self.method == "gptq"
+        return self.method == "gptq" or self.scale_search == "activation"
+
+    @property
+    def diagonal_statistics(self) -> bool:
+        """Whether quantize() reads only the Hessian's diagonal (the activation-weighted scale search; GPTQ reads
+        the whole matrix)."""
+        return self.method != "gptq"
 
     @property
     def input_multiple(self) -> int | None:
@@ -96,6 +114,8 @@ class IntWeights:
             parts.append("full")
         if self.method == "gptq":
             parts.append("gptq")
+        if self.scale_search != "none":
+            parts.append({"mse": "mse", "activation": "amse"}[self.scale_search])
         return parts
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> qp.Quantized:
@@ -103,6 +123,12 @@ class IntWeights:
         if self.method == "gptq":
             return gptq_quantize(weight, hessian, self.bits, self.block_size, self.symmetric, scale_dtype,
                                  self.gptq_damp, self.full_range)
+        if self.scale_search != "none":
+            importance = None
+            if self.scale_search == "activation":  # H [K, K] or its diagonal [K]: each input channel's sum of x²
+                importance = hessian if hessian.dim() == 1 else torch.diagonal(hessian)
+            return qp.quantize_int_searched(weight, self.bits, self.block_size, scale_dtype, self.symmetric,
+                                            self.full_range, importance)
         if self.symmetric:
             return qp.quantize_int_symmetric(weight, self.bits, self.block_size, scale_dtype, self.full_range)
         if self.zero_point == "float":

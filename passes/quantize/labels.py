@@ -9,10 +9,11 @@ from passes.calibration import excerpt
 LABEL_NAMES = {"int": "int", "nf": "nf", "float": "float", "log2": "log", "quantile": "quantile", "kmeans": "kmeans"}
 # flag -> the fields it sets, in the order the schemes write them
 FLAGS = {"asym": {"symmetric": False}, "fzp": {"zero_point": "float"}, "full": {"full_range": True},
-         "aw": {"activation_weighted": True}, "row": {"codebook_scope": "row"}, "gptq": {"method": "gptq"}}
+         "aw": {"activation_weighted": True}, "row": {"codebook_scope": "row"}, "gptq": {"method": "gptq"},
+         "mse": {"scale_search": "mse"}, "amse": {"scale_search": "activation"}}
 # what a label leaves unsaid: the defaults of every field a label can name
 UNSAID = {"symmetric": True, "full_range": False, "zero_point": "int", "method": "rtn", "exponent_bits": None,
-          "codebook_scope": "tensor", "activation_weighted": False}
+          "codebook_scope": "tensor", "activation_weighted": False, "scale_search": "none"}
 
 
 def granularity(block_size: int) -> str:

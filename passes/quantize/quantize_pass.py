@@ -88,7 +88,10 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
     if unquantized:
         raise ValueError(f"smoothquant smoothed {len(unquantized)} layers whose inputs this pass does not quantize "
                          f"(e.g. {excerpt(unquantized[0])}): give smoothquant the same targets and ignore")
-    weights_need_statistics = any(c.weight_scheme().needs_statistics for c in config.layer_configs())
+    schemes = [c.weight_scheme() for c in config.layer_configs()]
+    weights_need_statistics = any(scheme.needs_statistics for scheme in schemes)
+    # H's diagonal is enough when every scheme that reads statistics reads only that (no K x K matrices)
+    diagonal = all(scheme.diagonal_statistics for scheme in schemes if scheme.needs_statistics)
     bar = tqdm(total=len(chosen), desc=f"quantize {config.label()}", disable=not progress, leave=False)
     rest = chosen
     with dividing_inputs(dict(chosen), smooth):  # GPTQ's statistics are of what the smoothed layers will see
@@ -97,11 +100,11 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         hessians = {}
         if weights_need_statistics and config.sequential != "layer" and rest:  # one pass for what is left
             modules = [module for name, module in rest if config.for_layer(name).weight_scheme().needs_statistics]
-            hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration)))
+            hessians = dict(zip(map(id, modules), input_second_moments(model, modules, calibration, diagonal)))
         for name, module in rest:
             hessian = hessians.pop(id(module), None)
             if hessian is None and config.for_layer(name).weight_scheme().needs_statistics:
-                hessian = input_second_moments(model, [module], calibration)[0]  # sequential: sees earlier layers
+                hessian = input_second_moments(model, [module], calibration, diagonal)[0]  # sees earlier layers
             quantize_layer(name, module, hessian)
             bar.update(1)
     bar.close()

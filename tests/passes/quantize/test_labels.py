@@ -6,7 +6,8 @@ from passes.quantize import QuantizeConfig
 from passes.quantize.labels import weight_fields
 
 LABELS = DEFAULT_CANDIDATES + ("int4-B32-asym-fzp", "int3-channel-asym", "int4-B64-gptq", "int3-B64-full-gptq",
-                               "kmeans4-B64-aw-row", "quantile3-tensor-row", "log4-B128", "float5-B64")
+                               "kmeans4-B64-aw-row", "quantile3-tensor-row", "log4-B128", "float5-B64",
+                               "int4-B32-full-mse", "int4-B32-asym-amse")
 
 
 @pytest.mark.parametrize("label", LABELS)
