@@ -1,0 +1,441 @@
+"""`compress run` on a decoder read and written one layer at a time, so that memory follows the largest layer and
+not the model (llama.cpp's quantize, llm-compressor's sequential onloading).
+
+Per layer: its tensors are read from disk (compressor.streaming.weights), it becomes a torch module of its own
+under its whole-model names (compressor.streaming.layers), every torch pass of the recipe runs on it with the
+calibration activations that reach it (each layer sees the compressed layers before it: GPTQ's sequential
+order), the held-out activations move on through it twice (as given: the reference; compressed: the metric
+before export and the parity logits), and its part of the graph is lowered and appended to model.onnx.data
+(exporters.streamed_writer). The model's ends (token table, final norm, head) come last, as one more part.
+
+Resumable: after each part its graph nodes, the activations and the data file's length are saved in --out's
+progress folder; the same command after a kill continues from the last finished part, to the same bytes.
+"""
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from compressor.artifact import ARTIFACT_NAME, assemble_report, staged
+from compressor.atomic import atomic_write_text
+from compressor.errors import UserError
+from compressor.onnx_file import EXTERNAL_DATA_ABOVE, data_path
+from compressor.recipes import Recipe
+from compressor.report import write_reports
+from compressor.run_options import RunOptions
+from compressor.run_record import artifact_metadata, side_files
+from compressor.streaming.layers import PREFIX, EndsModel, Family, LayerModel, family_of
+from compressor.streaming.memory import check_fits, fp32_bytes, peak_rss_bytes
+from compressor.streaming.progress import Progress
+from compressor.streaming.weights import EMBEDDING, HEAD, WeightStore, open_weights, skeleton_folder
+from compressor.tasks import TASKS, measure
+from compressor.validate import Tolerances, validate
+from compressor.version import __version__
+from exporters import metadata_keys
+from exporters.decoder_graph import PRESENT, Decoder, Flow, Graph, decoder_io, head_nodes, layer_nodes, \
+    prologue_nodes
+from exporters.lowering import Lowered
+from exporters.onnx_export import ExportError, finalize
+from exporters.qdq import LoweringError
+from exporters.streamed_writer import ExternalData, Part, assemble, lower_part, merge_records, write_part
+from passes.model_bits import total_model_bits
+from passes.registry import GRAPH, PASSES, TORCH
+
+FAMILY = "hf-causal-lm"
+HEAD_INPUTS = ("/head/x", "/head/residual")  # what the head reads, until the last layer's outputs are known
+STREAM_ABOVE = EXTERNAL_DATA_ABOVE  # fp32 weight bytes past which a decoder is streamed (its artifact too is split)
+FORWARD_BATCH = 8  # windows per forward call through one layer
+# passes that need the whole model at once (training through every layer, a budget spread over all layers)
+WHOLE_MODEL = {"heal": "it trains through every layer at once"}
+
+
+def should_stream(path: Path, adapter_kind: str, options: RunOptions) -> bool:
+    """The rule: a Llama-family decoder (safetensors folder or GGUF) whose fp32 weights pass STREAM_ABOVE is
+    streamed, anything smaller keeps the whole-model path and its one-file artifact; --stream / --no-stream
+    decide instead when given."""
+    if options.stream is False:
+        return False
+    try:
+        store = open_weights(path) if adapter_kind == "hugging-face" else None
+    except UserError:
+        if options.stream:
+            raise
+        store = None
+    if store is None:
+        if options.stream:
+            raise UserError("--stream takes a Hugging Face decoder folder (safetensors) or a GGUF file of "
+                            "llama / mistral / qwen2")
+        return False
+    return bool(options.stream) or fp32_bytes(store) > STREAM_ABOVE
+
+
+def refusal(recipe: Recipe) -> str | None:
+    """Why the recipe cannot run streamed, or None."""
+    for name, config in recipe.passes:
+        if name in WHOLE_MODEL:
+            return f"{name} cannot run on a streamed model: {WHOLE_MODEL[name]} (drop it, or --no-stream on a " \
+                   f"machine that holds the whole model)"
+        if name == "quantize" and config.budget_bits_per_param is not None:
+            return "quantize.budget_bits_per_param cannot run on a streamed model yet: the allocator scores " \
+                   "every layer before it quantizes any (give fixed bits, or --no-stream)"
+    if recipe.export.dtype != "float32":
+        return f"export.dtype {recipe.export.dtype} is not written by the streamed exporter yet (float32 only)"
+    return None
+
+
+def run_streamed(path: Path, out_dir: Path, recipe: Recipe, options: RunOptions, log) -> dict:
+    """The run, with --out already locked and cleared of stale files (compressor.pipeline.run)."""
+    reason = refusal(recipe)
+    if reason:
+        raise UserError(reason)
+    started = time.monotonic()
+    store = open_weights(path)
+    family = family_of(store.config)
+    task = TASKS[FAMILY]
+    config = _task_config(store, skeleton_folder(path))
+    heldout = task.heldout_data(config, options.eval_limit)
+    parity_windows = len(task.parity_inputs(heldout)["input_ids"])
+    samples = max((c.calibration_samples for n, c in recipe.passes if PASSES[n].rewrites == TORCH and
+                   c.needs_calibration), default=0)
+    stream_bytes = (2 * len(heldout) + samples) * config["context"] * int(store.config.hidden_size) * 4
+    budget = check_fits(store, stream_bytes, options.max_memory)
+    files = sorted({entry.file for entry in store.entries.values()})
+    progress = Progress(out_dir, _fingerprint(files, recipe, options))
+    resumed = progress.resume()
+    state = progress.state
+    if resumed:
+        log(f"resuming: {progress.parts_done} of {family.layers + 1} parts were finished by an earlier run")
+    name = _source_name(path)
+    source_sha256 = progress.source_sha256(files)
+    log(f"streaming {name} ({store.config.model_type}, {family.layers} layers, {len(heldout)} held-out windows, "
+        f"budget {budget / 2**30:.1f} GiB) one layer at a time; recipe {recipe.name}")
+    if not resumed:
+        state.update(seconds=[], bytes_read=0, pass_records={}, layer_shapes=[],
+                     bits={"total_model_bits": 0, "params": 0, "quantized_params": 0})
+    data = ExternalData(progress.data_file, state["data_offset"])
+    try:
+        if resumed:
+            streams = progress.load_streams()
+        else:  # part 0: the token table and the head, quantized first: the compressed windows start from its rows
+            begun, read_before = time.monotonic(), store.bytes_read
+            part, records, bits, streams = _ends_part(store, family, recipe, state, data, heldout, samples, task,
+                                                      config, options.seed, log)
+            _account(state, records, bits, begun, store.bytes_read - read_before)
+            progress.finish_part(part, streams, data.flush())
+            log(f"embedding and head: {state['seconds'][-1]:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
+        for index in range(progress.parts_done - 1, family.layers):
+            begun, read_before = time.monotonic(), store.bytes_read
+            model = LayerModel(family, index, store.layer(index))
+            part, records, bits = _layer_part(model, index, family, recipe, streams, state, data)
+            del model
+            _account(state, records, bits, begun, store.bytes_read - read_before)
+            progress.finish_part(part, streams, data.flush())
+            log(f"layer {index + 1}/{family.layers}: {state['seconds'][-1]:.1f} s, peak RSS "
+                f"{peak_rss_bytes() / 2**30:.2f} GiB")
+        if "measured" not in state:
+            parity = _measure(store, family, recipe, streams, state, task, heldout, parity_windows)
+            progress.finish_measured(parity)
+        del streams
+    finally:
+        data.close()
+    return _write_and_validate(path, out_dir, recipe, options, log, progress, family, task, config, heldout,
+                               name, source_sha256, "gguf" if files[0].suffix == ".gguf" else "hugging-face",
+                               resumed, started, budget)
+
+
+def _write_and_validate(path, out_dir, recipe, options, log, progress, family, task, config, heldout, name,
+                        source_sha256, kind, resumed, started, budget) -> dict:
+    state, parts = progress.state, progress.parts()
+    inputs, outputs = decoder_io(_placeholder_ends(family), [tuple(shape) for shape in state["layer_shapes"]])
+    last = Flow(**state["flow"])
+    proto = assemble(parts, inputs, outputs, dict(zip(HEAD_INPUTS, (last.x, last.residual))))
+    files = side_files(config, proto, ARTIFACT_NAME)
+    source_metadata = {metadata_keys.SOURCE: name, metadata_keys.SOURCE_SHA256: source_sha256}
+    proto = finalize(proto, artifact_metadata(source_metadata, recipe, options, FAMILY, config, files))
+    lowered = _merged_lowering(parts)
+    graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
+                   "ir_version": proto.ir_version}
+    del parts
+    measured = state["measured"]
+    bits = _bits(state["bits"], recipe.export.float_bits)
+    input_bits = _bits({"total_model_bits": 32 * state["bits"]["params"], "params": state["bits"]["params"],
+                        "quantized_params": 0}, 32)
+    pass_records = [{**record, **bits, **measured["compressed"], "measured_after": "all passes (streamed)"}
+                    for record in state["pass_records"].values()]
+    with staged(out_dir) as stage:
+        artifact = stage / ARTIFACT_NAME
+        os.replace(progress.data_file, data_path(artifact))  # the progress folder lies in --out: same disk
+        onnx.save_model(proto, str(artifact))
+        del proto
+        onnx.checker.check_model(str(artifact))
+        for file_name, content in files.items():
+            (stage / file_name).write_bytes(content)
+        atomic_write_text(stage / "recipe.yaml", recipe.to_yaml() + f"# calibration sampling seed: --seed "
+                                                                    f"{options.seed}\n")
+        log(f"validating on {len(heldout)} held-out examples with ONNX Runtime ({', '.join(options.providers)})")
+        results = validate(task, config, artifact, heldout, list(options.providers),
+                           torch_accuracy=measured["compressed"][task.METRIC], reference_logits=progress.load_parity(),
+                           tolerances=Tolerances.for_lowered(lowered), bench=options.bench, progress=options.progress,
+                           input_artifact=None, exact=Tolerances.exact_for_lowered(lowered))
+        results["memory"]["compress_peak_rss_mb"] = peak_rss_bytes() / 2**20
+        model_record = {"name": name, "family": FAMILY, "source": str(path), "source_sha256": source_sha256,
+                        "config": config, "input_format": kind, "params": bits["params"],
+                        "input_params": input_bits["params"]}
+        report = assemble_report(model_record, recipe, artifact, out_dir / ARTIFACT_NAME, graph_facts,
+                                 lowered.record, bits, input_bits, pass_records, measured["reference"], results, None)
+        report["run"] = {"seed": options.seed, "eval_limit": options.eval_limit, "providers": list(options.providers),
+                         "bench_warmup": options.bench.warmup if options.bench else None,
+                         "bench_runs": options.bench.runs if options.bench else None}
+        report["streaming"] = {
+            "streamed": True, "resumed": resumed, "layers": family.layers, "seconds_per_part": state["seconds"],
+            "bytes_read": state["bytes_read"], "bytes_written": report["artifact"]["bytes"],
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "max_memory_mb": round(budget / 2**20, 1),
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "speed_baseline": "not written: ONNX Runtime would hold the input model's fp32 export whole, past the "
+                              "run's memory budget"}
+        write_reports(stage, report, plots=options.plots)
+    progress.remove()
+    return report
+
+
+def _task_config(store: WeightStore, folder: Path) -> dict:
+    from compressor.inputs.hf import DEFAULT_CONTEXT
+
+    positions = int(getattr(store.config, "max_position_embeddings", 0) or DEFAULT_CONTEXT)
+    return {"model_type": store.config.model_type, "tokenizer": str(folder.resolve()),
+            "vocab_size": int(store.config.vocab_size), "context": int(min(DEFAULT_CONTEXT, positions)),
+            "max_positions": positions}
+
+
+def _source_name(path: Path) -> str:
+    path = Path(path).resolve()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.parent.name if path.name in ("model", "models", "checkpoint") else path.name
+
+
+def _fingerprint(files: list[Path], recipe: Recipe, options: RunOptions) -> dict:
+    """What a resumed run must share with the killed one for its saved parts to be reused."""
+    return {"version": __version__, "recipe": recipe.to_dict(), "seed": options.seed,
+            "eval_limit": options.eval_limit, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def _placeholder_ends(family: Family) -> Decoder:
+    """The ends' description for names and shapes only (no table read)."""
+    config = family.config
+    return Decoder(vocab_size=int(config.vocab_size), max_positions=int(config.max_position_embeddings),
+                   embed_name=f"{PREFIX}.embed_tokens.weight", embed=np.zeros((1, 1), np.float32), layers=[],
+                   final_norm=None, lm_head=None, rotary_inv_freq=family.rotary.inv_freq.float().numpy(),
+                   rotary_scaling=float(getattr(family.rotary, "attention_scaling", 1.0)))
+
+
+@torch.no_grad()
+def _forward(model: torch.nn.Module, hidden: torch.Tensor) -> None:
+    """`hidden` replaced by the model's output, FORWARD_BATCH windows at a time (in place: no second copy)."""
+    for start in range(0, len(hidden), FORWARD_BATCH):
+        hidden[start:start + FORWARD_BATCH] = model(hidden[start:start + FORWARD_BATCH])
+
+
+def _run_passes(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor | None,
+                batch: int) -> tuple[dict, dict]:
+    """The recipe's torch passes on one part, each given its calibration_samples windows in batches of `batch`;
+    (records by pass, the quantize pass's records by module)."""
+    records, quantized = {}, {}
+    for name, config in recipe.passes:
+        spec = PASSES[name]
+        if spec.rewrites != TORCH:
+            continue
+        if spec.select is not None:
+            try:
+                spec.select(model, config)
+            except ValueError:
+                continue  # nothing of this part is the pass's (e.g. a head the recipe ignores)
+        batches = None
+        if config.needs_calibration:
+            hidden = calibration[:config.calibration_samples]
+            batches = [(hidden[i:i + batch],) for i in range(0, len(hidden), batch)]
+        try:
+            record = spec.run(model, config, batches, False)
+        except ValueError as exc:
+            raise UserError(f"{name}: {exc}") from None
+        quantized.update(record.pop("quantized", {}))
+        records[name] = record
+    return records, quantized
+
+
+def _graph_passes(recipe: Recipe):
+    graph_passes = [(name, config) for name, config in recipe.passes if PASSES[name].rewrites == GRAPH]
+
+    def run(proto: onnx.ModelProto) -> onnx.ModelProto:
+        if not graph_passes:
+            return proto
+        import onnx_ir as ir
+
+        model = ir.serde.deserialize_model(proto)
+        for name, config in graph_passes:
+            PASSES[name].run(model, config, None, False)
+        return ir.serde.serialize_model(model)
+    return run
+
+
+def _lowered_part(nodes, inits, outputs: list[str], quantized: dict, recipe: Recipe, flow: dict,
+                  data: ExternalData) -> Part:
+    types = {flow["seqlens_k"]: TensorProto.INT32, flow["total_length"]: TensorProto.INT32}
+    try:
+        proto, lowered = lower_part(nodes, inits, outputs, quantized if recipe.passes else None, recipe.export.dtype,
+                                    _graph_passes(recipe), types)
+    except (ExportError, LoweringError) as exc:
+        raise UserError(str(exc)) from None
+    return write_part(proto, lowered, data)
+
+
+def _layer_part(model: LayerModel, index: int, family: Family, recipe: Recipe, streams: dict, state: dict,
+                data: ExternalData):
+    _forward(model, streams["reference"])  # the layer as given
+    records, quantized = _run_passes(model, recipe, streams.get("calibration"), FORWARD_BATCH)
+    if "calibration" in streams:
+        _forward(model, streams["calibration"])  # what the next layer's passes see: this layer compressed
+    _forward(model, streams["compressed"])
+    bits = total_model_bits(model, quantized, float_bits=recipe.export.float_bits)
+    described = model.describe(family.activation)
+    state["layer_shapes"].append([described.kv_heads, described.head_dim])
+    g = Graph(state["node_count"])
+    after = layer_nodes(g, index, described, Flow(**state["flow"]))
+    outputs = [after.x, after.residual, *(PRESENT.format(index, kind) for kind in ("key", "value"))]
+    part = _lowered_part(g.nodes, g.inits, outputs, quantized, recipe, state["flow"], data)
+    state["node_count"], state["flow"] = g.count, vars(after)
+    return part, records, bits
+
+
+def _stream_logits(ends: EndsModel, hidden: torch.Tensor, heldout: np.ndarray):
+    """A logits function over the held-out windows in order (as the task's evaluation asks for them), from the
+    hidden states that reached the head."""
+    cursor = [0]
+
+    @torch.no_grad()
+    def logits(inputs: dict) -> np.ndarray:
+        ids = inputs["input_ids"]
+        start, cursor[0] = cursor[0], cursor[0] + len(ids)
+        if not np.array_equal(ids, heldout[start:cursor[0], :-1]):
+            raise AssertionError("the evaluation asked for the held-out windows out of order")
+        return ends(hidden[start:cursor[0]]).numpy()
+    return logits
+
+
+def _head_without_statistics(recipe: Recipe) -> tuple[Recipe, list[str]]:
+    """The recipe for the model's ends, which are quantized before any layer (a tied table's lookups feed the
+    first layer), so with no activations to calibrate on: only the quantize pass, and a head scheme that reads
+    statistics (GPTQ, activation-weighted search) falls back to its data-free form; with the notes saying so."""
+    import dataclasses
+
+    passes, notes = [], []
+    for name, config in recipe.passes:
+        if PASSES[name].rewrites != TORCH:
+            continue
+        if name != "quantize":
+            notes.append(f"{name} leaves the token table and the head alone in a streamed run")
+            continue
+        changes = {}
+        if getattr(config, "method", "rtn") != "rtn":
+            changes["method"] = "rtn"
+        if getattr(config, "scale_search", "none") == "activation":
+            changes["scale_search"] = "mse"
+        if getattr(config, "activation_weighted", False):
+            changes["activation_weighted"] = False
+        if getattr(config, "activations", "none") != "none":
+            changes["activations"] = "none"
+        if changes:
+            config = dataclasses.replace(config, **changes)
+            notes.append(f"the head is quantized before the layers in a streamed run, without calibration data: "
+                         f"{', '.join(f'{k}={v}' for k, v in changes.items())} for it")
+        passes.append((name, config))
+    return dataclasses.replace(recipe, passes=tuple(passes)), notes
+
+
+def _ends(store: WeightStore, family: Family) -> EndsModel:
+    head = None if store.tied else store.tensor(HEAD)
+    return EndsModel(family, store.tensor(EMBEDDING), store.tensor("model.norm.weight"), head)
+
+
+def _ends_part(store: WeightStore, family: Family, recipe: Recipe, state: dict, data: ExternalData,
+               heldout: np.ndarray, samples: int, task, config: dict, seed: int, log):
+    """Part 0: the prologue (token lookup, mask views, rotary tables) and the head, with their weights compressed;
+    and the activations that enter layer 0 (the held-out windows as given and compressed, the calibration
+    windows compressed). The head reads the last layer's outputs under placeholder names (HEAD_INPUTS), which
+    the assembled graph renames."""
+    ends_recipe, notes = _head_without_statistics(recipe)
+    for note in notes:
+        log(note)
+    state["ends_notes"] = notes
+    ends = _ends(store, family)
+    rows = torch.from_numpy(heldout[:, :-1])
+    streams = {"reference": ends.decoder.model.embed_tokens.weight[rows].clone()}
+    records, quantized = _run_passes(ends, ends_recipe, None, 1)
+    table = ends.decoder.model.embed_tokens.weight
+    streams["compressed"] = table[rows].clone()
+    if samples:
+        batches = task.calibration_data(config, samples, seed)
+        streams["calibration"] = table[torch.cat([batch[0] for batch in batches])].clone()
+    bits = total_model_bits(ends, quantized, float_bits=recipe.export.float_bits)
+    described = ends.describe(family)
+    del ends, table
+    g = Graph()
+    flow = prologue_nodes(g, described)
+    head_nodes(g, described, Flow(HEAD_INPUTS[0], HEAD_INPUTS[1], flow.seqlens_k, flow.total_length))
+    outputs = [flow.x, flow.seqlens_k, flow.total_length, "logits"] + ([flow.cos_cache, flow.sin_cache]
+                                                                        if flow.rotary else [])
+    state.update(node_count=g.count, flow=vars(flow))
+    part = _lowered_part(g.nodes, g.inits, outputs, quantized, recipe, state["flow"], data)
+    return part, records, bits, streams
+
+
+def _measure(store: WeightStore, family: Family, recipe: Recipe, streams: dict, state: dict, task,
+             heldout: np.ndarray, parity_windows: int) -> np.ndarray:
+    """The held-out metric of the model as given and as compressed, from the windows that left the last layer
+    (the ends built again: read, and quantized as part 0 was); returns the parity logits (compressed)."""
+    ends = _ends(store, family)
+    measured = {"reference": measure(task, _stream_logits(ends, streams.pop("reference"), heldout), heldout)}
+    _run_passes(ends, _head_without_statistics(recipe)[0], None, 1)
+    compressed = streams.pop("compressed")
+    measured["compressed"] = measure(task, _stream_logits(ends, compressed, heldout), heldout)
+    for which, values in measured.items():
+        if not all(math.isfinite(v) for v in values.values()):
+            raise UserError("the model's held-out outputs hold NaN or Inf values (its forward pass overflows): "
+                            "nothing to compress" if which == "reference" else
+                            "after the passes the model's outputs hold NaN or Inf values: refused before export "
+                            "(change the recipe)")
+    state["measured"] = measured
+    with torch.no_grad():
+        return np.concatenate([ends(compressed[i:i + 1]).numpy() for i in range(parity_windows)])
+
+
+def _account(state: dict, records: dict, bits: dict, begun: float, bytes_read: int) -> None:
+    """A finished part's time, reads, bits and pass records added to the run's."""
+    state["seconds"].append(round(time.monotonic() - begun, 3))
+    state["bytes_read"] += bytes_read
+    for key in ("total_model_bits", "params", "quantized_params"):
+        state["bits"][key] += int(bits[key])
+    for name, record in records.items():
+        record = json.loads(json.dumps(record, default=str))
+        merged = state["pass_records"].setdefault(name, {k: v for k, v in record.items()
+                                                         if not isinstance(v, list)})
+        for key, value in record.items():
+            if isinstance(value, list):
+                merged[key] = merged.get(key, []) + value
+
+
+def _bits(totals: dict, float_bits: int) -> dict:
+    return {**totals, "bits_per_param": totals["total_model_bits"] / totals["params"],
+            "unquantized_bits_per_param": float_bits}
+
+
+def _merged_lowering(parts: list[Part]) -> Lowered:
+    return Lowered(merge_records([part.record for part in parts]), any(p.lowered.int_weights for p in parts),
+                   any(p.lowered.integer_activations for p in parts), any(p.lowered.float16 for p in parts))
