@@ -19,7 +19,7 @@ from exporters.activation_qdq import fold_smoothing_into_norms, quantize_matmul_
 from passes.model_bits import container_bits
 from passes.quant_primitives import dequantize
 from passes.quantize import QuantizedLayer
-from passes.quantize.embeddings import NotLowered, lookup_nodes, table_initializers
+from passes.quantize.embeddings import NotLowered, lookup_nodes, shared_table_nodes, table_initializers
 
 INT2_OPSET, INT2_IR_VERSION = 25, 11  # int2/uint2 exist from opset 25 (IR 11) on
 
@@ -121,6 +121,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     block_sums: dict[tuple[str, int], str] = {}
     activation_at = {}  # MatMul position -> how its input is quantized (W8A8 layers)
     built = set()
+    weight_of_module: dict[str, str] = {}  # module -> the prefix of its lowered weight's initializers
     for position, node in enumerate(graph.node):
         weight_name = through_transpose.get(node.input[1], node.input[1]) if node.op_type == "MatMul" else None
         if weight_name not in weight_of:
@@ -132,6 +133,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
             new_nodes += nodes
             new_inits += inits
             built.add(weight_name)
+            weight_of_module.setdefault(layer.module, name)
             lowered.append({"initializer": weight_name, "module": layer.module, "found_by": found_by,
                             "shape": matmul_weights.shape(weight_name), "bits": q.bits,
                             **({"float_zero_points": True} if q.offsets is not None else {})})
@@ -154,19 +156,30 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
             continue
         table_name, layer = node.input[0], table_of[node.input[0]]
         if table_name not in table_parts:
+            shared = layer.tied_table == "shared" and not layer.embedding and layer.module in weight_of_module
             try:
-                inits, attrs = table_initializers(f"{table_name}.table_q", layer.quantized)
+                if shared:  # the Linear's codes, read through Transposes ONNX Runtime folds: stored once
+                    weight = weight_of_module[layer.module]
+                    nodes, attrs = shared_table_nodes(weight, f"{table_name}.table_q", layer.quantized)
+                    scale = next(init for init in new_inits if init.name == f"{weight}.scale")
+                else:
+                    inits, attrs = table_initializers(f"{table_name}.table_q", layer.quantized)
+                    scale = inits[1]
             except NotLowered as exc:
                 left.append({"initializer": table_name, "module": layer.module, "reason": str(exc)})
                 table_of = {k: v for k, v in table_of.items() if k != table_name}
                 continue
-            new_inits += inits
-            table_parts[table_name] = (attrs, inits[1])
+            if shared:
+                new_nodes += nodes
+            else:
+                new_inits += inits
+            table_parts[table_name] = (attrs, scale)
             found_by = ("name" if table_name in (layer.module, *layer.weight_names) else "value") \
                 if layer.embedding else "tied"
             lowered.append({"initializer": table_name, "module": layer.module, "found_by": found_by,
                             "shape": gather_tables.shape(table_name), "bits": layer.quantized.bits,
-                            ("embedding" if layer.embedding else "tied_table"): True})
+                            ("embedding" if layer.embedding else "tied_table"): True,
+                            **({"stored_with": layer.module} if shared else {})})
         attrs, scale = table_parts[table_name]
         replaced[position], read_as = lookup_nodes(f"{table_name}.table_q", node, layer.quantized, scale, attrs)
         next(e for e in lowered if e["initializer"] == table_name and (e.get("tied_table") or e.get("embedding"))

@@ -56,6 +56,9 @@ class QuantizeConfig:
     # along the row (0: one scale per row; 4-bit needs blocks, for com.microsoft GatherBlockQuantized)
     embedding_bits: int | None = None
     embedding_block_size: int = 0
+    # a table tied to a quantized Linear (lm_head): "copy" (the lookup's own codes beside the Linear's) or "shared"
+    # (stored once, the lookup reading the Linear's codes: passes.quantize.embeddings.TIED_TABLES)
+    tied_table: str = "copy"
     # GPTQ / weighted k-means: how layers see the earlier layers' quantization. "layer": inputs re-measured before
     # each layer (one calibration pass per layer); "block": block by block, replaying only the block (GPTQ's way,
     # about two passes in all: for models of hundreds of layers); "none": one pass of the unquantized model
@@ -87,6 +90,7 @@ class QuantizeConfig:
         check_patterns("quantize", targets=self.targets, ignore=self.ignore)
         self._check_activations()
         embeddings.check(self)
+        embeddings.check_tied_table(self.tied_table)
         check_budget(self)
         self._check_overrides()
 

@@ -24,6 +24,12 @@ from passes.quantize.int_weights import SCALE_DTYPES
 from passes.quantize.onnx_nodes import code_type, dequantize_node
 
 EMBEDDING_BITS = (4, 8)
+# how a table tied to a quantized Linear (an LM's lm_head) is stored: "copy" gives the lookup codes of its own in the
+# table's layout [rows, dim] beside the Linear's [dim, rows]; "shared" stores them once, the Linear's, and the
+# lookup reads them through a Transpose of those initializers, which ONNX Runtime folds into a constant when the
+# session starts (the Linear's DequantizeLinear -> MatMul still becomes MatMulNBits: ORT fuses it only while the
+# DequantizeLinear is the sole reader of its initializers, so the lookup cannot read them directly)
+TIED_TABLES = ("copy", "shared")
 
 
 class NotLowered(Exception):
@@ -44,6 +50,11 @@ def check(fields) -> None:
     if fields.embedding_bits == 4 and block == qp.PER_CHANNEL:
         raise ValueError("quantize.embedding_bits=4 needs an embedding_block_size (16..1024, e.g. 32): "
                          "4-bit rows are looked up by com.microsoft GatherBlockQuantized, which takes blocks")
+
+
+def check_tied_table(tied_table) -> None:
+    if tied_table not in TIED_TABLES:
+        raise ValueError(f"quantize.tied_table must be copy or shared, not {excerpt(tied_table)}")
 
 
 @dataclass(frozen=True)
@@ -84,23 +95,52 @@ def quantize_tables(model: nn.Module, config: EmbeddingTables, ignore: tuple[str
     return quantized, records
 
 
+def _check_lookup(q: qp.Quantized) -> None:
+    if q.codebook is not None or q.block_size == qp.PER_TENSOR or q.offsets is not None:
+        raise NotLowered("tied table: only int codes with per-channel or block scales and integer zero points are "
+                         "lowered")
+
+
+def _lookup_attrs(q: qp.Quantized) -> dict:
+    """DequantizeLinear attributes for gathered rows [.., D]: per-channel scales read as one block of D."""
+    return {"axis": -1, "block_size": q.codes.shape[1] if q.block_size == qp.PER_CHANNEL else q.block_size}
+
+
 def table_initializers(name: str, q: qp.Quantized) -> tuple[list, dict]:
     """A table's codes [V, D], scales [V, D / B] (per-channel: [V]) and zero points as initializers (a table tied
     to a quantized Linear: the table's rows are the weight's rows, so that layer's codes serve the lookup too).
     Returns the initializers and the DequantizeLinear attributes for gathered rows [.., D]. NotLowered for codes
     the lookup cannot read."""
-    if q.codebook is not None or q.block_size == qp.PER_TENSOR or q.offsets is not None:
-        raise NotLowered("tied table: only int codes with per-channel or block scales and integer zero points are "
-                         "lowered")
+    _check_lookup(q)
     dtype = code_type(q)
-    per_channel = q.block_size == qp.PER_CHANNEL
     scale = q.scales.numpy()  # [V, groups]: per-channel has one group, read as one block of D
     initializers = [numpy_helper.from_array(q.codes.numpy().astype(dtype), f"{name}.codes"),
                     numpy_helper.from_array(scale, f"{name}.scale")]
     if q.zero_points is not None:
         initializers.append(numpy_helper.from_array(q.zero_points.numpy().astype(dtype), f"{name}.zero_point"))
-    block = q.codes.shape[1] if per_channel else q.block_size
-    return initializers, {"axis": -1, "block_size": block}
+    return initializers, _lookup_attrs(q)
+
+
+def shared_table_nodes(weight: str, name: str, q: qp.Quantized) -> tuple[list, dict]:
+    """tied_table=shared: the table's codes, scales and zero points (`name`.codes, ...) as the transposes of the tied
+    Linear's own initializers (`weight`.codes [D, V], .scale [D / B, V] or per-channel [V], .zero_point, as
+    int_weights.weight_nodes writes them), constants ONNX Runtime folds when the session starts. Returns the nodes
+    and the DequantizeLinear attributes for gathered rows; NotLowered where table_initializers would be."""
+    _check_lookup(q)
+    parts = ["codes", "scale"] + (["zero_point"] if q.zero_points is not None else [])
+    nodes = [helper.make_node("Transpose", [f"{weight}.codes"], [f"{name}.codes"], name=f"{name}.codes.Transpose",
+                              perm=[1, 0])]
+    for part in parts[1:]:
+        if q.block_size == qp.PER_CHANNEL:  # [V] -> [V, 1]
+            nodes.append(helper.make_node("Unsqueeze", [f"{weight}.{part}", f"{name}.unsqueeze_axes"],
+                                          [f"{name}.{part}"], name=f"{name}.{part}.Unsqueeze"))
+        else:
+            nodes.append(helper.make_node("Transpose", [f"{weight}.{part}"], [f"{name}.{part}"],
+                                          name=f"{name}.{part}.Transpose", perm=[1, 0]))
+    if q.block_size == qp.PER_CHANNEL:
+        nodes.insert(0, helper.make_node("Constant", [], [f"{name}.unsqueeze_axes"], name=f"{name}.UnsqueezeAxes",
+                                         value=numpy_helper.from_array(np.array([1], np.int64))))
+    return nodes, _lookup_attrs(q)
 
 
 def lookup_nodes(name: str, gather: onnx.NodeProto, q: qp.Quantized, scale: onnx.TensorProto,

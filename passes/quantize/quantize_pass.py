@@ -77,7 +77,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         module.weight.data = approx.to(module.weight.dtype)
         # codes fit in 16 bits (k <= 8): a quarter of int64's memory while they wait for the exporter
         q = dataclasses.replace(q, codes=q.codes.to(torch.int16))
-        quantized[name] = QuantizedLayer(name, tuple(aliases.get(id(module.weight), [f"{name}.weight"])), q, scheme)
+        quantized[name] = QuantizedLayer(name, tuple(aliases.get(id(module.weight), [f"{name}.weight"])), q, scheme,
+                                         tied_table=layer_config.tied_table)
         layers.append({"module": name, "shape": list(weight.shape), "bits": q.bits,
                        "relative_mse": qp.relative_mse(weight, approx)})
 

@@ -18,3 +18,4 @@ class QuantizedLayer:
     scheme: object  # IntWeights, CodebookWeights or EmbeddingTables
     activation: ActivationQuant | None = None
     embedding: bool = False
+    tied_table: str = "copy"
