@@ -30,10 +30,12 @@ def compress(source: str | Path | nn.Module, recipe: str | Path | Recipe | Seque
              out: str | Path = "runs/compressed", *, overrides: Sequence[str] = (), gates: Gates | None = None,
              export: Export | None = None, seed: int = 0, providers: Sequence[str] = ("cpu",),
              eval_limit: int | None = None, bench: BenchmarkSettings | None = BenchmarkSettings(),
-             force: bool = False, progress: bool = False, log=print) -> dict:
+             force: bool = False, progress: bool = False, stream: bool | None = None,
+             max_memory: int | None = None, log=print) -> dict:
     """Compress `source` by `recipe` into the folder `out`; returns the report. `overrides`: `--set` strings
     (e.g. "quantize.bits=3") for a preset or YAML recipe; `gates` / `export`: for a recipe given as pass configs;
-    `bench=None` skips the latency and generation benchmarks."""
+    `bench=None` skips the latency and generation benchmarks. `stream`: read and write a Llama-family decoder one
+    layer at a time (None: past 1 GiB of fp32 weights); `max_memory`: the bytes such a run may use."""
     if not isinstance(recipe, (str, Path, Recipe)):
         recipe = recipe_of(recipe, gates or Gates(), export or Export())
     elif gates is not None or export is not None:
@@ -41,7 +43,7 @@ def compress(source: str | Path | nn.Module, recipe: str | Path | Recipe | Seque
                         "them as overrides (gates.KEY=VALUE, export.KEY=VALUE)")
     options = RunOptions(recipe=str(recipe) if isinstance(recipe, Path) else recipe, overrides=tuple(overrides),
                          providers=tuple(dict.fromkeys(providers)), eval_limit=eval_limit, seed=seed, force=force,
-                         bench=bench, progress=progress)
+                         bench=bench, progress=progress, stream=stream, max_memory=max_memory)
     if isinstance(source, nn.Module):
         name = type(source).__name__
         return run(Path(name), Path(out), options, log=log, adapter=module_adapter(source, name))

@@ -1,5 +1,6 @@
 """The `compress` command: parses, calls the library, prints. User-fixable errors: one line, exit 2."""
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -109,9 +110,14 @@ def main():
 @click.option("--no-bench", is_flag=True,
               help="Skip the latency and generation benchmarks: the report has accuracy, parity and size only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing artifact in --out.")
+@click.option("--stream/--no-stream", default=None,
+              help="Read, compress and write a Llama-family decoder one layer at a time (default: past 1 GiB of "
+                   "fp32 weights). A killed streamed run resumes when the same command is run again.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory a streamed run may use, e.g. 3GB or 2.5GiB (default: what the machine has available).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_limit, bench_runs, no_bench, force,
-                quiet):
+                stream, max_memory, quiet):
     """Export CHECKPOINT to OUT/model.onnx and validate it (report.json, report.md).
 
     CHECKPOINT is a checkpoint folder (config.json + model.safetensors), a weights file with config.json beside
@@ -126,6 +132,7 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
     bench = BenchmarkSettings(runs=bench_runs, warmup=min(10, bench_runs))  # a 135M LM's b16 run takes seconds
     report = compress(checkpoint, recipe, out_dir, overrides=overrides, seed=seed, providers=providers,
                       eval_limit=eval_limit, bench=None if no_bench else bench, force=force, progress=not quiet,
+                      stream=stream, max_memory=parse_size("--max-memory", max_memory),
                       log=lambda m: click.echo(m, err=True))
     accuracy = report["accuracy"]
     click.echo(f"{report['model']['name']} [{report['recipe']['name']}]: {accuracy['metric']} fp32 "
@@ -254,6 +261,21 @@ def generate_command(artifact, prompt, max_new_tokens, provider, temperature, to
     if stats:
         click.echo(f"{len(result.tokens)} tokens; prefill {result.prefill_ms:.1f} ms; decode "
                    f"{result.decode_tokens_per_s:.1f} tokens/s ({provider})", err=True)
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+              "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(option: str, text: str | None) -> int | None:
+    """'3GB', '2.5GiB', '800MB', or bytes -> bytes; UserError for anything else."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[unit] < 2**20:
+        raise UserError(f"{option} takes a size of at least 1 MiB such as 3GB or 2.5GiB, not {text[:40]!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 def _check_utf8(option: str, text: str) -> None:
