@@ -22,7 +22,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from compressor.artifact import ARTIFACT_NAME, assemble_report, staged
+from compressor.artifact import ARTIFACT_NAME, assemble_report, pause_point, staged
 from compressor.atomic import atomic_write_text
 from compressor.errors import UserError
 from compressor.onnx_file import EXTERNAL_DATA_ABOVE, data_path
@@ -128,6 +128,7 @@ def run_streamed(path: Path, out_dir: Path, recipe: Recipe, options: RunOptions,
                                                       config, options.seed, log)
             _account(state, records, bits, begun, store.bytes_read - read_before)
             progress.finish_part(part, streams, data.flush())
+            pause_point(f"part-{progress.parts_done}")
             log(f"embedding and head: {state['seconds'][-1]:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
         for index in range(progress.parts_done - 1, family.layers):
             begun, read_before = time.monotonic(), store.bytes_read
@@ -136,6 +137,7 @@ def run_streamed(path: Path, out_dir: Path, recipe: Recipe, options: RunOptions,
             del model
             _account(state, records, bits, begun, store.bytes_read - read_before)
             progress.finish_part(part, streams, data.flush())
+            pause_point(f"part-{progress.parts_done}")  # a test hook: the interrupt tests kill the run here
             log(f"layer {index + 1}/{family.layers}: {state['seconds'][-1]:.1f} s, peak RSS "
                 f"{peak_rss_bytes() / 2**30:.2f} GiB")
         if "measured" not in state:
