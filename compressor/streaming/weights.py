@@ -162,7 +162,7 @@ def _open_safetensors(folder: Path) -> WeightStore:
         for key, info in _safetensors_header(file).items():
             stored[key], located[key] = info, file
     if where.name.endswith(".index.json"):
-        _check_index(where, folder, located)
+        _check_index(where, located)
     check_weights_match_config(model, stored, where, "config.json")
     tied = _is_tied(model)
     rename = _renamer(model, model.state_dict())
@@ -208,7 +208,7 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], Path]:
     raise UserError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
 
 
-def _check_index(index: Path, folder: Path, located: dict[str, Path]) -> None:
+def _check_index(index: Path, located: dict[str, Path]) -> None:
     """Each tensor the index names lies in the shard it names (a stale index would send reads elsewhere)."""
     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     for key, shard in weight_map.items():
