@@ -14,10 +14,11 @@ from compressor.errors import UserError
 from compressor.ort_benchmark import PROGRESS_LINE
 from compressor.kv_cache import PRESENT_PREFIX, empty_cache, has_cache, past_name
 from compressor.ort_runtime import create_session, logits_fn
-from compressor.tasks import measure, worsening
+from compressor.tasks import logits_budget, measure, worsening
 from compressor.tasks.protocol import Task
 
-BENCHMARK_BATCHES = (1, 16)
+BENCHMARK_BATCHES = (1, 16)  # the smallest always runs; a larger one whose outputs pass the logits budget is skipped
+SKIPPED_BATCHES = "skipped_batches"  # latency.<ep>.skipped_batches: {"batch16": why}, only where one was skipped
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,29 @@ class BenchmarkSettings:
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray, max_rel_tolerance: float) -> dict:
-    """max_rel is normwise: max |a - b| / max |a|, stable where single logits are near zero. In float64, one row
-    at a time (a batch of a 49k-token vocabulary's logits is 200 MB in fp32)."""
+    """max_rel is normwise: max |a - b| / max |a|, stable where single logits are near zero. In float64, a few
+    positions at a time (one 256-token window of a 152k-token vocabulary is 311 MB in float64): maxima, so the
+    same figures whatever the chunk."""
     if reference.shape != candidate.shape:
         raise ValueError(f"logits of shape {candidate.shape} cannot be compared with {reference.shape}")
-    max_abs = max(float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-                  for a, b in zip(reference, candidate))
-    max_rel = max_abs / max(float(np.abs(reference).max()), 1e-12)
+    max_abs = max((float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+                   for a, b in _chunks(reference, candidate)), default=0.0)
+    max_rel = max_abs / max(max((float(np.abs(a).max()) for a, _ in _chunks(reference, candidate)), default=0.0),
+                            1e-12)
     return {"max_abs": max_abs, "max_rel": max_rel, "tolerance_max_rel": max_rel_tolerance,
             "passed": max_rel <= max_rel_tolerance}
+
+
+def _chunks(reference: np.ndarray, candidate: np.ndarray):
+    """(reference, candidate) slices of at most ~16 MiB in float64: one row (window) at a time, split along its
+    positions where it is larger."""
+    for a, b in zip(reference, candidate):
+        if a.ndim < 2:  # a row of embeddings or a position's logits: small
+            yield a, b
+            continue
+        step = max(1, (logits_budget.LOGITS_BUDGET_BYTES // 16) // max(1, a[0].size * 8))
+        for start in range(0, len(a), step):
+            yield a[start : start + step], b[start : start + step]
 
 
 def accuracy_agreement(task: Task, reference: float, candidate: float, tolerances: Tolerances) -> dict:
@@ -106,19 +121,35 @@ def accuracy_agreement(task: Task, reference: float, candidate: float, tolerance
     return {"delta": delta, "kind": kind, "tolerance": limit, "passed": delta <= limit}
 
 
+def benchmark_batches(task: Task, config: dict) -> tuple[list[int], dict[str, str]]:
+    """BENCHMARK_BATCHES whose outputs fit compressor.tasks.logits_budget (the smallest always), and
+    {"batch<b>": why} for those skipped (e.g. batch 16 of a 152k-token vocabulary's 256-token rows: 2.5 GB)."""
+    batches, skipped = [], {}
+    for batch in BENCHMARK_BATCHES:
+        why = logits_budget.over_budget(task.output_bytes(config, task.benchmark_inputs(config, batch)))
+        if why and batches:
+            skipped[f"batch{batch}"] = f"not run: {why}"
+        else:
+            batches.append(batch)
+    return batches, skipped
+
+
 def run_benchmark(artifact: Path, task: Task, config: dict, provider: str,
                   settings: BenchmarkSettings, progress: bool = False) -> dict:
     """Latency p50/p90 at each batch size and peak RSS, measured in a fresh child process. With `progress`, a bar
-    on stderr counts the child's warm-up and timed runs (it reports each on its stderr)."""
+    on stderr counts the child's warm-up and timed runs (it reports each on its stderr). Batch sizes over the
+    logits budget are not run: SKIPPED_BATCHES says which and why."""
+    batches, skipped = benchmark_batches(task, config)
     with tempfile.TemporaryDirectory() as scratch:
         inputs_path = Path(scratch) / "inputs.npz"
-        arrays = {f"b{b}/{name}": value for b in BENCHMARK_BATCHES
+        arrays = {f"b{b}/{name}": value for b in batches
                   for name, value in task.benchmark_inputs(config, b).items()}
         np.savez(inputs_path, **arrays)
         command = ["compressor.ort_benchmark", str(artifact), str(inputs_path), "--provider", provider,
                    "--warmup", str(settings.warmup), "--runs", str(settings.runs)]
-        total = len(BENCHMARK_BATCHES) * (settings.warmup + settings.runs)
-        return _run_child(command, settings, total, f"benchmark {provider}", artifact, provider, progress)
+        total = len(batches) * (settings.warmup + settings.runs)
+        measured = _run_child(command, settings, total, f"benchmark {provider}", artifact, provider, progress)
+    return {**measured, SKIPPED_BATCHES: skipped} if skipped else measured
 
 
 def run_generation_benchmark(artifact: Path, provider: str, settings: BenchmarkSettings,
@@ -225,6 +256,7 @@ def validate(task: Task, config: dict, artifact: Path, heldout, providers: list[
                            "agreement": {}},
               "parity": {}, "latency": {}, "memory": {}}
     for provider in providers:  # `exact`: what the artifact is held to with exact kernels
+        # one session alive at a time: the default one's work is done and it is freed before the exact one opens
         session = create_session(artifact, provider)
         ort_fn = logits_fn(session)
         metrics = measure(task, ort_fn, heldout, progress)
@@ -235,24 +267,24 @@ def validate(task: Task, config: dict, artifact: Path, heldout, providers: list[
         report["accuracy"]["agreement"][provider] = accuracy_agreement(task, torch_accuracy, accuracy, tolerances)
         report["parity"][provider] = parity(reference_logits, ort_fn(parity_batch), tolerances.parity_max_rel)
         decodes = has_cache(session)
-        exact_session = session
         if tolerances != exact:  # the same artifact with exact kernels must match torch at fp32 tolerance
-            exact_session = create_session(artifact, provider, options=EXACT_MATMULNBITS)
-            report["parity"][f"{provider}_exact"] = parity(reference_logits, logits_fn(exact_session)(parity_batch),
-                                                           exact.parity_max_rel)
             # the default kernel is approximate by design (int8 activations): reported, not gated; it is held to
             # the accuracy agreement instead, and the artifact itself to the exact entry
             report["parity"][provider]["gated"] = False
+            del session, ort_fn
+            session = create_session(artifact, provider, options=EXACT_MATMULNBITS)
+            report["parity"][f"{provider}_exact"] = parity(reference_logits, logits_fn(session)(parity_batch),
+                                                           exact.parity_max_rel)
         if decodes:  # the cache path: prefill, then one token per step, against the same torch logits
             steps = min(DECODE_STEPS, parity_batch["input_ids"].shape[1] - 1)
             report["parity"][f"{provider}_decode"] = parity(
-                reference_logits[:, -steps:], cached_logits(exact_session, parity_batch["input_ids"], steps),
+                reference_logits[:, -steps:], cached_logits(session, parity_batch["input_ids"], steps),
                 exact.parity_max_rel)
         if not exact.gate_logits:  # W8A8: no session is exact (see Tolerances.for_artifact)
             for name in (provider, f"{provider}_decode"):
                 if name in report["parity"]:
                     report["parity"][name]["gated"] = False
-        del session, exact_session
+        del session
         if bench is None:  # a sweep's run: accuracy and parity only, no latency or generation speed
             continue
         measured = run_benchmark(artifact, task, config, provider, bench, progress)

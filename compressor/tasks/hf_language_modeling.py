@@ -5,7 +5,7 @@ import numpy as np
 
 from compressor.tasks.hf_tokenizer import load_tokenizer
 from compressor.tasks import language_modeling
-from compressor.tasks.language_modeling import benchmark_inputs  # noqa: F401  (same: `context` random tokens)
+from compressor.tasks.language_modeling import benchmark_inputs, output_bytes  # noqa: F401  (the same)
 from samples import wiki_corpus
 
 METRIC = "perplexity"
@@ -13,7 +13,10 @@ HIGHER_IS_BETTER = False
 INPUT_NAMES = ("input_ids",)
 OUTPUT_NAME = "logits"
 FITS_REFERENCE = False
-EVAL_BATCH = 4  # 4 x 256 x 49152 fp32 logits = 200 MB
+# windows a batch, fewer where their logits pass compressor.tasks.logits_budget: 4 x 256 x 49,152 fp32 logits
+# (SmolLM2) = 201 MB fit its 256 MiB; Qwen2.5's 151,936-token vocabulary takes one window a batch (156 MB)
+EVAL_BATCH = 4
+PARITY_WINDOWS = 4  # the same
 
 
 def dynamic_axes(config: dict) -> dict:
@@ -25,13 +28,14 @@ def _tokens(config: dict, split: str) -> np.ndarray:
     return np.asarray(load_tokenizer(config["tokenizer"])(text)["input_ids"], dtype=np.int64)
 
 
-def heldout_data(config: dict, limit: int | None = None) -> np.ndarray:
-    """[N, context + 1] windows: inputs [:, :-1], targets [:, 1:]."""
+def heldout_data(config: dict, limit: int | None = None) -> language_modeling.Windows:
+    """[N, context + 1] windows: inputs [:, :-1], targets [:, 1:]; they carry the model's vocabulary size."""
     tokens = _tokens(config, "heldout")
     context = config["context"]
     count = (len(tokens) - 1) // context
     count = min(count, limit) if limit else count
-    return np.stack([tokens[s : s + context + 1] for s in np.arange(count) * context])
+    windows = np.stack([tokens[s : s + context + 1] for s in np.arange(count) * context])
+    return language_modeling.as_windows(windows, config.get("vocab_size"))
 
 
 def evaluate(logits_fn, windows: np.ndarray, progress: bool = False) -> float:
@@ -43,7 +47,7 @@ def evaluate_all(logits_fn, windows: np.ndarray, progress: bool = False) -> dict
 
 
 def parity_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
-    return {"input_ids": np.ascontiguousarray(windows[:4, :-1])}
+    return {"input_ids": np.ascontiguousarray(windows[:language_modeling.window_count(windows, PARITY_WINDOWS), :-1])}
 
 
 def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:

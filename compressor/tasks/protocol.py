@@ -25,16 +25,21 @@ class Task(Protocol):
         """Held-out data: never the training or calibration data."""
 
     def evaluate(self, logits_fn: LogitsFn, data, progress: bool = False) -> float:
-        """The main metric."""
+        """The main metric. Decoders' batches hold their logits to compressor.tasks.logits_budget."""
 
     def evaluate_all(self, logits_fn: LogitsFn, data, progress: bool = False) -> dict:
         """{METRIC: value, side metric: value, ...}: the main metric and whatever else one pass over the data gives."""
 
     def parity_inputs(self, data) -> dict[str, np.ndarray]:
-        """A fixed input batch whose logits torch and ONNX Runtime must agree on."""
+        """A fixed input batch whose logits torch and ONNX Runtime must agree on (decoders: as many windows as
+        compressor.tasks.logits_budget allows, up to their usual count)."""
 
     def benchmark_inputs(self, config: dict, batch_size: int) -> dict[str, np.ndarray]:
         """A batch of the family's working shape for latency runs."""
+
+    def output_bytes(self, config: dict, inputs: dict[str, np.ndarray]) -> int:
+        """Bytes of the fp32 output the model gives for `inputs` (e.g. benchmark_inputs' logits): a latency batch
+        over compressor.tasks.logits_budget is not run."""
 
     def calibration_data(self, config: dict, samples: int, seed: int = 0) -> list[tuple]:
         """Model-argument tuples from the training distribution."""

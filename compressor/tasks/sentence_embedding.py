@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from compressor.tasks import logits_budget
 from compressor.tasks.hf_tokenizer import load_tokenizer
 from compressor.tasks.protocol import UnusableState
 from samples import movie_reviews
@@ -128,6 +129,11 @@ def benchmark_inputs(config: dict, batch_size: int) -> dict[str, np.ndarray]:
     vocab = config["vocab_size"]  # skip the low ids: special and unused tokens sit there in BERT vocabularies
     ids = rng.integers(min(1000, vocab // 2), vocab, (batch_size, length), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def output_bytes(config: dict, inputs: dict[str, np.ndarray]) -> int:
+    """One pooled vector a row; its width is not in the config: counted as 8,192 floats, wider than any encoder's."""
+    return len(inputs["input_ids"]) * 8192 * logits_budget.FLOAT_BYTES
 
 
 def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:

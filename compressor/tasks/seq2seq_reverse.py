@@ -2,6 +2,7 @@
 import numpy as np
 from tqdm import tqdm
 
+from compressor.tasks import logits_budget
 from samples import reverse_task
 
 METRIC = "exact_match"
@@ -56,6 +57,11 @@ def benchmark_inputs(config: dict, batch_size: int) -> dict[str, np.ndarray]:
     src = rng.integers(reverse_task.FIRST_SYMBOL, reverse_task.VOCAB_SIZE, (batch_size, reverse_task.MAX_LENGTH))
     tgt = np.concatenate([np.full((batch_size, 1), reverse_task.BOS_ID), src[:, ::-1]], axis=1)
     return {"src_ids": src.astype(np.int64), "tgt_ids": np.ascontiguousarray(tgt, dtype=np.int64)}
+
+
+def output_bytes(config: dict, inputs: dict[str, np.ndarray]) -> int:
+    """Logits: the symbols' floats per target token."""
+    return inputs["tgt_ids"].size * reverse_task.VOCAB_SIZE * logits_budget.FLOAT_BYTES
 
 
 def calibration_data(config: dict, samples: int, seed: int = 0) -> list[tuple]:

@@ -9,6 +9,7 @@ import pytest
 import compressor.onnx_file as onnx_file
 from compressor.ort_runtime import create_session, logits_fn
 from compressor.tasks import TASKS
+from compressor.validate import BenchmarkSettings, run_benchmark
 
 RUN = ("--recipe", "int4", "--eval-limit", "4", "--no-bench", "--quiet")
 
@@ -51,6 +52,12 @@ def test_external_data_artifact_computes_what_the_one_file_one_does(tmp_path, mo
     assert checked.returncode == 0, checked.stderr
     generated = compress_here("generate", str(out), "--prompt", "The history of", "--max-new-tokens", "4")
     assert generated.returncode == 0, generated.stderr
+    # and the benchmarks' child processes: `compress bench` (generation) and validation's latency child
+    benched = compress_here("bench", str(out), "--runs", "1", "--prompt-tokens", "8", "--new-tokens", "4", "--json")
+    assert benched.returncode == 0, benched.stderr
+    assert json.loads(benched.stdout.strip().splitlines()[-1])["decode_tokens_per_s"] > 0
+    latency = run_benchmark(out / "model.onnx", TASKS["gpt"], config, "cpu", BenchmarkSettings(warmup=1, runs=1))
+    assert latency["batch1"]["runs"] == latency["batch16"]["runs"] == 1 and "skipped_batches" not in latency
 
 
 def test_a_one_file_run_over_an_external_data_run_leaves_no_stale_data_file(tmp_path, monkeypatch, compress_here):
