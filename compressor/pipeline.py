@@ -17,7 +17,7 @@ from compressor.ort_runtime import check_providers
 from compressor.recipes import Recipe, check_recipe_fits, check_recipe_takes, resolve_recipe
 from compressor.report import write_reports
 from compressor.run_options import RunOptions
-from compressor.streaming.run import run_streamed, should_stream
+from compressor.streaming.run import run_streamed, streamed_store
 from compressor.run_record import artifact_metadata, finite_outputs, side_files
 from compressor.tasks import measure
 from compressor.validate import Tolerances, run_benchmark, validate
@@ -48,11 +48,11 @@ def run(input_path: Path, out_dir: Path, options: RunOptions = RunOptions(), log
     skeleton = adapter.skeleton(path)  # shapes from the config alone, before any weights
     if skeleton is not None:
         check_recipe_fits(recipe, skeleton)
-    streamed = should_stream(path, adapter.kind, options)  # a decoder read and written one layer at a time
+    store = streamed_store(path, adapter.kind, skeleton, options)  # a decoder read and written layer by layer
     with locked_out_dir(out_dir):
         prepare_out_dir(out_dir, options.force)
-        if streamed:
-            return run_streamed(path, out_dir, recipe, options, log)
+        if store is not None:
+            return run_streamed(store, path, out_dir, recipe, options, log)
         source = adapter.load(path, options.progress)
         if skeleton is None:
             check_recipe_fits(recipe, source.model)

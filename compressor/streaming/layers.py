@@ -80,9 +80,10 @@ class LayerModel(nn.Module):
 
     def __init__(self, family: Family, index: int, tensors: dict[str, torch.Tensor]):
         super().__init__()
-        layer = _built(lambda: family.layer_class(family.config, index), tensors)
+        config = copy.deepcopy(family.config)  # its own: structured pruning writes the layer's new sizes into it
+        layer = _built(lambda: family.layer_class(config, index), tensors)
         self.decoder = _container(model=_container(layers=nn.ModuleDict({str(index): layer})))
-        self.config = self.decoder.config = family.config
+        self.config = self.decoder.config = config
         self.index = index
         self._rotary = [family.rotary]  # in a list: not a submodule (no parameters, not the passes' to see)
 

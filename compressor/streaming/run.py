@@ -31,7 +31,7 @@ from compressor.report import write_reports
 from compressor.run_options import RunOptions
 from compressor.run_record import artifact_metadata, side_files
 from compressor.streaming.layers import PREFIX, EndsModel, Family, LayerModel, family_of
-from compressor.streaming.memory import check_fits, fp32_bytes, peak_rss_bytes
+from compressor.streaming.memory import check_fits, peak_rss_bytes
 from compressor.streaming.progress import Progress
 from compressor.streaming.weights import EMBEDDING, HEAD, WeightStore, open_weights, skeleton_folder
 from compressor.tasks import TASKS, measure
@@ -55,24 +55,26 @@ FORWARD_BATCH = 8  # windows per forward call through one layer
 WHOLE_MODEL = {"heal": "it trains through every layer at once"}
 
 
-def should_stream(path: Path, adapter_kind: str, options: RunOptions) -> bool:
-    """The rule: a Llama-family decoder (safetensors folder or GGUF) whose fp32 weights pass STREAM_ABOVE is
-    streamed, anything smaller keeps the whole-model path and its one-file artifact; --stream / --no-stream
-    decide instead when given."""
+def streamed_store(path: Path, adapter_kind: str, skeleton, options: RunOptions) -> WeightStore | None:
+    """The input's weights, opened for a streamed run, or None for the whole-model path. The rule: a Llama-family
+    decoder (safetensors folder or GGUF) whose fp32 weights pass STREAM_ABOVE (counted on `skeleton`, the model
+    on the meta device) is streamed; anything smaller keeps the whole-model path and its one-file artifact.
+    --stream / --no-stream decide instead when given."""
     if options.stream is False:
-        return False
+        return None
+    if options.stream is None:
+        params = sum(p.numel() for p in skeleton.parameters()) if skeleton is not None else 0
+        if adapter_kind != "hugging-face" or 4 * params <= STREAM_ABOVE:
+            return None
+    elif adapter_kind != "hugging-face":
+        raise UserError("--stream takes a Hugging Face decoder folder (safetensors) or a GGUF file of "
+                        "llama / mistral / qwen2")
     try:
-        store = open_weights(path) if adapter_kind == "hugging-face" else None
+        return open_weights(path)
     except UserError:
         if options.stream:
             raise
-        store = None
-    if store is None:
-        if options.stream:
-            raise UserError("--stream takes a Hugging Face decoder folder (safetensors) or a GGUF file of "
-                            "llama / mistral / qwen2")
-        return False
-    return bool(options.stream) or fp32_bytes(store) > STREAM_ABOVE
+        return None  # e.g. a pickled checkpoint: the whole-model path reads it (or says why not)
 
 
 def refusal(recipe: Recipe) -> str | None:
@@ -89,13 +91,12 @@ def refusal(recipe: Recipe) -> str | None:
     return None
 
 
-def run_streamed(path: Path, out_dir: Path, recipe: Recipe, options: RunOptions, log) -> dict:
+def run_streamed(store: WeightStore, path: Path, out_dir: Path, recipe: Recipe, options: RunOptions, log) -> dict:
     """The run, with --out already locked and cleared of stale files (compressor.pipeline.run)."""
     reason = refusal(recipe)
     if reason:
         raise UserError(reason)
     started = time.monotonic()
-    store = open_weights(path)
     family = family_of(store.config)
     task = TASKS[FAMILY]
     config = _task_config(store, skeleton_folder(path))
