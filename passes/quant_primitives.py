@@ -397,7 +397,37 @@ def normalized_groups(weight: torch.Tensor, block_size: int, scale_dtype: torch.
     return (groups / scale[:, None]).reshape(weight.shape)
 
 
+# weights per step of dequantize / relative_mse on a large weight: their temporaries (int64 codes, expanded
+# scales, products) follow this, not the weight; each row's values are the same either way
+ROW_CHUNK_WEIGHTS = 1 << 24
+
+
+def _row_chunks(shape: tuple[int, ...], block_size: int) -> list[slice] | None:
+    rows = max(1, ROW_CHUNK_WEIGHTS // max(1, shape[1]))
+    if shape[0] <= rows or block_size == PER_TENSOR:
+        return None
+    return [slice(start, start + rows) for start in range(0, shape[0], rows)]
+
+
+def _rows_of(q: Quantized, rows: slice) -> Quantized:
+    def cut(value):
+        return None if value is None else value[rows]
+    codebook = q.codebook[rows] if q.codebook is not None and q.codebook.dim() == 2 else q.codebook
+    return replace(q, codes=q.codes[rows], scales=q.scales[rows], zero_points=cut(q.zero_points),
+                   offsets=cut(q.offsets), codebook=codebook)
+
+
 def dequantize(q: Quantized) -> torch.Tensor:
+    chunks = _row_chunks(tuple(q.codes.shape), q.block_size)
+    if chunks is None:
+        return _dequantize(q)
+    out = torch.empty(tuple(q.codes.shape), dtype=torch.float32)
+    for rows in chunks:
+        out[rows] = _dequantize(_rows_of(q, rows))
+    return out
+
+
+def _dequantize(q: Quantized) -> torch.Tensor:
     if q.codes.dtype != torch.int64:  # compact codes (e.g. int16 in the quantize pass's records)
         q = replace(q, codes=q.codes.long())
     shape = tuple(q.codes.shape)
@@ -415,4 +445,8 @@ def dequantize(q: Quantized) -> torch.Tensor:
 
 
 def relative_mse(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    return float(((weight - approx) ** 2).mean() / (weight**2).mean())
+    chunks = _row_chunks(tuple(weight.shape), PER_CHANNEL) if weight.dim() == 2 else None
+    if chunks is None:
+        return float(((weight - approx) ** 2).mean() / (weight**2).mean())
+    error = sum(float(((weight[rows] - approx[rows]).double() ** 2).sum()) for rows in chunks)
+    return error / sum(float((weight[rows].double() ** 2).sum()) for rows in chunks)

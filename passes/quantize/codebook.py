@@ -57,6 +57,13 @@ class CodebookWeights:
             qp.float_codebook(self.bits, self.exponent_bits)  # raises on an impossible split
 
     @property
+    def rows_independent(self) -> bool:
+        """Whether each output row is quantized on its own (a fixed table or one codebook per row, scales per row
+        or block): then a weight quantized a few rows at a time gives the same bits."""
+        return self.block_size != qp.PER_TENSOR and (self.dtype not in ("quantile", "kmeans")
+                                                     or self.codebook_scope == "row")
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether quantize() needs the layer's input second moments (activation-weighted k-means)."""
         return self.dtype == "kmeans" and self.activation_weighted

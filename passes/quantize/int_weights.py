@@ -91,6 +91,13 @@ class IntWeights:
                              "not zero_point=float or GPTQ")
 
     @property
+    def rows_independent(self) -> bool:
+        """Whether each output row is quantized on its own, elementwise within its groups, so that quantizing a
+        weight a few rows at a time gives the same bits (GPTQ's blocked updates are GEMMs whose sums may round
+        differently with the row count: not claimed)."""
+        return self.method == "rtn" and self.block_size != qp.PER_TENSOR
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether quantize() needs the layer's input second moments (the Hessian)."""
         return self.method == "gptq" or self.scale_search == "activation"
