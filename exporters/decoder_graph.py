@@ -112,7 +112,10 @@ class Graph:
 
 def _linear_chain(g: Graph, x: str, chain: list[Linear]) -> str:
     for linear in chain:
-        x = g.one("MatMul", [x, g.init(f"{linear.name}.weight", linear.weight.T.astype(np.float32))])
+        # one transposed copy (astype of the transposed view, then from_array's contiguous copy, made two)
+        weight = np.ascontiguousarray(linear.weight.T, dtype=np.float32)
+        x = g.one("MatMul", [x, g.init(f"{linear.name}.weight", weight)])
+        del weight
         if linear.bias is not None:
             x = g.one("Add", [x, g.init(f"{linear.name}.bias", linear.bias.astype(np.float32))])
     return x

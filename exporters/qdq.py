@@ -40,7 +40,11 @@ class _Weights:
         return dims[::-1] if name in self.transposed else dims
 
     def array(self, name: str) -> np.ndarray:
-        array = numpy_helper.to_array(self.tensors[name])
+        tensor = self.tensors[name]
+        if tensor.HasField("raw_data"):  # a read-only view of the stored bytes: no copy of a large weight
+            array = np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
+        else:
+            array = numpy_helper.to_array(tensor)
         return array.T if name in self.transposed else array
 
     def __contains__(self, name: str) -> bool:
@@ -106,7 +110,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
                                     f"table of the exported graph")
             table_of.update({name: layer for name in tables})
             continue
-        places = _place(layer, np.ascontiguousarray(weight.T), matmul_weights, "MatMul weight")
+        places = _place(layer, weight.T, matmul_weights, "MatMul weight")  # compared as a view: no copy
         if not places:
             raise LoweringError(f"quantized layer {layer.module!r} ({list(weight.shape)}) matches no MatMul weight of "
                                 f"the exported graph (a Linear on 2-D input exports as Gemm, which is not lowered)")

@@ -5,6 +5,7 @@ calls model(*batch) on calibration batches, which here are the hidden states tha
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,33 +109,44 @@ class LayerModel(nn.Module):
 
 
 class EndsModel(nn.Module):
-    """The token table, the final norm and the LM head (tied: the table itself), as the whole model names them:
-    forward(hidden after the last layer) -> logits."""
+    """The model's ends as the whole model names them: the token table (`embed`), the final norm and the LM head
+    (`lm_head`; `tied`: the table itself). A streamed run holds them as one or two parts: a tied model's table and
+    head together, else the table alone first and the norm and head alone last. forward(hidden after the last
+    layer) -> logits."""
 
-    def __init__(self, family: Family, embed: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor | None):
+    def __init__(self, family: Family, embed: torch.Tensor | None, norm: torch.Tensor | None,
+                 lm_head: torch.Tensor | None, tied: bool = False):
         super().__init__()
         config = family.config
-        table = nn.Embedding(*embed.shape)
-        table.weight = nn.Parameter(embed.float(), requires_grad=False)
-        final_norm = _built(lambda: family.norm_class(config.hidden_size, eps=config.rms_norm_eps),
-                            {"weight": norm})
-        head = nn.Linear(embed.shape[1], embed.shape[0], bias=False, device="meta")
-        head.weight = table.weight if lm_head is None else nn.Parameter(lm_head.float(), requires_grad=False)
-        self.decoder = _container(model=_container(embed_tokens=table, norm=final_norm), lm_head=head)
+        model, decoder = nn.Module(), nn.Module()
+        if embed is not None:
+            model.embed_tokens = nn.Embedding(*embed.shape, device="meta")
+            model.embed_tokens.weight = nn.Parameter(embed.float(), requires_grad=False)
+        if norm is not None:
+            model.norm = _built(lambda: family.norm_class(config.hidden_size, eps=config.rms_norm_eps),
+                                {"weight": norm})
+        decoder.model = model
+        if tied or lm_head is not None:
+            head = nn.Linear(config.hidden_size, int(config.vocab_size), bias=False, device="meta")
+            head.weight = model.embed_tokens.weight if tied else nn.Parameter(lm_head.float(), requires_grad=False)
+            decoder.lm_head = head
+        self.decoder = decoder
         self.config = self.decoder.config = config
-        self.tied = lm_head is None
+        self.tied = tied
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.lm_head(self.decoder.model.norm(hidden))
 
     def describe(self, family: Family) -> Decoder:
-        """The graph's ends as exporters.decoder_graph writes them (no layers: those are written one by one)."""
-        model = self.decoder.model
-        final_norm = rms_norm(model.norm, f"{PREFIX}.norm")
-        lm_head = None if self.tied else linear_chain(self.decoder.lm_head, "decoder.lm_head")
-        return Decoder(vocab_size=model.embed_tokens.num_embeddings,
-                       max_positions=int(family.config.max_position_embeddings),
+        """The ends as exporters.decoder_graph writes them (no layers: those are written one by one); what this
+        part does not hold is described by name only."""
+        model, config = self.decoder.model, family.config
+        table = getattr(model, "embed_tokens", None)
+        head = getattr(self.decoder, "lm_head", None)
+        return Decoder(vocab_size=int(config.vocab_size), max_positions=int(config.max_position_embeddings),
                        embed_name=f"{PREFIX}.embed_tokens.weight",
-                       embed=model.embed_tokens.weight.detach().numpy(), layers=[], final_norm=final_norm,
-                       lm_head=lm_head, rotary_inv_freq=family.rotary.inv_freq.float().numpy(),
+                       embed=table.weight.detach().numpy() if table is not None else np.zeros((1, 1), np.float32),
+                       layers=[], final_norm=rms_norm(model.norm, f"{PREFIX}.norm") if hasattr(model, "norm") else None,
+                       lm_head=None if self.tied or head is None else linear_chain(head, "decoder.lm_head"),
+                       rotary_inv_freq=family.rotary.inv_freq.float().numpy(),
                        rotary_scaling=float(getattr(family.rotary, "attention_scaling", 1.0)))

@@ -68,18 +68,20 @@ class Progress:
                 self.state["source_sha256"] = hashlib.sha256(listing.encode()).hexdigest()
         return self.state["source_sha256"]
 
-    def finish_part(self, part: Part, streams: dict[str, torch.Tensor], data_offset: int) -> None:
+    def finish_part(self, part: Part, streams: dict[str, torch.Tensor] | None, data_offset: int) -> None:
+        """`streams`: the activations that reach the next part (None after the last part)."""
         index = self.state["parts_done"]
         graph = helper.make_graph(part.nodes, f"part{index}", [], [], part.initializers)
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in
                                                         sorted(part.opsets.items())])
         proto.ir_version = part.ir_version
         _atomic_bytes(self.folder / "parts" / f"{index:04d}.onnx", proto.SerializeToString())
-        from safetensors.torch import save_file
+        if streams is not None:
+            from safetensors.torch import save_file
 
-        tmp = self.folder / "streams.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in streams.items()}, str(tmp))
-        os.replace(tmp, self.folder / "streams.safetensors")
+            tmp = self.folder / "streams.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in streams.items()}, str(tmp))
+            os.replace(tmp, self.folder / "streams.safetensors")
         lowered = part.lowered
         self.state["parts"].append({"record": part.record, "int_weights": lowered.int_weights,
                                     "integer_activations": lowered.integer_activations, "float16": lowered.float16})

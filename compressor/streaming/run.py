@@ -111,7 +111,8 @@ def run_streamed(store: WeightStore, path: Path, out_dir: Path, recipe: Recipe, 
     resumed = progress.resume()
     state = progress.state
     if resumed:
-        log(f"resuming: {progress.parts_done} of {family.layers + 1} parts were finished by an earlier run")
+        log(f"resuming: {progress.parts_done} of {family.layers + (1 if store.tied else 2)} parts were finished by "
+            f"an earlier run")
     name = _source_name(path)
     source_sha256 = progress.source_sha256(files)
     log(f"streaming {name} ({store.config.model_type}, {family.layers} layers, {len(heldout)} held-out windows, "
@@ -123,26 +124,34 @@ def run_streamed(store: WeightStore, path: Path, out_dir: Path, recipe: Recipe, 
     try:
         if resumed:
             streams = progress.load_streams()
-        else:  # part 0: the token table and the head, quantized first: the compressed windows start from its rows
+        else:  # part 0: the token table (and a tied head), first: the compressed windows start from its rows
             begun, read_before = time.monotonic(), store.bytes_read
-            part, records, bits, streams = _ends_part(store, family, recipe, state, data, heldout, samples, task,
-                                                      config, options.seed, log)
+            part, records, bits, streams = _table_part(store, family, recipe, state, data, heldout, samples, task,
+                                                       config, options.seed, log)
             _account(state, records, bits, begun, store.bytes_read - read_before)
             progress.finish_part(part, streams, data.flush())
             pause_point(f"part-{progress.parts_done}")
-            log(f"embedding and head: {state['seconds'][-1]:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
+            log(f"token table{' and head' if store.tied else ''}: {state['seconds'][-1]:.1f} s, peak RSS "
+                f"{peak_rss_bytes() / 2**30:.2f} GiB")
         for index in range(progress.parts_done - 1, family.layers):
             begun, read_before = time.monotonic(), store.bytes_read
-            model = LayerModel(family, index, store.layer(index))
-            part, records, bits = _layer_part(model, index, family, recipe, streams, state, data)
-            del model
+            part, records, bits = _layer_part(store, index, family, recipe, streams, state, data)
             _account(state, records, bits, begun, store.bytes_read - read_before)
             progress.finish_part(part, streams, data.flush())
             pause_point(f"part-{progress.parts_done}")  # a test hook: the interrupt tests kill the run here
             log(f"layer {index + 1}/{family.layers}: {state['seconds'][-1]:.1f} s, peak RSS "
                 f"{peak_rss_bytes() / 2**30:.2f} GiB")
         if "measured" not in state:
-            parity = _measure(store, family, recipe, streams, state, task, heldout, parity_windows)
+            begun, read_before = time.monotonic(), store.bytes_read
+            if store.tied:
+                parity = _measure_tied(store, family, recipe, streams, state, task, heldout, parity_windows)
+            else:  # the last part: the final norm and the head, calibrated on what leaves the last layer
+                part, records, bits, parity = _head_part(store, family, recipe, streams, state, data, task, heldout,
+                                                         parity_windows)
+                _account(state, records, bits, begun, store.bytes_read - read_before)
+                progress.finish_part(part, None, data.flush())
+                log(f"final norm and head: {state['seconds'][-1]:.1f} s, peak RSS "
+                    f"{peak_rss_bytes() / 2**30:.2f} GiB")
             progress.finish_measured(parity)
         del streams
     finally:
@@ -156,7 +165,7 @@ def _write_and_validate(path, out_dir, recipe, options, log, progress, family, t
                         source_sha256, kind, resumed, started, budget) -> dict:
     state, parts = progress.state, progress.parts()
     inputs, outputs = decoder_io(_placeholder_ends(family), [tuple(shape) for shape in state["layer_shapes"]])
-    last = Flow(**state["flow"])
+    last = Flow(**state["flow"])  # a tied head (part 0) reads the last layer's outputs under placeholder names
     proto = assemble(parts, inputs, outputs, dict(zip(HEAD_INPUTS, (last.x, last.residual))))
     files = side_files(config, proto, ARTIFACT_NAME)
     source_metadata = {metadata_keys.SOURCE: name, metadata_keys.SOURCE_SHA256: source_sha256}
@@ -299,8 +308,9 @@ def _lowered_part(nodes, inits, outputs: list[str], quantized: dict, recipe: Rec
     return write_part(proto, lowered, data)
 
 
-def _layer_part(model: LayerModel, index: int, family: Family, recipe: Recipe, streams: dict, state: dict,
+def _layer_part(store: WeightStore, index: int, family: Family, recipe: Recipe, streams: dict, state: dict,
                 data: ExternalData):
+    model = LayerModel(family, index, store.layer(index))
     _forward(model, streams["reference"])  # the layer as given
     records, quantized = _run_passes(model, recipe, streams.get("calibration"), FORWARD_BATCH)
     if "calibration" in streams:
@@ -308,9 +318,11 @@ def _layer_part(model: LayerModel, index: int, family: Family, recipe: Recipe, s
     _forward(model, streams["compressed"])
     bits = total_model_bits(model, quantized, float_bits=recipe.export.float_bits)
     described = model.describe(family.activation)
+    del model
     state["layer_shapes"].append([described.kv_heads, described.head_dim])
     g = Graph(state["node_count"])
     after = layer_nodes(g, index, described, Flow(**state["flow"]))
+    del described  # the graph holds the weights now
     outputs = [after.x, after.residual, *(PRESENT.format(index, kind) for kind in ("key", "value"))]
     part = _lowered_part(g.nodes, g.inits, outputs, quantized, recipe, state["flow"], data)
     state["node_count"], state["flow"] = g.count, vars(after)
@@ -362,25 +374,21 @@ def _head_without_statistics(recipe: Recipe) -> tuple[Recipe, list[str]]:
     return dataclasses.replace(recipe, passes=tuple(passes)), notes
 
 
-def _ends(store: WeightStore, family: Family) -> EndsModel:
-    head = None if store.tied else store.tensor(HEAD)
-    return EndsModel(family, store.tensor(EMBEDDING), store.tensor("model.norm.weight"), head)
-
-
-def _ends_part(store: WeightStore, family: Family, recipe: Recipe, state: dict, data: ExternalData,
-               heldout: np.ndarray, samples: int, task, config: dict, seed: int, log):
-    """Part 0: the prologue (token lookup, mask views, rotary tables) and the head, with their weights compressed;
-    and the activations that enter layer 0 (the held-out windows as given and compressed, the calibration
-    windows compressed). The head reads the last layer's outputs under placeholder names (HEAD_INPUTS), which
-    the assembled graph renames."""
-    ends_recipe, notes = _head_without_statistics(recipe)
-    for note in notes:
-        log(note)
-    state["ends_notes"] = notes
-    ends = _ends(store, family)
+def _table_part(store: WeightStore, family: Family, recipe: Recipe, state: dict, data: ExternalData,
+                heldout: np.ndarray, samples: int, task, config: dict, seed: int, log):
+    """Part 0: the prologue (token lookup, mask views, rotary tables) with the token table compressed, and a tied
+    head with it (it is the table); and the activations that enter layer 0 (the held-out windows as given and
+    compressed, the calibration windows compressed). A tied head reads the last layer's outputs under
+    placeholder names (HEAD_INPUTS), which the assembled graph renames."""
+    table_recipe, notes = _head_without_statistics(recipe)
+    if store.tied:
+        for note in notes:
+            log(note)
+    norm = store.tensor("model.norm.weight") if store.tied else None
+    ends = EndsModel(family, store.tensor(EMBEDDING), norm, None, tied=store.tied)
     rows = torch.from_numpy(heldout[:, :-1])
     streams = {"reference": ends.decoder.model.embed_tokens.weight[rows].clone()}
-    records, quantized = _run_passes(ends, ends_recipe, None, 1)
+    records, quantized = _run_passes(ends, table_recipe, None, 1)
     table = ends.decoder.model.embed_tokens.weight
     streams["compressed"] = table[rows].clone()
     if samples:
@@ -391,32 +399,65 @@ def _ends_part(store: WeightStore, family: Family, recipe: Recipe, state: dict, 
     del ends, table
     g = Graph()
     flow = prologue_nodes(g, described)
-    head_nodes(g, described, Flow(HEAD_INPUTS[0], HEAD_INPUTS[1], flow.seqlens_k, flow.total_length))
-    outputs = [flow.x, flow.seqlens_k, flow.total_length, "logits"] + ([flow.cos_cache, flow.sin_cache]
-                                                                        if flow.rotary else [])
+    outputs = [flow.x, flow.seqlens_k, flow.total_length] + ([flow.cos_cache, flow.sin_cache] if flow.rotary else [])
+    if store.tied:
+        head_nodes(g, described, Flow(HEAD_INPUTS[0], HEAD_INPUTS[1], flow.seqlens_k, flow.total_length))
+        outputs.append("logits")
+    del described
     state.update(node_count=g.count, flow=vars(flow))
     part = _lowered_part(g.nodes, g.inits, outputs, quantized, recipe, state["flow"], data)
     return part, records, bits, streams
 
 
-def _measure(store: WeightStore, family: Family, recipe: Recipe, streams: dict, state: dict, task,
-             heldout: np.ndarray, parity_windows: int) -> np.ndarray:
-    """The held-out metric of the model as given and as compressed, from the windows that left the last layer
-    (the ends built again: read, and quantized as part 0 was); returns the parity logits (compressed)."""
-    ends = _ends(store, family)
-    measured = {"reference": measure(task, _stream_logits(ends, streams.pop("reference"), heldout), heldout)}
-    _run_passes(ends, _head_without_statistics(recipe)[0], None, 1)
-    compressed = streams.pop("compressed")
-    measured["compressed"] = measure(task, _stream_logits(ends, compressed, heldout), heldout)
+def _checked(measured: dict) -> dict:
     for which, values in measured.items():
         if not all(math.isfinite(v) for v in values.values()):
             raise UserError("the model's held-out outputs hold NaN or Inf values (its forward pass overflows): "
                             "nothing to compress" if which == "reference" else
                             "after the passes the model's outputs hold NaN or Inf values: refused before export "
                             "(change the recipe)")
-    state["measured"] = measured
+    return measured
+
+
+def _parity_logits(ends: EndsModel, compressed: torch.Tensor, windows: int) -> np.ndarray:
     with torch.no_grad():
-        return np.concatenate([ends(compressed[i:i + 1]).numpy() for i in range(parity_windows)])
+        return np.concatenate([ends(compressed[i:i + 1]).numpy() for i in range(windows)])
+
+
+def _measure_tied(store: WeightStore, family: Family, recipe: Recipe, streams: dict, state: dict, task,
+                  heldout: np.ndarray, parity_windows: int) -> np.ndarray:
+    """A tied model's held-out metric as given and as compressed, from the windows that left the last layer (the
+    table and head built again: read, and quantized as part 0 was); returns the parity logits (compressed)."""
+    ends = EndsModel(family, store.tensor(EMBEDDING), store.tensor("model.norm.weight"), None, tied=True)
+    measured = {"reference": measure(task, _stream_logits(ends, streams.pop("reference"), heldout), heldout)}
+    _run_passes(ends, _head_without_statistics(recipe)[0], None, 1)
+    compressed = streams.pop("compressed")
+    measured["compressed"] = measure(task, _stream_logits(ends, compressed, heldout), heldout)
+    state["measured"] = _checked(measured)
+    return _parity_logits(ends, compressed, parity_windows)
+
+
+def _head_part(store: WeightStore, family: Family, recipe: Recipe, streams: dict, state: dict, data: ExternalData,
+               task, heldout: np.ndarray, parity_windows: int):
+    """The last part of an untied model: the final norm and the head, with every torch pass of the recipe
+    (calibrated on the windows that left the last layer); the held-out metrics as given and as compressed."""
+    ends = EndsModel(family, None, store.tensor("model.norm.weight"), store.tensor(HEAD))
+    measured = {"reference": measure(task, _stream_logits(ends, streams.pop("reference"), heldout), heldout)}
+    # one window per call through the head: a window's logits over a 150k vocabulary are already 150 MB
+    records, quantized = _run_passes(ends, recipe, streams.pop("calibration", None), batch=1)
+    compressed = streams.pop("compressed")
+    measured["compressed"] = measure(task, _stream_logits(ends, compressed, heldout), heldout)
+    state["measured"] = _checked(measured)
+    parity = _parity_logits(ends, compressed, parity_windows)
+    del compressed
+    bits = total_model_bits(ends, quantized, float_bits=recipe.export.float_bits)
+    described = ends.describe(family)
+    del ends
+    g = Graph(state["node_count"])
+    head_nodes(g, described, Flow(**state["flow"]))
+    del described
+    part = _lowered_part(g.nodes, g.inits, ["logits"], quantized, recipe, state["flow"], data)
+    return part, records, bits, parity
 
 
 def _account(state: dict, records: dict, bits: dict, begun: float, bytes_read: int) -> None:

@@ -25,6 +25,8 @@ from passes.quantize.record import QuantizedLayer
 def quantizable(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
     """The recipe's targets, less the layers whose input width their block size does not divide; ValueError when
     that leaves none. Shapes only: works on a model on the meta device (recipe checks before weights load)."""
+    if config.embedding_scheme() is not None and not any(isinstance(m, nn.Linear) for m in model.modules()):
+        return [], []  # tables alone (a streamed run's token table): the pass quantizes those
     selected, ignored = selected_linears(model, config.targets, config.ignore)
     if not config.overrides:
         chosen, skipped = split_by_input_multiple(selected, config.input_multiple, f"block_size {config.block_size}")

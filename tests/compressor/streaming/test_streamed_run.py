@@ -49,6 +49,30 @@ def test_streamed_int4_scores_as_the_whole_model_run(tiny, tmp_path):
     assert streamed["streaming"]["bytes_read"] > 0 and len(streamed["streaming"]["seconds_per_part"]) == 3
 
 
+def test_an_untied_head_streams_as_its_own_last_part(tiny, tmp_path):
+    import torch
+    import transformers
+
+    untied = tmp_path / "untied"
+    shutil.copytree(tiny, untied)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny))
+    model.config.tie_word_embeddings = False
+    separate = transformers.LlamaForCausalLM(model.config)
+    separate.load_state_dict(model.state_dict(), strict=False)
+    torch.manual_seed(1)
+    separate.lm_head.weight.data = torch.randn_like(separate.lm_head.weight) * 0.02
+    separate.save_pretrained(str(untied))
+    whole = run(untied, tmp_path / "whole", _options(stream=False), log=lambda m: None)
+    lines = []
+    streamed = run(untied, tmp_path / "streamed", _options(stream=True), log=lines.append)
+    assert any(line.startswith("final norm and head") for line in lines)
+    assert len(streamed["streaming"]["seconds_per_part"]) == 4  # table, 2 layers, head
+    assert streamed["accuracy"]["torch"] == pytest.approx(whole["accuracy"]["torch"], rel=1e-9)
+    assert streamed["accuracy"]["onnxruntime"]["cpu"] == pytest.approx(whole["accuracy"]["onnxruntime"]["cpu"],
+                                                                       rel=1e-6)
+    assert streamed["bits_per_param"] == whole["bits_per_param"] and streamed["parity"]["passed"]
+
+
 def test_streamed_runs_refuse_whole_model_passes_in_one_line(tiny, tmp_path):
     from compressor.errors import UserError
 
