@@ -180,6 +180,7 @@ def _write_and_validate(path, out_dir, recipe, options, log, progress, family, t
                         "quantized_params": 0}, 32)
     pass_records = [{**record, **bits, **measured["compressed"], "measured_after": "all passes (streamed)"}
                     for record in state["pass_records"].values()]
+    written_peak = peak_rss_bytes()  # before validation opens ONNX Runtime sessions on the artifact
     with staged(out_dir) as stage:
         artifact = stage / ARTIFACT_NAME
         os.replace(progress.data_file, data_path(artifact))  # the progress folder lies in --out: same disk
@@ -208,6 +209,8 @@ def _write_and_validate(path, out_dir, recipe, options, log, progress, family, t
             "streamed": True, "resumed": resumed, "layers": family.layers, "seconds_per_part": state["seconds"],
             "bytes_read": state["bytes_read"], "bytes_written": report["artifact"]["bytes"],
             "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "max_memory_mb": round(budget / 2**20, 1),
+            # reading, compressing and writing, before validation's sessions (which hold the artifact itself)
+            "peak_rss_mb_before_validation": round(written_peak / 2**20, 1),
             "wall_seconds": round(time.monotonic() - started, 1),
             "speed_baseline": "not written: ONNX Runtime would hold the input model's fp32 export whole, past the "
                               "run's memory budget"}
