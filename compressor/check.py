@@ -14,6 +14,7 @@ from compressor.atomic import sha256_file
 from compressor.errors import UserError
 from compressor.inputs.onnx import (check_external_data, check_graph_inputs, guarded_logits_fn, ort_session,
                                     read_task_metadata)
+from compressor.onnx_file import data_path
 from compressor.tasks import TASKS, worsening
 from compressor.tasks.protocol import ReferenceTask, UnusableState
 from exporters import metadata_keys
@@ -107,8 +108,10 @@ def _baseline(path: Path) -> dict:
         raise UserError(f"{path}: accuracy.heldout_examples must be an integer in 1..{MAX_HELDOUT_EXAMPLES:,}, not "
                         f"{excerpt(examples)}")
     sha256 = _get(report, "artifact", "sha256")
+    data_sha256 = _get(report, "artifact", "external_data", "sha256")  # model.onnx.data's, where it has one
     return {"metric": metric, "value": float(value), "examples": examples,
-            "sha256": sha256 if isinstance(sha256, str) else None}
+            "sha256": sha256 if isinstance(sha256, str) else None,
+            "data_sha256": data_sha256 if isinstance(data_sha256, str) else None}
 
 
 def _finite(value) -> bool:
@@ -159,5 +162,8 @@ def check_artifact(artifact: Path, baseline: Path, tolerance: float = 0.01) -> C
         _task_state(artifact, task, data, metadata, session)
     measured = task.evaluate(guarded_logits_fn(session, artifact), data)
     change = worsening(reference["value"], measured, task.HIGHER_IS_BETTER)
-    same = None if reference["sha256"] is None else sha256_file(artifact) == reference["sha256"]
+    # the same files: model.onnx and, with external data, model.onnx.data (its graph alone names no tensor value)
+    same = None if reference["sha256"] is None else (
+        sha256_file(artifact) == reference["sha256"]
+        and (sha256_file(data_path(artifact)) if data_path(artifact).is_file() else None) == reference["data_sha256"])
     return CheckResult(task.METRIC, reference["value"], measured, change, tolerance, change <= tolerance, same)

@@ -148,8 +148,10 @@ def run_command(checkpoint, out_dir, recipe, overrides, seed, providers, eval_li
         parity_line += f" (default kernel, not gated: {', '.join(ungated)})" if ungated else ""
     if report["latency"]:
         latency = report["latency"][headline_provider(report["latency"])]
-        parity_line += (f"; latency p50 batch1 {latency['batch1']['p50_ms']:.3f} ms, "
-                        f"batch16 {latency['batch16']['p50_ms']:.3f} ms")
+        parity_line += "; latency p50 " + ", ".join(f"{key} {stats['p50_ms']:.3f} ms"
+                                                    for key, stats in latency.items() if key.startswith("batch"))
+        if latency.get("skipped_batches"):  # over the logits budget (compressor.tasks.logits_budget)
+            parity_line += f" ({', '.join(latency['skipped_batches'])} not run: logits over budget)"
     else:
         parity_line += "; latency not measured (--no-bench)"
     click.echo(parity_line + f"; artifact {report['artifact']['bytes']:,} bytes")
@@ -327,8 +329,12 @@ def bench_command(artifact, provider, prompt_tokens, new_tokens, runs, threads, 
         measured = run_benchmark(deployed.path, TASKS[deployed.family], deployed.config, provider, settings)
         result = {"provider": provider, **{k: v for k, v in measured.items() if k.startswith("batch")},
                   "peak_rss_mb": round(measured["memory"]["peak_rss_bytes"] / 2**20, 1)}
+        skipped = measured.get("skipped_batches", {})
+        if skipped:
+            result["skipped_batches"] = skipped
         line = f"{deployed.path}: " + ", ".join(f"{k} p50 {v['p50_ms']:.3f} ms" for k, v in result.items()
                                               if k.startswith("batch")) + f"; peak RSS {result['peak_rss_mb']:.0f} MiB"
+        line += "".join(f"; {k} {why}" for k, why in skipped.items())
     click.echo(json.dumps(result) if as_json else line)
 
 

@@ -91,6 +91,8 @@ def render_markdown(report: dict) -> str:
             if key.startswith("batch"):
                 lines.append(f"| {provider} | {key[5:]} | {_fmt(stats['p50_ms'])} | {_fmt(stats['p90_ms'])} | "
                              f"{rss:.0f} |")
+        for key, why in latency.get("skipped_batches", {}).items():
+            lines.append(f"| {provider} | {key[5:]} | {why} | | |")
     for provider, generation in report.get("generation", {}).items():
         lines += ["", f"## Generation, ONNX Runtime {provider} (KV cache, greedy; "
                   f"{generation['artifact']['prompt_tokens']}-token prompt, "
