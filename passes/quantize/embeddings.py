@@ -22,6 +22,7 @@ from passes.calibration import excerpt, matches
 from passes.model_bits import container_bits
 from passes.quantize.int_weights import SCALE_DTYPES
 from passes.quantize.onnx_nodes import code_type, dequantize_node
+from passes.quantize.rows import quantize_rows
 
 EMBEDDING_BITS = (4, 8)
 # how a table tied to a quantized Linear (an LM's lm_head) is stored: "copy" gives the lookup codes of its own in the
@@ -84,7 +85,7 @@ def quantize_tables(model: nn.Module, config: EmbeddingTables, ignore: tuple[str
         if not isinstance(module, nn.Embedding) or id(module.weight) in taken or matches(name, ignore):
             continue
         table = module.weight.detach().float()
-        q = config.quantize(table)
+        q = quantize_rows(config.quantize, table, config.embedding_block_size != qp.PER_TENSOR)
         approx = qp.dequantize(q)
         module.weight.data = approx.to(module.weight.dtype)
         q = dataclasses.replace(q, codes=q.codes.to(torch.int16))

@@ -20,6 +20,7 @@ from passes.smoothquant import take_smoothing
 from passes.quantize.config import QuantizeConfig
 from passes.quantize.embeddings import quantize_tables
 from passes.quantize.record import QuantizedLayer
+from passes.quantize.rows import quantize_rows
 
 
 def quantizable(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Linear]], list[dict]]:
@@ -47,33 +48,6 @@ def quantizable(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[st
     return chosen, ignored + skipped
 
 
-# weights per call when a scheme quantizes rows on their own: its temporaries (several fp32 and int64 copies) then
-# follow this, not the layer (a 150k-vocabulary head is 233M weights: 5.5 GB of temporaries quantized whole)
-ROW_CHUNK_WEIGHTS = 1 << 24
-
-
-def quantize_rows(scheme, weight: torch.Tensor, hessian: torch.Tensor | None) -> qp.Quantized:
-    """scheme.quantize(weight, hessian), a few rows at a time where the scheme's rows are independent (the same
-    bits: each row's groups are quantized elementwise); codes as int16, the form they wait in for the exporter."""
-    rows = max(1, ROW_CHUNK_WEIGHTS // max(1, weight.shape[1]))
-    if weight.shape[0] <= rows or not getattr(scheme, "rows_independent", False):
-        return scheme.quantize(weight, hessian)
-    parts = []
-    for start in range(0, weight.shape[0], rows):
-        q = scheme.quantize(weight[start:start + rows], hessian)
-        parts.append(dataclasses.replace(q, codes=q.codes.to(torch.int16)))
-
-    def joined(field: str):
-        values = [getattr(q, field) for q in parts]
-        return None if values[0] is None else torch.cat(values)
-
-    codebook = parts[0].codebook
-    if codebook is not None and codebook.dim() == 2:  # one codebook per row
-        codebook = joined("codebook")
-    return dataclasses.replace(parts[0], codes=joined("codes"), scales=joined("scales"),
-                               zero_points=joined("zero_points"), offsets=joined("offsets"), codebook=codebook)
-
-
 def quantize_weight(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | None) -> qp.Quantized:
     """One weight [out, in] quantized by the weight scheme `config` names (hessian: its input second moments,
     for schemes that need them)."""
@@ -99,7 +73,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, calibration: list[t
         weight = module.weight.detach().float()
         layer_config = config.for_layer(name)
         scheme, activation = layer_config.weight_scheme(), layer_config.activation_scheme()
-        q = quantize_rows(scheme, weight, hessian)
+        q = quantize_rows(lambda rows: scheme.quantize(rows, hessian), weight,
+                          getattr(scheme, "rows_independent", False))
         if activation is not None:
             q = activation.stored_weights(q)
         approx = qp.dequantize(q)
