@@ -30,6 +30,7 @@ from compressor.atomic import sha256_file
 from compressor.errors import UserError
 from compressor.inputs.source import Source
 from compressor.kv_cache import PAST_PREFIX, has_cache
+from compressor.onnx_file import EXTERNAL_DATA_ABOVE, save_onnx, tensor_bytes
 from compressor.ort_runtime import create_session, logits_fn, to_ort_feeds
 from compressor.tasks import TASKS
 from exporters import metadata_keys
@@ -456,7 +457,7 @@ def _output_difference(proto: onnx.ModelProto, reference, inputs: dict,
                        what: str = "the simplified graph") -> str | None:
     """Why `proto`'s outputs do not match the reference session's on `inputs` (SIMPLIFY_RTOL), or None."""
     try:
-        session = create_session(proto.SerializeToString())
+        session = session_of(proto)
         got = session.run(None, to_ort_feeds(inputs, session))
         expected = reference.run(None, to_ort_feeds(inputs, reference))
     except Exception as exc:  # noqa: BLE001  (a graph ONNX Runtime cannot run is no simplification of ours)
@@ -505,6 +506,22 @@ def describe_simplification(record: dict) -> str:
     return f"onnxsim: {record['nodes_before']} -> {record['nodes_after']} nodes ({changes})"
 
 
+def session_of(proto: onnx.ModelProto):
+    """An ONNX Runtime session over a graph in memory: from its bytes, or past EXTERNAL_DATA_ABOVE (protobuf
+    serializes no message over 2 GiB) from a temporary model.onnx + model.onnx.data."""
+    if tensor_bytes(proto) <= EXTERNAL_DATA_ABOVE:
+        return create_session(proto.SerializeToString())
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="compress-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)  # save_model moves the tensors out of the proto it is given
+        save_onnx(copy, path)
+        del copy
+        return create_session(path)
+
+
 def onnx_source(path: Path, progress: bool = False) -> Source:
     proto = load_onnx_input(path)
     metadata = {p.key: p.value for p in proto.metadata_props}
@@ -534,7 +551,7 @@ def onnx_source(path: Path, progress: bool = False) -> Source:
         graph = write_back(proto, model)
         if any(layer.activation is not None for layer in quantized.values()):  # dynamic W8A8 (static calibrates)
             graph, _ = lower_to_qdq(graph, quantized)  # its activation Q/DQ is what the graph-side model computes
-        return logits_fn(create_session(graph.SerializeToString()))
+        return logits_fn(session_of(graph))
 
     return Source(name=record["name"], task=TASKS[family], config=config, model=shells, record=record,
                   # the file by its folder's name, not where the folder lies: the artifact's bytes do not change with it
