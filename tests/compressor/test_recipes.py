@@ -14,7 +14,15 @@ def test_presets_resolve():
         recipe = resolve_recipe(name)
         assert recipe.name == name
     int4 = dict(resolve_recipe("int4").passes)["quantize"]
-    assert (int4.dtype, int4.bits, int4.block_size) == ("int", 4, 64)
+    assert (int4.dtype, int4.bits, int4.block_size) == ("int", 4, 32)
+
+
+def test_the_int4_preset_is_data_free_and_stores_a_tied_table_once():
+    """int4 (issue 29): searched scales that need no calibration data (ONNX inputs and a streamed run's head take
+    it as it is), a tied table stored once; the label names the search."""
+    int4 = dict(resolve_recipe("int4").passes)["quantize"]
+    assert (int4.scale_search, int4.tied_table, int4.full_range, int4.symmetric) == ("mse", "shared", True, True)
+    assert not int4.needs_calibration and int4.label() == "int4-B32-full-mse-emb4"
 
 
 def test_overrides_apply():
