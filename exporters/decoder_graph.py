@@ -224,7 +224,7 @@ def prologue_nodes(g: Graph, decoder: Decoder) -> Flow:
     total_length = g.one("Cast", [g.one("Gather", [g.one("Shape", ["attention_mask"]),
                                                    g.init("const.index1", np.array(1, np.int64))], axis=0)],
                          to=TensorProto.INT32)
-    x = g.one("Gather", [g.init(decoder.embed_name, decoder.embed.astype(np.float32)), "input_ids"], axis=0)
+    x = g.one("Gather", [g.init(decoder.embed_name, np.asarray(decoder.embed, dtype=np.float32)), "input_ids"], axis=0)
     if decoder.positions is not None:
         # position of each new token = (real tokens up to and including it) - 1, so left padding is honoured
         cumulative = g.one("Sub", [g.one("CumSum", ["attention_mask", g.init("const.axis1", np.array(1, np.int64))]),
@@ -234,7 +234,7 @@ def prologue_nodes(g: Graph, decoder: Decoder) -> Flow:
         positions = g.one("Slice", [cumulative, g.one("Neg", [new_tokens]),
                                     g.init("const.end", np.array([np.iinfo(np.int64).max], np.int64)), one])
         positions = g.one("Max", [positions, g.init("const.zero", np.array(0, np.int64))])
-        table = g.init(decoder.positions_name, decoder.positions.astype(np.float32))
+        table = g.init(decoder.positions_name, np.asarray(decoder.positions, dtype=np.float32))
         x = g.one("Add", [x, g.one("Gather", [table, positions], axis=0)])
     flow = Flow(x, None, seqlens_k, total_length)
     if decoder.rotary_inv_freq is not None:

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.activation_qdq import fold_smoothing_into_norms, quantize_matmul_inputs
 from passes.model_bits import container_bits
-from passes.quant_primitives import dequantize
+from passes.quant_primitives import dequantize, row_chunks
 from passes.quantize import QuantizedLayer
 from passes.quantize.embeddings import NotLowered, lookup_nodes, shared_table_nodes, table_initializers
 
@@ -51,18 +51,45 @@ class _Weights:
         return name in self.tensors
 
 
-def _place(layer: QuantizedLayer, weight: np.ndarray, candidates: _Weights, kind: str) -> list[str]:
+class _Dequantized:
+    """A record's dequantized weight [N, K] (`transposed`: laid out [K, N], as MatMul weights are), compared with
+    stored arrays a few rows at a time: never made whole (a 150k-vocabulary head is 0.9 GB in fp32)."""
+
+    def __init__(self, q, transposed: bool = False):
+        self.q, self.transposed = q, transposed
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.q.codes.shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def T(self) -> "_Dequantized":
+        return _Dequantized(self.q, not self.transposed)
+
+    def equals(self, stored: np.ndarray) -> bool:
+        if tuple(stored.shape) != self.shape:
+            return False
+        for rows, part in row_chunks(self.q):
+            values = dequantize(part).numpy()
+            if not np.array_equal(stored[:, rows] if self.transposed else stored[rows],
+                                  values.T if self.transposed else values):
+                return False
+        return True
+
+
+def _place(layer: QuantizedLayer, weight: _Dequantized, candidates: _Weights, kind: str) -> list[str]:
     """The initializers that hold `layer`'s weight (`weight`, laid out as they store it): by name first (a name
     that matches must also hold the values), else every one equal in value (the checked fallback)."""
     named = [n for n in (layer.module, *layer.weight_names) if n in candidates]
     for name in named:
-        if not np.array_equal(candidates.array(name), weight):
+        if not weight.equals(candidates.array(name)):
             raise LoweringError(f"quantized layer {layer.module!r}: {kind} initializer {name!r} has its name but "
                                 f"not its dequantized values (shape {candidates.shape(name)})")
     if named:
         return named[:1]
     return [n for n in candidates.tensors if candidates.shape(n) == list(weight.shape)
-            and np.array_equal(candidates.array(n), weight)]
+            and weight.equals(candidates.array(n))]
 
 
 def _fp32_initializers(proto: onnx.ModelProto, op_type: str, position: int) -> dict[str, onnx.TensorProto]:
@@ -102,7 +129,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
     gather_tables = _Weights(_fp32_initializers(proto, "Gather", 0))
     weight_of, table_of, lowered, left = {}, {}, [], []
     for layer in layers.values():
-        weight = dequantize(layer.quantized).numpy()
+        weight = _Dequantized(layer.quantized)
         if layer.embedding:  # an nn.Embedding table of its own: read by Gather only
             tables = _place(layer, weight, gather_tables, "Gather table")
             if not tables:
@@ -110,7 +137,7 @@ def lower_to_qdq(proto: onnx.ModelProto, layers: dict[str, QuantizedLayer]) -> t
                                     f"table of the exported graph")
             table_of.update({name: layer for name in tables})
             continue
-        places = _place(layer, weight.T, matmul_weights, "MatMul weight")  # compared as a view: no copy
+        places = _place(layer, weight.T, matmul_weights, "MatMul weight")
         if not places:
             raise LoweringError(f"quantized layer {layer.module!r} ({list(weight.shape)}) matches no MatMul weight of "
                                 f"the exported graph (a Linear on 2-D input exports as Gemm, which is not lowered)")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import onnx
 from onnx import TensorProto, helper
-from onnx.external_data_helper import set_external_data
 
 from exporters.decoder_graph import decoder_model
 from exporters.lowering import Lowered, lower_artifact
@@ -48,11 +47,12 @@ class ExternalData:
         self.file.write(data)
         self.offset = start + len(data)
         self.written += len(data)
-        stub = TensorProto()
-        stub.CopyFrom(tensor)
-        set_external_data(stub, self.location, offset=start, length=len(data))
-        stub.ClearField("raw_data")
-        stub.data_location = TensorProto.EXTERNAL
+        # the reference alone: copying the tensor and clearing its data would hold its bytes twice meanwhile
+        stub = TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                           data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", str(start)), ("length", str(len(data)))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
         return stub
 
     def flush(self) -> int:
@@ -83,12 +83,14 @@ def lower_part(nodes: list[onnx.NodeProto], initializers: list[TensorProto], out
                quantized: dict | None, dtype: str, graph_passes,
                types: dict[str, int] | None = None) -> tuple[onnx.ModelProto, Lowered]:
     """Lower one part as a graph of its own: its inputs are whatever it reads and does not make, its outputs
-    `outputs` (what later parts and the model's outputs read); float tensors unless `types` says otherwise."""
+    `outputs` (what later parts and the model's outputs read); float tensors unless `types` says otherwise.
+    Takes `initializers` over (the list is emptied)."""
     types = {**INT_INPUTS, **(types or {})}
     # initializers only later parts read (the rotary tables) pass by the lowering, which drops what its graph
     # does not read
     passing = [init for init in initializers if init.name in outputs]
-    initializers = [init for init in initializers if init.name not in outputs]
+    given, initializers = initializers, [init for init in initializers if init.name not in outputs]
+    given.clear()  # taken over: each one is freed once the part's model holds its copy
     outputs = [name for name in outputs if name not in {init.name for init in passing}]
     made = {out for node in nodes for out in node.output} | {init.name for init in initializers}
     inputs, seen = [], set()
@@ -98,7 +100,10 @@ def lower_part(nodes: list[onnx.NodeProto], initializers: list[TensorProto], out
                 seen.add(name)
                 inputs.append(helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None))
     graph_outputs = [helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in outputs]
-    proto = decoder_model(helper.make_graph(nodes, "part", inputs, graph_outputs, initializers))
+    proto = decoder_model(helper.make_graph(nodes, "part", inputs, graph_outputs))
+    for index, init in enumerate(initializers):  # moved in one at a time: never two copies of the part's weights
+        proto.graph.initializer.append(init)
+        initializers[index] = None
     proto, lowered = lower_artifact(proto, quantized, dtype, graph_passes)
     proto.graph.initializer.extend(passing)
     return proto, lowered

@@ -417,6 +417,13 @@ def _rows_of(q: Quantized, rows: slice) -> Quantized:
                    offsets=cut(q.offsets), codebook=codebook)
 
 
+def row_chunks(q: Quantized) -> list[tuple[slice, Quantized]]:
+    """`q` as (rows, their Quantized) pieces of at most ROW_CHUNK_WEIGHTS weights (one piece when small or
+    per-tensor): what dequantizes a large weight without its temporaries at full size."""
+    chunks = _row_chunks(tuple(q.codes.shape), q.block_size)
+    return [(slice(None), q)] if chunks is None else [(rows, _rows_of(q, rows)) for rows in chunks]
+
+
 def dequantize(q: Quantized) -> torch.Tensor:
     chunks = _row_chunks(tuple(q.codes.shape), q.block_size)
     if chunks is None:
