@@ -14,7 +14,8 @@ from passes.quantize import QuantizeConfig
 
 QUIET = {"bench": None, "eval_limit": 8, "log": lambda *_: None}
 # the `int4` preset's fields, as Python objects
-INT4 = QuantizeConfig(bits=4, block_size=64, full_range=True, embedding_bits=4, embedding_block_size=32)
+INT4 = QuantizeConfig(bits=4, block_size=32, full_range=True, scale_search="mse", tied_table="shared", embedding_bits=4,
+                      embedding_block_size=32)
 
 
 def _initializer_hashes(path: Path) -> dict[str, str]:
@@ -31,7 +32,7 @@ def preset_int4(tmp_path_factory) -> Path:
 
 def test_pass_configs_give_the_presets_artifact(tmp_path, preset_int4):
     report = compressor.compress("gpt-xs", [INT4], tmp_path / "api", **QUIET)
-    assert report["summary"]["bits_ratio"] > 6  # int4 with 4-bit tables: about 6.7x fewer bits than fp32
+    assert report["summary"]["bits_ratio"] > 5.5  # int4 B32 with 4-bit tables: about 6.0x fewer bits than fp32
     assert (tmp_path / "api" / "report.json").is_file()
     assert _initializer_hashes(tmp_path / "api" / "model.onnx") == _initializer_hashes(preset_int4 / "model.onnx")
 
