@@ -6,13 +6,13 @@ under its whole-model names (compressor.streaming.layers), every torch pass of t
 calibration activations that reach it (each layer sees the compressed layers before it: GPTQ's sequential
 order), the held-out activations move on through it twice (as given: the reference; compressed: the metric
 before export and the parity logits), and its part of the graph is lowered and appended to model.onnx.data
-(exporters.streamed_writer). The model's ends (token table, final norm, head) come last, as one more part.
+(exporters.streamed_writer). The token table comes first (the compressed activations start from its rows), an
+untied head last (compressor.streaming.parts).
 
 Resumable: after each part its graph nodes, the activations and the data file's length are saved in --out's
 progress folder; the same command after a kill continues from the last finished part, to the same bytes.
 """
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto
 
 from compressor.artifact import ARTIFACT_NAME, assemble_report, pause_point, staged
 from compressor.atomic import atomic_write_text
@@ -30,27 +29,23 @@ from compressor.recipes import Recipe
 from compressor.report import write_reports
 from compressor.run_options import RunOptions
 from compressor.run_record import artifact_metadata, side_files
-from compressor.streaming.layers import PREFIX, EndsModel, Family, LayerModel, family_of
+from compressor.streaming import parts
+from compressor.streaming.layers import PREFIX, Family, family_of
 from compressor.streaming.memory import check_fits, peak_rss_bytes
 from compressor.streaming.progress import Progress
-from compressor.streaming.weights import EMBEDDING, HEAD, WeightStore, open_weights, skeleton_folder
-from compressor.tasks import TASKS, measure
+from compressor.streaming.weights import WeightStore, open_weights, skeleton_folder
+from compressor.tasks import TASKS
 from compressor.validate import Tolerances, validate
 from compressor.version import __version__
 from exporters import metadata_keys
-from exporters.decoder_graph import PRESENT, Decoder, Flow, Graph, decoder_io, head_nodes, layer_nodes, \
-    prologue_nodes
+from exporters.decoder_graph import Decoder, Flow, decoder_io
 from exporters.lowering import Lowered
-from exporters.onnx_export import ExportError, finalize
-from exporters.qdq import LoweringError
-from exporters.streamed_writer import ExternalData, Part, assemble, lower_part, merge_records, write_part
-from passes.model_bits import total_model_bits
-from passes.registry import GRAPH, PASSES, TORCH
+from exporters.onnx_export import finalize
+from exporters.streamed_writer import ExternalData, Part, assemble, merge_records
+from passes.registry import PASSES, TORCH
 
 FAMILY = "hf-causal-lm"
-HEAD_INPUTS = ("/head/x", "/head/residual")  # what the head reads, until the last layer's outputs are known
 STREAM_ABOVE = EXTERNAL_DATA_ABOVE  # fp32 weight bytes past which a decoder is streamed (its artifact too is split)
-FORWARD_BATCH = 8  # windows per forward call through one layer
 # passes that need the whole model at once (training through every layer, a budget spread over all layers)
 WHOLE_MODEL = {"heal": "it trains through every layer at once"}
 
@@ -126,8 +121,8 @@ def run_streamed(store: WeightStore, path: Path, out_dir: Path, recipe: Recipe, 
             streams = progress.load_streams()
         else:  # part 0: the token table (and a tied head), first: the compressed windows start from its rows
             begun, read_before = time.monotonic(), store.bytes_read
-            part, records, bits, streams = _table_part(store, family, recipe, state, data, heldout, samples, task,
-                                                       config, options.seed, log)
+            part, records, bits, streams = parts.table_part(store, family, recipe, state, data, heldout, samples,
+                                                            task, config, options.seed, log)
             _account(state, records, bits, begun, store.bytes_read - read_before)
             progress.finish_part(part, streams, data.flush())
             pause_point(f"part-{progress.parts_done}")
@@ -135,7 +130,7 @@ def run_streamed(store: WeightStore, path: Path, out_dir: Path, recipe: Recipe, 
                 f"{peak_rss_bytes() / 2**30:.2f} GiB")
         for index in range(progress.parts_done - 1, family.layers):
             begun, read_before = time.monotonic(), store.bytes_read
-            part, records, bits = _layer_part(store, index, family, recipe, streams, state, data)
+            part, records, bits = parts.layer_part(store, index, family, recipe, streams, state, data)
             _account(state, records, bits, begun, store.bytes_read - read_before)
             progress.finish_part(part, streams, data.flush())
             pause_point(f"part-{progress.parts_done}")  # a test hook: the interrupt tests kill the run here
@@ -144,10 +139,10 @@ def run_streamed(store: WeightStore, path: Path, out_dir: Path, recipe: Recipe, 
         if "measured" not in state:
             begun, read_before = time.monotonic(), store.bytes_read
             if store.tied:
-                parity = _measure_tied(store, family, recipe, streams, state, task, heldout, parity_windows)
+                parity = parts.measure_tied(store, family, recipe, streams, state, task, heldout, parity_windows)
             else:  # the last part: the final norm and the head, calibrated on what leaves the last layer
-                part, records, bits, parity = _head_part(store, family, recipe, streams, state, data, task, heldout,
-                                                         parity_windows)
+                part, records, bits, parity = parts.head_part(store, family, recipe, streams, state, data, task,
+                                                              heldout, parity_windows)
                 _account(state, records, bits, begun, store.bytes_read - read_before)
                 progress.finish_part(part, None, data.flush())
                 log(f"final norm and head: {state['seconds'][-1]:.1f} s, peak RSS "
@@ -163,17 +158,17 @@ def run_streamed(store: WeightStore, path: Path, out_dir: Path, recipe: Recipe, 
 
 def _write_and_validate(path, out_dir, recipe, options, log, progress, family, task, config, heldout, name,
                         source_sha256, kind, resumed, started, budget) -> dict:
-    state, parts = progress.state, progress.parts()
+    state, written = progress.state, progress.parts()
     inputs, outputs = decoder_io(_placeholder_ends(family), [tuple(shape) for shape in state["layer_shapes"]])
     last = Flow(**state["flow"])  # a tied head (part 0) reads the last layer's outputs under placeholder names
-    proto = assemble(parts, inputs, outputs, dict(zip(HEAD_INPUTS, (last.x, last.residual))))
+    proto = assemble(written, inputs, outputs, dict(zip(parts.HEAD_INPUTS, (last.x, last.residual))))
     files = side_files(config, proto, ARTIFACT_NAME)
     source_metadata = {metadata_keys.SOURCE: name, metadata_keys.SOURCE_SHA256: source_sha256}
     proto = finalize(proto, artifact_metadata(source_metadata, recipe, options, FAMILY, config, files))
-    lowered = _merged_lowering(parts)
+    lowered = _merged_lowering(written)
     graph_facts = {"opset": max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
                    "ir_version": proto.ir_version}
-    del parts
+    del written
     measured = state["measured"]
     bits = _bits(state["bits"], recipe.export.float_bits)
     input_bits = _bits({"total_model_bits": 32 * state["bits"]["params"], "params": state["bits"]["params"],
@@ -249,218 +244,6 @@ def _placeholder_ends(family: Family) -> Decoder:
                    embed_name=f"{PREFIX}.embed_tokens.weight", embed=np.zeros((1, 1), np.float32), layers=[],
                    final_norm=None, lm_head=None, rotary_inv_freq=family.rotary.inv_freq.float().numpy(),
                    rotary_scaling=float(getattr(family.rotary, "attention_scaling", 1.0)))
-
-
-@torch.no_grad()
-def _forward(model: torch.nn.Module, hidden: torch.Tensor) -> None:
-    """`hidden` replaced by the model's output, FORWARD_BATCH windows at a time (in place: no second copy)."""
-    for start in range(0, len(hidden), FORWARD_BATCH):
-        hidden[start:start + FORWARD_BATCH] = model(hidden[start:start + FORWARD_BATCH])
-
-
-def _run_passes(model: torch.nn.Module, recipe: Recipe, calibration: torch.Tensor | None,
-                batch: int) -> tuple[dict, dict]:
-    """The recipe's torch passes on one part, each given its calibration_samples windows in batches of `batch`;
-    (records by pass, the quantize pass's records by module)."""
-    records, quantized = {}, {}
-    for name, config in recipe.passes:
-        spec = PASSES[name]
-        if spec.rewrites != TORCH:
-            continue
-        if spec.select is not None:
-            try:
-                spec.select(model, config)
-            except ValueError:
-                continue  # nothing of this part is the pass's (e.g. a head the recipe ignores)
-        batches = None
-        if config.needs_calibration:
-            hidden = calibration[:config.calibration_samples]
-            batches = [(hidden[i:i + batch],) for i in range(0, len(hidden), batch)]
-        try:
-            record = spec.run(model, config, batches, False)
-        except ValueError as exc:
-            raise UserError(f"{name}: {exc}") from None
-        quantized.update(record.pop("quantized", {}))
-        records[name] = record
-    return records, quantized
-
-
-def _graph_passes(recipe: Recipe):
-    graph_passes = [(name, config) for name, config in recipe.passes if PASSES[name].rewrites == GRAPH]
-
-    def run(proto: onnx.ModelProto) -> onnx.ModelProto:
-        if not graph_passes:
-            return proto
-        import onnx_ir as ir
-
-        model = ir.serde.deserialize_model(proto)
-        for name, config in graph_passes:
-            PASSES[name].run(model, config, None, False)
-        return ir.serde.serialize_model(model)
-    return run
-
-
-def _lowered_part(nodes, inits, outputs: list[str], quantized: dict, recipe: Recipe, flow: dict,
-                  data: ExternalData) -> Part:
-    types = {flow["seqlens_k"]: TensorProto.INT32, flow["total_length"]: TensorProto.INT32}
-    try:
-        proto, lowered = lower_part(nodes, inits, outputs, quantized if recipe.passes else None, recipe.export.dtype,
-                                    _graph_passes(recipe), types)
-    except (ExportError, LoweringError) as exc:
-        raise UserError(str(exc)) from None
-    return write_part(proto, lowered, data)
-
-
-def _layer_part(store: WeightStore, index: int, family: Family, recipe: Recipe, streams: dict, state: dict,
-                data: ExternalData):
-    model = LayerModel(family, index, store.layer(index))
-    _forward(model, streams["reference"])  # the layer as given
-    records, quantized = _run_passes(model, recipe, streams.get("calibration"), FORWARD_BATCH)
-    if "calibration" in streams:
-        _forward(model, streams["calibration"])  # what the next layer's passes see: this layer compressed
-    _forward(model, streams["compressed"])
-    bits = total_model_bits(model, quantized, float_bits=recipe.export.float_bits)
-    described = model.describe(family.activation)
-    del model
-    state["layer_shapes"].append([described.kv_heads, described.head_dim])
-    g = Graph(state["node_count"])
-    after = layer_nodes(g, index, described, Flow(**state["flow"]))
-    del described  # the graph holds the weights now
-    outputs = [after.x, after.residual, *(PRESENT.format(index, kind) for kind in ("key", "value"))]
-    part = _lowered_part(g.nodes, g.inits, outputs, quantized, recipe, state["flow"], data)
-    state["node_count"], state["flow"] = g.count, vars(after)
-    return part, records, bits
-
-
-def _stream_logits(ends: EndsModel, hidden: torch.Tensor, heldout: np.ndarray):
-    """A logits function over the held-out windows in order (as the task's evaluation asks for them), from the
-    hidden states that reached the head."""
-    cursor = [0]
-
-    @torch.no_grad()
-    def logits(inputs: dict) -> np.ndarray:
-        ids = inputs["input_ids"]
-        start, cursor[0] = cursor[0], cursor[0] + len(ids)
-        if not np.array_equal(ids, heldout[start:cursor[0], :-1]):
-            raise AssertionError("the evaluation asked for the held-out windows out of order")
-        return ends(hidden[start:cursor[0]]).numpy()
-    return logits
-
-
-def _head_without_statistics(recipe: Recipe) -> tuple[Recipe, list[str]]:
-    """The recipe for the model's ends, which are quantized before any layer (a tied table's lookups feed the
-    first layer), so with no activations to calibrate on: only the quantize pass, and a head scheme that reads
-    statistics (GPTQ, activation-weighted search) falls back to its data-free form; with the notes saying so."""
-    import dataclasses
-
-    passes, notes = [], []
-    for name, config in recipe.passes:
-        if PASSES[name].rewrites != TORCH:
-            continue
-        if name != "quantize":
-            notes.append(f"{name} leaves the token table and the head alone in a streamed run")
-            continue
-        changes = {}
-        if getattr(config, "method", "rtn") != "rtn":
-            changes["method"] = "rtn"
-        if getattr(config, "scale_search", "none") == "activation":
-            changes["scale_search"] = "mse"
-        if getattr(config, "activation_weighted", False):
-            changes["activation_weighted"] = False
-        if getattr(config, "activations", "none") != "none":
-            changes["activations"] = "none"
-        if changes:
-            config = dataclasses.replace(config, **changes)
-            notes.append(f"the head is quantized before the layers in a streamed run, without calibration data: "
-                         f"{', '.join(f'{k}={v}' for k, v in changes.items())} for it")
-        passes.append((name, config))
-    return dataclasses.replace(recipe, passes=tuple(passes)), notes
-
-
-def _table_part(store: WeightStore, family: Family, recipe: Recipe, state: dict, data: ExternalData,
-                heldout: np.ndarray, samples: int, task, config: dict, seed: int, log):
-    """Part 0: the prologue (token lookup, mask views, rotary tables) with the token table compressed, and a tied
-    head with it (it is the table); and the activations that enter layer 0 (the held-out windows as given and
-    compressed, the calibration windows compressed). A tied head reads the last layer's outputs under
-    placeholder names (HEAD_INPUTS), which the assembled graph renames."""
-    table_recipe, notes = _head_without_statistics(recipe)
-    if store.tied:
-        for note in notes:
-            log(note)
-    norm = store.tensor("model.norm.weight") if store.tied else None
-    ends = EndsModel(family, store.tensor(EMBEDDING), norm, None, tied=store.tied)
-    rows = torch.from_numpy(heldout[:, :-1])
-    streams = {"reference": ends.decoder.model.embed_tokens.weight[rows].clone()}
-    records, quantized = _run_passes(ends, table_recipe, None, 1)
-    table = ends.decoder.model.embed_tokens.weight
-    streams["compressed"] = table[rows].clone()
-    if samples:
-        batches = task.calibration_data(config, samples, seed)
-        streams["calibration"] = table[torch.cat([batch[0] for batch in batches])].clone()
-    bits = total_model_bits(ends, quantized, float_bits=recipe.export.float_bits)
-    described = ends.describe(family)
-    del ends, table
-    g = Graph()
-    flow = prologue_nodes(g, described)
-    outputs = [flow.x, flow.seqlens_k, flow.total_length] + ([flow.cos_cache, flow.sin_cache] if flow.rotary else [])
-    if store.tied:
-        head_nodes(g, described, Flow(HEAD_INPUTS[0], HEAD_INPUTS[1], flow.seqlens_k, flow.total_length))
-        outputs.append("logits")
-    del described
-    state.update(node_count=g.count, flow=vars(flow))
-    part = _lowered_part(g.nodes, g.inits, outputs, quantized, recipe, state["flow"], data)
-    return part, records, bits, streams
-
-
-def _checked(measured: dict) -> dict:
-    for which, values in measured.items():
-        if not all(math.isfinite(v) for v in values.values()):
-            raise UserError("the model's held-out outputs hold NaN or Inf values (its forward pass overflows): "
-                            "nothing to compress" if which == "reference" else
-                            "after the passes the model's outputs hold NaN or Inf values: refused before export "
-                            "(change the recipe)")
-    return measured
-
-
-def _parity_logits(ends: EndsModel, compressed: torch.Tensor, windows: int) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([ends(compressed[i:i + 1]).numpy() for i in range(windows)])
-
-
-def _measure_tied(store: WeightStore, family: Family, recipe: Recipe, streams: dict, state: dict, task,
-                  heldout: np.ndarray, parity_windows: int) -> np.ndarray:
-    """A tied model's held-out metric as given and as compressed, from the windows that left the last layer (the
-    table and head built again: read, and quantized as part 0 was); returns the parity logits (compressed)."""
-    ends = EndsModel(family, store.tensor(EMBEDDING), store.tensor("model.norm.weight"), None, tied=True)
-    measured = {"reference": measure(task, _stream_logits(ends, streams.pop("reference"), heldout), heldout)}
-    _run_passes(ends, _head_without_statistics(recipe)[0], None, 1)
-    compressed = streams.pop("compressed")
-    measured["compressed"] = measure(task, _stream_logits(ends, compressed, heldout), heldout)
-    state["measured"] = _checked(measured)
-    return _parity_logits(ends, compressed, parity_windows)
-
-
-def _head_part(store: WeightStore, family: Family, recipe: Recipe, streams: dict, state: dict, data: ExternalData,
-               task, heldout: np.ndarray, parity_windows: int):
-    """The last part of an untied model: the final norm and the head, with every torch pass of the recipe
-    (calibrated on the windows that left the last layer); the held-out metrics as given and as compressed."""
-    ends = EndsModel(family, None, store.tensor("model.norm.weight"), store.tensor(HEAD))
-    measured = {"reference": measure(task, _stream_logits(ends, streams.pop("reference"), heldout), heldout)}
-    # one window per call through the head: a window's logits over a 150k vocabulary are already 150 MB
-    records, quantized = _run_passes(ends, recipe, streams.pop("calibration", None), batch=1)
-    compressed = streams.pop("compressed")
-    measured["compressed"] = measure(task, _stream_logits(ends, compressed, heldout), heldout)
-    state["measured"] = _checked(measured)
-    parity = _parity_logits(ends, compressed, parity_windows)
-    del compressed
-    bits = total_model_bits(ends, quantized, float_bits=recipe.export.float_bits)
-    described = ends.describe(family)
-    del ends
-    g = Graph(state["node_count"])
-    head_nodes(g, described, Flow(**state["flow"]))
-    del described
-    part = _lowered_part(g.nodes, g.inits, ["logits"], quantized, recipe, state["flow"], data)
-    return part, records, bits, parity
 
 
 def _account(state: dict, records: dict, bits: dict, begun: float, bytes_read: int) -> None:
