@@ -49,7 +49,7 @@ class _Watched:
             time.sleep(0.01)
 
     def finish(self) -> int:
-        code = self.process.wait(timeout=60)
+        code = self.process.wait(timeout=180)  # a loaded machine is slow to unwind too (CI timed out at 60 s)
         self._reader.join(timeout=10)
         return code
 
