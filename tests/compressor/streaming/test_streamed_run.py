@@ -81,6 +81,14 @@ def test_streamed_runs_refuse_whole_model_passes_in_one_line(tiny, tmp_path):
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
+def test_a_model_past_the_memory_budget_is_refused_before_its_weights_load(tiny, tmp_path):
+    from compressor.errors import UserError
+
+    with pytest.raises(UserError, match=r"needs about .* GiB .* may use 0\.0 GiB: lower --eval-limit"):
+        run(tiny, tmp_path / "out", _options(stream=True, max_memory=2**20), log=lambda m: None)
+    assert not (tmp_path / "out" / ".compress-progress").exists() and not (tmp_path / "out" / "model.onnx").exists()
+
+
 def _command(tiny: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "compressor.cli", "run", str(tiny), "--recipe", "int4", "--out", str(out),
             "--eval-limit", "4", "--no-bench", "--stream", "--quiet"]
