@@ -22,6 +22,12 @@ KILLED_RUN = ["run", "gpt-xs", "--recipe", "int4"]
 PAUSED = "paused at commit"  # what the run prints once it waits at the hook
 
 
+def _default_sigint() -> None:
+    """A run as a terminal starts it: Ctrl-C's default action. A process started from one that ignores SIGINT (an
+    xdist worker, a background shell job) inherits SIG_IGN, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Watched:
     """A `compress run` whose stderr lines are collected as they come, so the test can act on its progress. It
     waits at the commit pause (see the module docstring) until signalled; SIGUSR1 lets it finish."""
@@ -29,7 +35,8 @@ class _Watched:
     def __init__(self, out: Path, args: tuple[str, ...] = NO_BENCH):
         self.process = subprocess.Popen([*COMPRESS, *KILLED_RUN, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True,
-                                        env={**ENV, "COMPRESSOR_PAUSE_AT": "commit"})
+                                        env={**ENV, "COMPRESSOR_PAUSE_AT": "commit"},
+                                        preexec_fn=_default_sigint)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -49,7 +56,7 @@ class _Watched:
             time.sleep(0.01)
 
     def finish(self) -> int:
-        code = self.process.wait(timeout=180)  # a loaded machine is slow to unwind too (CI timed out at 60 s)
+        code = self.process.wait(timeout=60)
         self._reader.join(timeout=10)
         return code
 
